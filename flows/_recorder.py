@@ -1,0 +1,122 @@
+"""Runs stage tasks from a flow and records each call in the lineage database.
+
+The flow process is the single writer of the DuckDB file: tasks (possibly on other
+workers) only return small records, and this recorder turns each call into a ``runs``
+row (completed, cached or failed), its edges and its outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.futures import PrefectFuture
+from prefect.states import State
+from rich.console import Console
+
+from storage import LineageDB
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, label: str, error: BaseException):
+        super().__init__(f"{stage} failed for {label}: {error}")
+        self.stage, self.label, self.error = stage, label, error
+
+
+@dataclass
+class Outcome:
+    label: str
+    status: str  # completed | cached | failed
+    seconds: float
+    record: dict | None = None
+    error: BaseException | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class Recorder:
+    db: LineageDB
+    store_url: str
+    flow_run_id: str
+    console: Console = field(default_factory=Console)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def run(self, task: Any, label: str, **params: Any) -> Outcome:
+        """Run one stage task now and record it; failures are returned, not raised."""
+        return self.run_many(task, [(label, params)])[0]
+
+    def run_many(self, task: Any, calls: list[tuple[str, dict[str, Any]]]) -> list[Outcome]:
+        """Submit calls concurrently (Prefect's task runner), then record them in order."""
+        t0 = time.perf_counter()
+        futures: list[PrefectFuture] = [task.submit(store_url=self.store_url, **p) for _, p in calls]
+        outcomes = []
+        for (label, params), fut in zip(calls, futures, strict=True):
+            fut.wait()
+            outcomes.append(self._record(task, label, params, fut.state, time.perf_counter() - t0))
+        return outcomes
+
+    def _record(self, task: Any, label: str, params: dict, state: State, seconds: float) -> Outcome:
+        stage = task.stage
+        try:
+            key = stage.key(params)
+        except Exception:  # e.g. a missing directory: the task itself reports it
+            key = None
+        if state.is_completed():
+            status = "cached" if state.name == "Cached" else "completed"
+            record, error = state.result(), None
+        else:
+            status, record = "failed", None
+            try:
+                state.result()
+                error = RuntimeError(state.message or state.name)
+            except BaseException as e:  # the task's own exception, re-raised by result()
+                error = e
+        run_id = self.db.start_run(
+            stage=stage.name,
+            code_version=stage.code_version,
+            cache_key=key,
+            params=_small(params),
+            inputs=_input_ids(params),
+            flow_run_id=self.flow_run_id,
+        )
+        self.db.finish_run(run_id, status, error=None if error is None else f"{type(error).__name__}: {error}")
+        self.counts.setdefault(stage.name, {}).setdefault(status, 0)
+        self.counts[stage.name][status] += 1
+        style = {"completed": "green", "cached": "cyan", "failed": "bold red"}[status]
+        msg = f"  [{style}]{status:>9}[/] {stage.name:<11} {label}"
+        if error is not None:
+            msg += f"\n            [red]{error}[/]"
+        self.console.print(msg, highlight=False)
+        return Outcome(label, status, seconds, record if isinstance(record, dict) else None, error, run_id)
+
+
+def _input_ids(params: dict) -> list[str]:
+    """Content ids (fingerprints, artifact ids) found in the parameters: the run's inputs."""
+    ids: list[str] = []
+
+    def visit(v: Any) -> None:
+        if isinstance(v, dict):
+            for k in ("artifact_id", "fingerprint"):
+                if isinstance(v.get(k), str):
+                    ids.append(v[k])
+                    return
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                visit(x)
+
+    visit(params)
+    return sorted(set(ids))
+
+
+def _small(params: dict) -> dict:
+    """Parameters without bulky nested records (those are referenced by their ids)."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict | list) and _input_ids({k: v}):
+            out[k] = _input_ids({k: v})
+        else:
+            out[k] = v
+    return out

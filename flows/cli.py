@@ -1,0 +1,151 @@
+"""The ``glue`` command line: build the demo zoo, run the recipe, query lineage.
+
+Heavy imports (torch, transformers, Prefect) happen inside the commands, so ``glue --help``
+and ``glue sql`` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from model_glue.env import configure_environment, glue_home
+
+app = typer.Typer(help="Model-GLUE: turn a zoo of LLM checkpoints into one stronger model.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The embedded demo zoo.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+err = Console(stderr=True)
+
+DbOption = Annotated[str | None, typer.Option("--db", help="Lineage DuckDB file (default: <GLUE_HOME>/lineage.duckdb).")]
+
+
+def _db_path(db: str | None) -> str:
+    return db or str(glue_home() / "lineage.duckdb")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def print_frame(df, title: str | None = None, float_digits: int = 3) -> None:
+    """Print a polars DataFrame as a table."""
+    table = Table(title=title, show_lines=False)
+    for c in df.columns:
+        table.add_column(str(c), justify="right" if df[c].dtype.is_numeric() else "left")
+    for row in df.iter_rows():
+        table.add_row(*[
+            "" if v is None else f"{v:.{float_digits}f}" if isinstance(v, float) else str(v) for v in row
+        ])
+    console.print(table)
+
+
+@app.callback()
+def _main() -> None:
+    configure_environment()
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Annotated[Path | None, typer.Option(help="Where to build the zoo (default: <GLUE_HOME>/zoo).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the recipe is unchanged.")] = False,
+) -> None:
+    """Train the demo zoo of tiny Llama checkpoints (cached: rebuilt only when its recipe changes)."""
+    from model_glue.zoo import build_demo_zoo
+
+    out = out or glue_home() / "zoo"
+    path = build_demo_zoo(out, progress=lambda msg: console.print(f"  {msg}", highlight=False), force=force)
+    console.print(f"demo zoo ready: {path}  (run config: {Path(path) / 'glue.yaml'})")
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Run configuration YAML.")],
+    store: Annotated[str | None, typer.Option(help="Artifact store URL (overrides the config).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Run the whole Model-GLUE recipe on the zoo in CONFIG and print the leaderboard."""
+    from model_glue.checkpoint import CheckpointError
+    from model_glue.config import ConfigError, load_config
+
+    try:
+        load_config(config)  # fail fast, before starting Prefect
+    except ConfigError as e:
+        _fail(str(e))
+    from flows.glue_recipe import run_config
+
+    try:
+        summary = run_config(config, store=store, lineage_db=db)
+    except (ConfigError, CheckpointError, RuntimeError) as e:
+        _fail(str(e), 1)
+    import polars as pl
+
+    board = pl.DataFrame(summary["leaderboard"])
+    if summary["excluded"]:
+        for name, why in summary["excluded"].items():
+            err.print(f"[yellow]left out {name}:[/] {why}", highlight=False)
+    if board.height:
+        print_frame(board, title=f"Leaderboard ({summary['config']})")
+    counts = ", ".join(f"{s}: " + "/".join(f"{n} {k}" for k, n in sorted(c.items())) for s, c in summary["counts"].items())
+    console.print(f"flow run {summary['flow_run_id']} finished in {summary['seconds']:.1f} s ({counts})")
+
+
+@app.command("leaderboard")
+def leaderboard(db: DbOption = None, flow_run: Annotated[str | None, typer.Option(help="A flow run id (default: latest).")] = None) -> None:
+    """Print the leaderboard of a flow run (default: the latest)."""
+    from storage import LineageDB
+
+    print_frame(LineageDB(_db_path(db), read_only=True).leaderboard(flow_run_id=flow_run), title="Leaderboard")
+
+
+@app.command("lineage")
+def lineage(model: Annotated[str, typer.Argument(help="A model or artifact name, or an id prefix.")], db: DbOption = None) -> None:
+    """Print the ancestors and descendants of a model or artifact."""
+    from storage import LineageDB, LineageError
+
+    ldb = LineageDB(_db_path(db), read_only=True)
+    try:
+        artifact_id = ldb.resolve(model)
+    except LineageError as e:
+        _fail(str(e))
+    print_frame(ldb.ancestors(artifact_id), title=f"Ancestors of {model} ({artifact_id[:12]})")
+    print_frame(ldb.descendants(artifact_id), title=f"Descendants of {model} ({artifact_id[:12]})")
+
+
+@app.command("sql")
+def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (SELECT/WITH/DESCRIBE/SHOW).")], db: DbOption = None) -> None:
+    """Run a read-only SQL query against the lineage database and print the result."""
+    from storage import LineageDB, LineageError
+
+    try:
+        df = LineageDB(_db_path(db), read_only=True).query(query)
+    except LineageError as e:
+        _fail(str(e))
+    except Exception as e:  # DuckDB parser/binder errors: show them plainly
+        _fail(f"{type(e).__name__}: {e}")
+    print_frame(df)
+
+
+@app.command("merge")
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge YAML (ours or mergekit-style).")],
+    out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+) -> None:
+    """Merge checkpoints as described by CONFIG into a Hugging Face directory OUT."""
+    from model_glue.merge import run_merge_file
+
+    try:
+        path = run_merge_file(str(config), str(out), progress=True)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(str(e))
+    console.print(f"merged model written to {path}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

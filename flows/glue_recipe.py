@@ -1,0 +1,189 @@
+"""The Model-GLUE recipe as one Prefect flow.
+
+Reads top to bottom like the paper's figure: fingerprint the zoo -> weight similarity ->
+cluster -> merge each cluster -> evaluate every zoo and merged model -> leaderboard.
+Every stage is a cached task keyed on content, so a rerun with nothing changed executes
+no stage, and a refresh that changes one model reruns only what depends on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+from rich.console import Console
+
+from flows._recorder import Recorder
+from model_glue.config import RunConfig, load_config
+from model_glue.env import glue_home
+from storage import ArtifactStore, LineageDB
+from tasks._stage import stable_hash
+from tasks.cluster import cluster_zoo
+from tasks.evaluate import evaluate_model
+from tasks.fingerprint import fingerprint_model
+from tasks.merge import MODEL_KIND, merge_cluster
+from tasks.similarity import compute_similarity
+
+
+def default_store_url(cfg: RunConfig) -> str:
+    return cfg.store or str(glue_home() / "store")
+
+
+def default_db_path(cfg: RunConfig) -> str:
+    return cfg.lineage_db or str(glue_home() / "lineage.duckdb")
+
+
+@flow(name="model-glue-recipe", log_prints=False, validate_parameters=False)
+def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | None = None) -> dict:
+    """Run the whole recipe for the zoo described by ``config_path``; return a summary."""
+    t0 = time.perf_counter()
+    console = Console()
+    cfg = load_config(config_path)
+    store_url = store or default_store_url(cfg)
+    ArtifactStore(store_url).sweep_tmp()  # leftovers of killed runs
+    db = LineageDB(lineage_db or default_db_path(cfg))
+    run_id = str(flow_run.id or f"local-{time.time_ns()}")
+    db.start_flow_run(run_id, flow="model-glue-recipe", config_hash=stable_hash(cfg.model_dump(mode="json")))
+    rec = Recorder(db, store_url, run_id, console)
+    status = "failed"
+    try:
+        summary = _recipe(cfg, rec, db, store_url, console)
+        status = "completed"
+    finally:
+        db.finish_flow_run(run_id, status)
+    summary.update(flow_run_id=run_id, seconds=round(time.perf_counter() - t0, 2), counts=rec.counts)
+    return summary
+
+
+def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, console: Console) -> dict:
+    # 0. Fingerprint: a broken model is reported and left out; the rest goes on.
+    console.rule("[bold]fingerprint")
+    outcomes = rec.run_many(fingerprint_model, [(m.name, {"name": m.name, "uri": m.path}) for m in cfg.zoo])
+    models, excluded = [], {}
+    for o in outcomes:
+        if o.record is None:
+            excluded[o.label] = str(o.error)
+            continue
+        models.append(o.record)
+        db.record_model(
+            fingerprint=o.record["fingerprint"],
+            name=o.record["name"],
+            uri=o.record["uri"],
+            architecture=o.record["architecture"],
+            arch_signature=o.record["arch_signature"],
+            param_count=o.record["param_count"],
+            dtype=o.record["dtype"],
+            bytes=o.record["bytes"],
+            run_id=o.run_id,
+        )
+    if not models:
+        raise RuntimeError("no usable model in the zoo: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+    by_fp = {m["fingerprint"]: m for m in models}
+    name_of = {fp: m["name"] for fp, m in by_fp.items()}
+
+    # 1. Similarity within each architecture group (pairs are cached one by one).
+    console.rule("[bold]similarity")
+    arch_groups: dict[str, list[dict]] = defaultdict(list)
+    for m in models:
+        arch_groups[m["arch_signature"]].append(m)
+    groups = list(cfg.similarity.groups)
+    sim_keys = []
+    for arch, members in sorted(arch_groups.items()):
+        if len(members) < 2:
+            continue
+        label = f"{len(members)} models, arch {arch[:8]}"
+        o = rec.run(compute_similarity, label, models=_refs(members), groups=groups)
+        if o.record is None:
+            raise RuntimeError(f"similarity failed: {o.error}")
+        sim_keys.append(o.record["key"])
+        if db.record_artifact(o.record["key"], kind="similarity", name=f"similarity[{arch[:8]}]",
+                              uri=ArtifactStore(store_url).uri("record", o.record["key"]),
+                              stage="similarity", run_id=o.run_id, parents=[m["fingerprint"] for m in members]):
+            db.record_similarities(o.record["key"], o.record["pairs"], o.record["tensor_pairs"], o.run_id,
+                                   tensor_set=",".join(sorted(groups)))
+
+    # 2. Clustering: architecture first, then complete linkage at the threshold.
+    console.rule("[bold]cluster")
+    sc = cfg.similarity
+    o = rec.run(cluster_zoo, f"threshold {sc.threshold} on {sc.metric}", models=_refs(models, arch=True),
+                similarity_keys=sim_keys, metric=sc.metric, threshold=sc.threshold)
+    if o.record is None:
+        raise RuntimeError(f"clustering failed: {o.error}")
+    clusters = o.record["clusters"]
+    if db.record_artifact(o.record["key"], kind="clustering", name="clustering", stage="cluster",
+                          uri=ArtifactStore(store_url).uri("record", o.record["key"]), run_id=o.run_id,
+                          parents=sim_keys or [m["fingerprint"] for m in models]):
+        db.record_clusters(o.record["key"], [[mm["fingerprint"] for mm in c["members"]] for c in clusters], o.run_id)
+    for i, c in enumerate(clusters):
+        names = ", ".join(name_of[mm["fingerprint"]] for mm in c["members"])
+        low = "" if c["min_similarity"] is None else f" (lowest internal {sc.metric} {c['min_similarity']:.3f})"
+        console.print(f"  cluster {i}: {names}{low}", highlight=False)
+
+    # 3. Merge every cluster of two or more models.
+    console.rule("[bold]merge")
+    merged = []
+    for c in clusters:
+        members = [by_fp[mm["fingerprint"]] for mm in c["members"]]
+        if len(members) < 2:
+            continue
+        label = f"merge-{_anchor(members, cfg)}-{cfg.merge.method}"
+        o = rec.run(merge_cluster, label, label=label, members=_refs(members), method=cfg.merge.method,
+                    params=dict(cfg.merge.params), dtype=cfg.merge.dtype, base=None)
+        if o.record is None:
+            console.print(f"  [red]merge {label} failed; continuing without it[/]")
+            continue
+        r = o.record
+        merged.append({**r, "name": label})
+        db.record_artifact(r["artifact_id"], kind="merged_model", name=label, uri=r["uri"], stage="merge",
+                           content_hash=r["fingerprint"], run_id=o.run_id,
+                           parents=[mm["fingerprint"] for mm in r["members"]])
+
+    # 4. Evaluate every zoo model and every merged model (one at a time: CPU-bound).
+    console.rule("[bold]evaluate")
+    ev = cfg.evaluation
+    store = ArtifactStore(store_url)
+    targets = [(m["name"], m["fingerprint"], m["fingerprint"], m["uri"]) for m in models]
+    targets += [(r["name"], r["artifact_id"], r["fingerprint"], str(store.local_path(MODEL_KIND, r["artifact_id"])))
+                for r in merged]
+    for name, artifact_id, fp, path in targets:
+        o = rec.run(evaluate_model, name, model={"name": name, "fingerprint": fp, "path": path},
+                    tasks=list(ev.tasks), limit=ev.limit, batch_size=ev.batch_size,
+                    include_paths=list(ev.include_paths))
+        if o.record is None:
+            continue
+        if db.record_artifact(o.record["key"], kind="evaluation", name=f"eval[{name}]", stage="evaluate",
+                              uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[artifact_id]):
+            pass
+        db.record_scores(artifact_id, o.record["scores"], run_id=o.run_id, eval_limit=ev.limit,
+                         flow_run_id=rec.flow_run_id)
+
+    # 5. Leaderboard: best single model vs merged models.
+    board = db.leaderboard(flow_run_id=rec.flow_run_id)
+    return {
+        "config": cfg.name,
+        "models": [m["name"] for m in models],
+        "excluded": excluded,
+        "clusters": [[name_of[mm["fingerprint"]] for mm in c["members"]] for c in clusters],
+        "merged": [r["name"] for r in merged],
+        "leaderboard": board.to_dicts(),
+    }
+
+
+def _refs(models: list[dict], arch: bool = False) -> list[dict]:
+    """The small part of fingerprint records that later stages need (and key on)."""
+    keys = ("name", "uri", "fingerprint") + (("arch_signature",) if arch else ())
+    return [{k: m[k] for k in keys} for m in sorted(models, key=lambda m: m["fingerprint"])]
+
+
+def _anchor(members: list[dict], cfg: RunConfig) -> str:
+    """A readable name for a cluster: its declared common base if any, else its first member."""
+    names = {m["name"] for m in members}
+    bases = sorted({z.base for z in cfg.zoo if z.name in names and z.base in names})
+    return bases[0] if bases else sorted(names)[0]
+
+
+def run_config(config_path: str | Path, *, store: str | None = None, lineage_db: str | None = None) -> dict:
+    return glue_recipe(str(config_path), store=store, lineage_db=lineage_db)

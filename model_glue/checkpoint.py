@@ -1,0 +1,236 @@
+"""Lazy, streaming access to Hugging Face checkpoints stored as safetensors.
+
+A checkpoint is a directory (local path or any fsspec URL) holding ``config.json`` and
+either ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Only the
+headers are read when a checkpoint is opened; tensors are read one at a time, so callers
+(fingerprinting, similarity, merging) keep memory bounded by a few tensors.
+
+Pickled weights (``pytorch_model.bin``) are refused unless the caller opts in, because
+unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import fsspec
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or not a safetensors Hugging Face directory."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: str  # file name inside the checkpoint directory
+    begin: int  # absolute byte offset of the data in ``file``
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def read_safetensors_header(fs: fsspec.AbstractFileSystem, path: str, file_name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors header and check that the file holds every byte it declares."""
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: file not found") from e
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    with fs.open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors file "
+                f"(header claims {header_len} bytes, file has {size})"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    max_end = 0
+    for name, h in header.items():
+        try:
+            dtype, shape, (b, e) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from err
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        infos[name] = TensorInfo(name, dtype, shape, file_name, data_start + b, data_start + e)
+        max_end = max(max_end, data_start + e)
+    if max_end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file (tensors need {max_end} bytes, file has {size})"
+        )
+    return infos, metadata
+
+
+@dataclass
+class Checkpoint:
+    """A Hugging Face model directory, opened lazily.
+
+    ``uri`` may be a local path or an fsspec URL (``s3://bucket/model``, ``memory://x``).
+    """
+
+    uri: str
+    allow_pickle: bool = False
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        self._handles: dict[str, object] = {}
+        if not self.fs.isdir(self.root):
+            raise CheckpointError(f"{self.uri}: model directory does not exist")
+        if not self.fs.exists(_join(self.root, "config.json")):
+            raise CheckpointError(f"{self.uri}: no config.json (not a Hugging Face model directory)")
+        self.tensors  # parse headers eagerly so that bad files fail at open time
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    @cached_property
+    def config(self) -> dict:
+        with self.fs.open(_join(self.root, "config.json"), "r") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{self.uri}/config.json: invalid JSON ({e})") from e
+
+    @cached_property
+    def weight_files(self) -> list[str]:
+        """Names of the safetensors files, in index order."""
+        if self.fs.exists(_join(self.root, INDEX_FILE)):
+            with self.fs.open(_join(self.root, INDEX_FILE), "r") as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{self.uri}/{INDEX_FILE}: malformed index ({e})") from e
+            return sorted(set(weight_map.values()))
+        if self.fs.exists(_join(self.root, SINGLE_FILE)):
+            return [SINGLE_FILE]
+        if any(self.fs.exists(_join(self.root, p)) for p in PICKLE_FILES):
+            if not self.allow_pickle:
+                raise CheckpointError(
+                    f"{self.uri}: only pickled weights (pytorch_model.bin) found; refusing to "
+                    "unpickle untrusted files. Convert to safetensors or opt in with allow_pickle."
+                )
+            raise CheckpointError(f"{self.uri}: pickled checkpoints are not supported by the streaming reader")
+        raise CheckpointError(f"{self.uri}: no model.safetensors or {INDEX_FILE} found")
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for fname in self.weight_files:
+            part, _ = read_safetensors_header(self.fs, _join(self.root, fname), fname)
+            dup = infos.keys() & part.keys()
+            if dup:
+                raise CheckpointError(f"{self.uri}: tensor {sorted(dup)[0]!r} appears in two shards")
+            infos.update(part)
+        if not infos:
+            raise CheckpointError(f"{self.uri}: checkpoint holds no tensors")
+        return dict(sorted(infos.items()))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read_bytes(self, name: str) -> bytes:
+        info = self._info(name)
+        with self.fs.open(_join(self.root, info.file), "rb") as f:
+            f.seek(info.begin)
+            data = f.read(info.nbytes)
+        if len(data) != info.nbytes:
+            raise CheckpointError(f"{self.uri}/{info.file}: truncated while reading {name!r}")
+        return data
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        info = self._info(name)
+        if self.is_local:
+            from safetensors import safe_open
+
+            path = os.path.join(self.root, info.file)
+            h = self._handles.get(path)
+            if h is None:
+                h = self._handles[path] = safe_open(path, framework="pt")
+            return h.get_tensor(name)
+        data = self.read_bytes(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        return torch.frombuffer(bytearray(data), dtype=info.torch_dtype).reshape(info.shape)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in names if names is not None else self.names():
+            yield n, self.tensor(n)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.uri}: no tensor named {name!r}") from None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def files(self) -> list[str]:
+        """Every file of the directory (names relative to the root), sorted."""
+        out = []
+        for p in self.fs.find(self.root):
+            rel = p[len(self.root.rstrip("/")) + 1 :]
+            out.append(rel)
+        return sorted(out)
+
+    def close(self) -> None:
+        self._handles.clear()

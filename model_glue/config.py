@@ -1,0 +1,152 @@
+"""The one YAML file a user writes to configure a run, validated once with clear errors.
+
+Errors name the file, the key path (``merge.method``) and, where it helps, the allowed
+values, e.g. ``glue.yaml: similarity.treshold: unknown key (allowed: groups, threshold)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration file is missing, malformed or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)]
+
+
+class ZooModel(_Strict):
+    name: Name
+    path: str  # local directory or fsspec URL; relative paths are relative to the config file
+    base: str | None = None  # the zoo model this one was fine-tuned from, if known
+
+
+class SimilarityConfig(_Strict):
+    groups: list[Literal["attn", "mlp", "embed"]] = Field(default=["attn", "mlp"], alias="tensors")
+    metric: Literal["sim_all", "sim_attn", "sim_mlp", "flat_cosine"] = "sim_all"
+    threshold: float = Field(default=0.95, ge=0.0, le=1.0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class MergeSettings(_Strict):
+    method: str = "linear"
+    params: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+
+
+class EvaluationConfig(_Strict):
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    include_paths: list[str] = Field(default_factory=list)
+
+
+class RunConfig(_Strict):
+    name: Name = "run"
+    store: str | None = None  # fsspec URL of the artifact store (default: <GLUE_HOME>/store)
+    lineage_db: str | None = None  # DuckDB file (default: <GLUE_HOME>/lineage.duckdb)
+    zoo: list[ZooModel] = Field(min_length=1)
+    similarity: SimilarityConfig = SimilarityConfig()
+    merge: MergeSettings = MergeSettings()
+    evaluation: EvaluationConfig
+
+    @field_validator("zoo")
+    @classmethod
+    def _unique_names(cls, zoo: list[ZooModel]) -> list[ZooModel]:
+        seen: set[str] = set()
+        for m in zoo:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice")
+            seen.add(m.name)
+        return zoo
+
+    @model_validator(mode="after")
+    def _bases_exist(self) -> RunConfig:
+        names = {m.name for m in self.zoo}
+        for m in self.zoo:
+            if m.base is not None and m.base not in names:
+                raise ValueError(f"zoo model {m.name!r}: base {m.base!r} is not a zoo model")
+        return self
+
+    @field_validator("merge")
+    @classmethod
+    def _known_method(cls, merge: MergeSettings) -> MergeSettings:
+        try:
+            from model_glue.merge import METHODS
+        except ImportError:  # engine not importable: the merge stage reports it
+            return merge
+        if merge.method not in METHODS:
+            raise ValueError(f"unknown merge method {merge.method!r} (allowed: {', '.join(sorted(METHODS))})")
+        return merge
+
+
+def _format_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, e["loc"][:-1])
+            allowed = ", ".join(sorted(f.alias or n for n, f in parent.model_fields.items())) if parent else ""
+            lines.append(f"{source}: {loc}: unknown key" + (f" (allowed: {allowed})" if allowed else ""))
+        else:
+            lines.append(f"{source}: {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part) or next(
+            (f for f in current.model_fields.values() if f.alias == part), None
+        )
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e, RunConfig)) from None
+    if base_dir is not None:
+        cfg = cfg.model_copy(
+            update={"zoo": [m.model_copy(update={"path": resolve_path(m.path, base_dir)}) for m in cfg.zoo]}
+        )
+    return cfg
+
+
+def resolve_path(path: str, base_dir: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base_dir / path).resolve())
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    return parse_config(data, str(path), path.parent.resolve())

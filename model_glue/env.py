@@ -1,0 +1,38 @@
+"""Process environment for offline, self-contained runs.
+
+Every entry point (CLI, flows, tests, benchmarks) calls :func:`configure_environment` before
+importing transformers, datasets or lm-eval, so that no hub is contacted and every cache
+lives inside the project's working folder (``GLUE_HOME``, default ``<cwd>/.glue``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def glue_home() -> Path:
+    return Path(os.environ.get("GLUE_HOME", Path.cwd() / ".glue")).absolute()
+
+
+def configure_environment() -> Path:
+    """Set offline flags and project-local cache folders (without overriding the user's)."""
+    home = glue_home()
+    defaults = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    home.mkdir(parents=True, exist_ok=True)
+    return home

@@ -1,0 +1,187 @@
+"""Weight similarity between checkpoints of one architecture (Model-GLUE, section 1).
+
+The paper's metric: for each attention and MLP projection matrix W [out, in], the cosine
+between the two models' input columns W[:, j], averaged over columns; ``sim_all`` averages
+that over all selected matrices, ``sim_attn`` / ``sim_mlp`` over their subsets. Raw weights,
+not task vectors; embeddings, norms and lm_head are left out by default (norm weights start
+at one and inflate every cosine).
+
+All pairs are computed in ONE streaming pass: for each tensor name the N models' tensors are
+read once and a batched Gram matrix over input columns gives every pair at the same time.
+Memory is bounded by N copies of the largest selected tensor. Flat cosine (all selected
+weights as one vector) and, when a base model is given, task-vector cosine come from the
+same pass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import torch
+
+from model_glue.checkpoint import Checkpoint
+
+SIMILARITY_VERSION = "1"
+
+TENSOR_GROUPS: dict[str, re.Pattern] = {
+    "attn": re.compile(r"(^|\.)layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$"),
+    "mlp": re.compile(r"(^|\.)layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"),
+    "embed": re.compile(r"(^|\.)(embed_tokens|lm_head)\.weight$"),
+}
+DEFAULT_GROUPS = ("attn", "mlp")
+_COLUMN_CHUNK_ELEMS = 8 * 1024 * 1024  # per model, per chunk of columns
+
+
+def tensor_group(name: str) -> str | None:
+    for group, pattern in TENSOR_GROUPS.items():
+        if pattern.search(name):
+            return group
+    return None
+
+
+def select_tensors(names: Iterable[str], groups: Iterable[str] = DEFAULT_GROUPS) -> list[str]:
+    groups = tuple(groups)
+    unknown = set(groups) - TENSOR_GROUPS.keys()
+    if unknown:
+        raise ValueError(f"unknown tensor group(s) {sorted(unknown)}; allowed: {sorted(TENSOR_GROUPS)}")
+    return [n for n in sorted(names) if tensor_group(n) in groups]
+
+
+def column_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The paper's metric for one matrix: mean over input columns of cos(a[:, j], b[:, j])."""
+    return float(column_cosine_gram(torch.stack([a, b]))[0, 1])
+
+
+def column_cosine_gram(stack: torch.Tensor) -> torch.Tensor:
+    """[N, out, in] -> [N, N] mean column cosine for every pair, chunked over columns."""
+    n, out, cols = stack.shape
+    chunk = max(1, _COLUMN_CHUNK_ELEMS // max(out, 1))
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for j in range(0, cols, chunk):
+        x = stack[:, :, j : j + chunk].float().permute(2, 0, 1)  # [c, N, out]
+        g = torch.bmm(x, x.transpose(1, 2))  # [c, N, N] column dot products
+        norms = torch.diagonal(g, dim1=1, dim2=2).clamp_min(0).sqrt()  # [c, N]
+        denom = (norms[:, :, None] * norms[:, None, :]).clamp_min(1e-12)
+        total += (g / denom).sum(0).double()
+    return total / cols
+
+
+def _flat_gram(stack: torch.Tensor) -> torch.Tensor:
+    x = stack.reshape(stack.shape[0], -1).float()
+    return (x @ x.T).double()
+
+
+def _cos_from_gram(g: torch.Tensor) -> torch.Tensor:
+    d = torch.diagonal(g).clamp_min(0).sqrt()
+    return g / (d[:, None] * d[None, :]).clamp_min(1e-30)
+
+
+@dataclass
+class SimilarityResult:
+    """Pairwise similarities of the models named in ``names`` (pairs ordered as (a, b), a < b)."""
+
+    names: list[str]
+    tensors: list[str]
+    groups: list[str]
+    base: str | None
+    summary: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    per_tensor: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+
+    def value(self, a: str, b: str, metric: str = "sim_all") -> float:
+        if a == b:
+            return 1.0
+        return self.summary[tuple(sorted((a, b)))][metric]
+
+    def matrix(self, metric: str = "sim_all") -> list[list[float]]:
+        return [[self.value(a, b, metric) for b in self.names] for a in self.names]
+
+    def summary_records(self) -> list[dict]:
+        return [
+            {"model_a": a, "model_b": b, "metric": m, "value": v}
+            for (a, b), metrics in sorted(self.summary.items())
+            for m, v in sorted(metrics.items())
+        ]
+
+    def tensor_records(self) -> list[dict]:
+        return [
+            {"model_a": a, "model_b": b, "metric": "column_cosine", "tensor": t, "value": v}
+            for (a, b), values in sorted(self.per_tensor.items())
+            for t, v in values.items()
+        ]
+
+
+def pairwise_similarity(
+    checkpoints: dict[str, Checkpoint],
+    *,
+    groups: Iterable[str] = DEFAULT_GROUPS,
+    pairs: Iterable[tuple[str, str]] | None = None,
+    base: Checkpoint | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimilarityResult:
+    """Similarity of every requested pair (default: all pairs) in one pass over the tensors.
+
+    Only models that appear in a requested pair are read, so adding a model to a zoo costs
+    one pass over the new model and its partners, not a recomputation of every old pair.
+    """
+    groups = list(groups)
+    names = sorted(checkpoints)
+    wanted = sorted({tuple(sorted(p)) for p in pairs} if pairs is not None else combinations(names, 2))
+    involved = sorted({m for p in wanted for m in p})
+    missing = set(involved) - checkpoints.keys()
+    if missing:
+        raise KeyError(f"pairs name unknown model(s): {sorted(missing)}")
+    result = SimilarityResult(names=names, tensors=[], groups=groups, base=None)
+    if not wanted:
+        return result
+    first = checkpoints[involved[0]]
+    tensors = select_tensors(first.names(), groups)
+    if not tensors:
+        raise ValueError(f"{first.uri}: no tensors match groups {groups}")
+    for m in involved[1:]:
+        ck = checkpoints[m]
+        for t in tensors:
+            if t not in ck.tensors or ck.tensors[t].shape != first.tensors[t].shape:
+                raise ValueError(
+                    f"{ck.uri}: tensor {t!r} missing or shaped differently than in {first.uri}; "
+                    "similarity is only defined within one architecture"
+                )
+    result.tensors = tensors
+    result.base = base.uri if base is not None else None
+    idx = {m: i for i, m in enumerate(involved)}
+    n = len(involved)
+    flat = torch.zeros(n, n, dtype=torch.float64)
+    task = torch.zeros(n, n, dtype=torch.float64)
+    col_sum = {g: torch.zeros(n, n, dtype=torch.float64) for g in groups}
+    col_count = dict.fromkeys(groups, 0)
+    per_tensor_cos: dict[str, torch.Tensor] = {}
+    for k, t in enumerate(tensors):
+        stack = torch.stack([checkpoints[m].tensor(t).float() for m in involved])
+        cos = column_cosine_gram(stack) if stack.dim() == 3 else _cos_from_gram(_flat_gram(stack))
+        per_tensor_cos[t] = cos
+        g = tensor_group(t)
+        col_sum[g] += cos
+        col_count[g] += 1
+        flat += _flat_gram(stack)
+        if base is not None:
+            task += _flat_gram(stack - base.tensor(t).float()[None])
+        del stack
+        if progress:
+            progress(k + 1, len(tensors))
+    all_sum = sum(col_sum.values())
+    all_count = sum(col_count.values())
+    flat_cos = _cos_from_gram(flat)
+    task_cos = _cos_from_gram(task) if base is not None else None
+    for a, b in wanted:
+        i, j = idx[a], idx[b]
+        row = {"sim_all": float(all_sum[i, j] / all_count), "flat_cosine": float(flat_cos[i, j])}
+        for g in groups:
+            if col_count[g]:
+                row[f"sim_{g}"] = float(col_sum[g][i, j] / col_count[g])
+        if task_cos is not None:
+            row["task_vector_cosine"] = float(task_cos[i, j])
+        result.summary[(a, b)] = row
+        result.per_tensor[(a, b)] = {t: float(c[i, j]) for t, c in per_tensor_cos.items()}
+    return result

@@ -1,0 +1,30 @@
+"""Storage layer: the content-addressed artifact store and the DuckDB lineage database.
+
+The only code of the project that knows store paths and SQL.
+"""
+
+from storage.artifacts import ArtifactStore
+from storage.connection import LineageLockedError, ReadOnlyQueryError
+from storage.lineage import LineageDB, LineageError
+from storage.manifest import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    FileEntry,
+    InvalidKeyError,
+    Manifest,
+    StoreError,
+)
+
+__all__ = [
+    "ArtifactCorruptError",
+    "ArtifactNotFoundError",
+    "ArtifactStore",
+    "FileEntry",
+    "InvalidKeyError",
+    "LineageDB",
+    "LineageError",
+    "LineageLockedError",
+    "Manifest",
+    "ReadOnlyQueryError",
+    "StoreError",
+]

@@ -1,0 +1,84 @@
+"""What every pipeline stage shares: content-addressed keys and Prefect caching on them.
+
+A stage's key is ``sha256(stage, code version, parameters, input fingerprints)``. It is
+used three ways: as the Prefect cache key, as the store key of the stage's output
+artifact, and as the ``cache_key`` of the stage's row in the lineage ``runs`` table.
+
+Caching rule: Prefect reuses a result only while the stage's artifact is present and
+complete in the store (the key function returns ``None`` otherwise, which makes Prefect run
+the task). Deleting an artifact therefore forces exactly that stage to run again, and the
+record it produces is identical to the cached one because both derive from the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+
+from storage import ArtifactStore
+
+# Every stage's record is stored as JSON under this artifact kind prefix.
+RECORD_KIND = "record"
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-able object with sorted keys (the content address of a stage run)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its name, code version, and how its key derives from its inputs.
+
+    ``key_parts(**params)`` returns the JSON-able identity of one run of the stage (content
+    fingerprints and parameters only, never paths); bump ``code_version`` whenever the
+    stage's numerics change, because Prefect's TASK_SOURCE does not see helper functions.
+    """
+
+    name: str
+    code_version: str
+    key_parts: Callable[..., Any]
+
+    def key(self, params: dict[str, Any]) -> str:
+        args = {k: v for k, v in params.items() if k != "store_url"}
+        return stable_hash({"stage": self.name, "v": self.code_version, "in": self.key_parts(**args)})
+
+    def task(self, fn: Callable, **task_options: Any):
+        """Wrap ``fn(store_url=..., **params) -> dict`` as a cached Prefect task."""
+        stage = self
+
+        def cache_key_fn(_ctx, params: dict[str, Any]) -> str | None:
+            key = stage.key(params)
+            if not ArtifactStore(params["store_url"]).exists(RECORD_KIND, key, verify="size"):
+                return None  # artifact gone or never written: run the stage
+            return f"{stage.name}-{key}"
+
+        options = {
+            "name": self.name,
+            "cache_key_fn": cache_key_fn,
+            "persist_result": True,
+            "result_serializer": "json",
+            **task_options,
+        }
+        wrapped = task(**options)(fn)
+        wrapped.stage = stage  # type: ignore[attr-defined]
+        return wrapped
+
+
+def load_record(store: ArtifactStore, key: str) -> dict | None:
+    """The stage record already in the store for ``key``, if complete (a reuse, not a run)."""
+    if store.exists(RECORD_KIND, key, verify="hash"):
+        return store.get_json(RECORD_KIND, key)
+    return None
+
+
+def save_record(store: ArtifactStore, key: str, record: dict, stage: str) -> dict:
+    record = {**record, "key": key, "stage": stage}
+    store.put_json(RECORD_KIND, key, record, meta={"stage": stage})
+    return record

@@ -1,0 +1,65 @@
+"""Stage 5: evaluate a model with lm-evaluation-harness on the configured tasks.
+
+Keyed by the model's content fingerprint, the task list, the limit and a hash of the task
+files themselves (YAML and data), so editing a benchmark re-evaluates every model on it
+while renaming or moving a model does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lm_eval
+
+from model_glue.evaluate import DEMO_TASKS_DIR, evaluate
+from storage import ArtifactStore
+from tasks._stage import Stage, load_record, save_record
+
+EVAL_VERSION = "1"
+
+
+def task_files_hash(include_paths: list[str]) -> str:
+    """Hash of every file in the task folders (YAML, data, helpers)."""
+    h = hashlib.sha256()
+    for root in [DEMO_TASKS_DIR, *map(Path, include_paths)]:
+        for f in sorted(Path(root).rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+STAGE = Stage(
+    name="evaluate",
+    code_version=f"evaluate-{EVAL_VERSION}-lm_eval-{lm_eval.__version__}",
+    key_parts=lambda model, tasks, limit, batch_size, include_paths: {
+        "model": model["fingerprint"],
+        "tasks": sorted(tasks),
+        "limit": limit,
+        "task_files": task_files_hash(include_paths),
+    },
+)
+
+
+def _evaluate(
+    store_url: str, model: dict, tasks: list[str], limit: int | None, batch_size: int, include_paths: list[str]
+) -> dict:
+    """``model``: a record with name, fingerprint and a local directory ``path``."""
+    store = ArtifactStore(store_url)
+    key = STAGE.key({"model": model, "tasks": tasks, "limit": limit, "batch_size": batch_size, "include_paths": include_paths})
+    if (record := load_record(store, key)) is not None:
+        return record
+    scores = evaluate(model["path"], tasks, limit=limit, batch_size=batch_size, include_paths=include_paths)
+    record = {
+        "fingerprint": model["fingerprint"],
+        "tasks": sorted(tasks),
+        "limit": limit,
+        "scores": [
+            {"task": s.task, "metric": s.metric, "value": s.value, "stderr": s.stderr, "n_samples": s.n_samples}
+            for s in scores
+        ],
+    }
+    return save_record(store, key, record, STAGE.name)
+
+
+evaluate_model = STAGE.task(_evaluate)

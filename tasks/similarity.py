@@ -1,0 +1,69 @@
+"""Stage 1: pairwise weight similarity inside each architecture group.
+
+Pairs are stored one artifact each, keyed by the two content fingerprints and the tensor
+groups, so a zoo refresh that adds one model computes only that model's pairs (in one
+streaming pass over it and its partners) and reuses every other pair from the store.
+"""
+
+from __future__ import annotations
+
+from model_glue.checkpoint import Checkpoint
+from model_glue.similarity import SIMILARITY_VERSION, pairwise_similarity
+from storage import ArtifactStore
+from tasks._stage import Stage, load_record, save_record, stable_hash
+
+PAIR_KIND = "similarity_pair"
+
+STAGE = Stage(
+    name="similarity",
+    code_version=f"similarity-{SIMILARITY_VERSION}",
+    key_parts=lambda models, groups: {"models": sorted(m["fingerprint"] for m in models), "groups": sorted(groups)},
+)
+
+
+def pair_key(fp_a: str, fp_b: str, groups: list[str]) -> str:
+    a, b = sorted((fp_a, fp_b))
+    return stable_hash({"pair": [a, b], "groups": sorted(groups), "v": SIMILARITY_VERSION})
+
+
+def _similarity(store_url: str, models: list[dict], groups: list[str]) -> dict:
+    """``models``: records with name, uri and fingerprint, all of one architecture."""
+    store = ArtifactStore(store_url)
+    key = STAGE.key({"models": models, "groups": groups})
+    if (record := load_record(store, key)) is not None:
+        return record
+    by_fp = {m["fingerprint"]: m for m in models}
+    fps = sorted(by_fp)
+    pairs = [(a, b) for i, a in enumerate(fps) for b in fps[i + 1 :]]
+    missing = [p for p in pairs if not store.exists(PAIR_KIND, pair_key(*p, groups))]
+    if missing:
+        involved = sorted({fp for p in missing for fp in p})
+        ckpts = {fp: Checkpoint(by_fp[fp]["uri"]) for fp in involved}
+        result = pairwise_similarity(ckpts, groups=groups, pairs=missing)
+        for a, b in missing:
+            store.put_json(
+                PAIR_KIND,
+                pair_key(a, b, groups),
+                {"pair": [a, b], "summary": result.summary[(a, b)], "per_tensor": result.per_tensor[(a, b)]},
+            )
+    rows, tensor_rows = [], []
+    for a, b in pairs:
+        pair = store.get_json(PAIR_KIND, pair_key(a, b, groups))
+        na, nb = sorted((by_fp[a]["name"], by_fp[b]["name"]))
+        fa, fb = (a, b) if by_fp[a]["name"] == na else (b, a)
+        rows += [{"model_a": fa, "model_b": fb, "name_a": na, "name_b": nb, "metric": m, "value": v}
+                 for m, v in sorted(pair["summary"].items())]
+        tensor_rows += [{"model_a": fa, "model_b": fb, "tensor": t, "metric": "column_cosine", "value": v}
+                        for t, v in pair["per_tensor"].items()]
+    record = {
+        "groups": sorted(groups),
+        "models": [{"name": m["name"], "fingerprint": m["fingerprint"]} for m in models],
+        "pairs": rows,
+        "tensor_pairs": tensor_rows,
+        "computed_pairs": len(missing),
+        "reused_pairs": len(pairs) - len(missing),
+    }
+    return save_record(store, key, record, STAGE.name)
+
+
+compute_similarity = STAGE.task(_similarity)
