@@ -8,6 +8,7 @@ row (completed, cached or failed), its edges and its outputs.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,6 @@ from prefect.states import State
 from rich.console import Console
 
 from storage import LineageDB
-
-
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, label: str, error: BaseException):
-        super().__init__(f"{stage} failed for {label}: {error}")
-        self.stage, self.label, self.error = stage, label, error
 
 
 @dataclass
@@ -48,15 +43,16 @@ class Recorder:
 
     def run_many(self, task: Any, calls: list[tuple[str, dict[str, Any]]]) -> list[Outcome]:
         """Submit calls concurrently (Prefect's task runner), then record them in order."""
+        started = datetime.now(UTC)
         t0 = time.perf_counter()
         futures: list[PrefectFuture] = [task.submit(store_url=self.store_url, **p) for _, p in calls]
         outcomes = []
         for (label, params), fut in zip(calls, futures, strict=True):
             fut.wait()
-            outcomes.append(self._record(task, label, params, fut.state, time.perf_counter() - t0))
+            outcomes.append(self._record(task, label, params, fut.state, started, time.perf_counter() - t0))
         return outcomes
 
-    def _record(self, task: Any, label: str, params: dict, state: State, seconds: float) -> Outcome:
+    def _record(self, task: Any, label: str, params: dict, state: State, started: datetime, seconds: float) -> Outcome:
         stage = task.stage
         try:
             key = stage.key(params)
@@ -72,15 +68,19 @@ class Recorder:
                 error = RuntimeError(state.message or state.name)
             except BaseException as e:  # the task's own exception, re-raised by result()
                 error = e
-        run_id = self.db.start_run(
-            stage=stage.name,
+        run_id = self.db.record_run(
+            stage.name,
+            status=status,
+            started_at=started,
+            finished_at=datetime.now(UTC),
             code_version=stage.code_version,
             cache_key=key,
             params=_small(params),
             inputs=_input_ids(params),
+            outputs=[record["key"]] if isinstance(record, dict) and "key" in record else None,
+            error=None if error is None else f"{type(error).__name__}: {error}",
             flow_run_id=self.flow_run_id,
         )
-        self.db.finish_run(run_id, status, error=None if error is None else f"{type(error).__name__}: {error}")
         self.counts.setdefault(stage.name, {}).setdefault(status, 0)
         self.counts[stage.name][status] += 1
         style = {"completed": "green", "cached": "cyan", "failed": "bold red"}[status]

@@ -91,7 +91,14 @@ def run(
         for name, why in summary["excluded"].items():
             err.print(f"[yellow]left out {name}:[/] {why}", highlight=False)
     if board.height:
-        print_frame(board, title=f"Leaderboard ({summary['config']})")
+        from model_glue.report import leaderboard_plot
+
+        shown = board.drop("artifact_id", "n_tasks", strict=False)
+        print_frame(shown, title=f"Leaderboard ({summary['config']})")
+        tasks = [c for c in shown.columns if c not in ("name", "kind", "mean")]
+        png = leaderboard_plot(board.to_dicts(), tasks, glue_home() / "reports" / f"leaderboard-{summary['config']}.png",
+                               title=f"Model-GLUE leaderboard ({summary['config']})")
+        console.print(f"plot: {png}")
     counts = ", ".join(f"{s}: " + "/".join(f"{n} {k}" for k, n in sorted(c.items())) for s, c in summary["counts"].items())
     console.print(f"flow run {summary['flow_run_id']} finished in {summary['seconds']:.1f} s ({counts})")
 
@@ -145,6 +152,22 @@ def merge(
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"merged model written to {path}")
+
+
+@app.command("schedule")
+def schedule(
+    config: Annotated[Path, typer.Argument(help="Run configuration YAML.")],
+    cron: Annotated[str, typer.Option(help="Cron schedule (UTC).")] = "0 2 * * *",
+) -> None:
+    """Serve the recipe as a nightly deployment (needs a Prefect server: PREFECT_API_URL)."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("scheduling needs a running Prefect server: start `prefect server start` and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api (the temporary server runs no schedules)")
+    from deployments.nightly import serve
+
+    serve(config, cron=cron)
 
 
 def main() -> None:  # pragma: no cover

@@ -102,8 +102,9 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         if db.record_artifact(o.record["key"], kind="similarity", name=f"similarity[{arch[:8]}]",
                               uri=ArtifactStore(store_url).uri("record", o.record["key"]),
                               stage="similarity", run_id=o.run_id, parents=[m["fingerprint"] for m in members]):
-            db.record_similarities(o.record["key"], o.record["pairs"], o.record["tensor_pairs"], o.run_id,
-                                   tensor_set=",".join(sorted(groups)))
+            tensor_set = ",".join(sorted(groups))
+            db.record_similarities([{**r, "tensor_set": tensor_set} for r in o.record["pairs"]], o.run_id)
+            db.record_tensor_similarities(o.record["tensor_pairs"], o.run_id)
 
     # 2. Clustering: architecture first, then complete linkage at the threshold.
     console.rule("[bold]cluster")
@@ -154,11 +155,9 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
                     include_paths=list(ev.include_paths))
         if o.record is None:
             continue
-        if db.record_artifact(o.record["key"], kind="evaluation", name=f"eval[{name}]", stage="evaluate",
-                              uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[artifact_id]):
-            pass
-        db.record_scores(artifact_id, o.record["scores"], run_id=o.run_id, eval_limit=ev.limit,
-                         flow_run_id=rec.flow_run_id)
+        db.record_artifact(o.record["key"], kind="evaluation", name=f"eval[{name}]", stage="evaluate",
+                           uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[artifact_id])
+        db.record_scores(artifact_id, o.run_id, o.record["scores"], eval_limit=ev.limit)
 
     # 5. Leaderboard: best single model vs merged models.
     board = db.leaderboard(flow_run_id=rec.flow_run_id)

@@ -1,0 +1,165 @@
+"""DDL of the lineage database: tables, views and the migration hook.
+
+Table and column names are part of the user interface (``glue sql``), so they stay plain.
+All timestamps are UTC. JSON columns hold parameters and input/output lists verbatim, so
+that a later ``glue plan`` can tell which input, code version or parameter changed.
+
+To change the schema: bump ``SCHEMA_VERSION``, edit the ``CREATE`` statements (what a fresh
+database gets) and add the statements that bring an existing database from version N-1 to
+N under ``MIGRATIONS[N]``.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+TABLES: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS schema_version (
+        version INTEGER NOT NULL,
+        applied_at TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS flow_runs (
+        flow_run_id VARCHAR PRIMARY KEY,
+        flow VARCHAR NOT NULL,
+        config_hash VARCHAR,
+        params JSON,
+        status VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+        error VARCHAR,
+        started_at TIMESTAMP NOT NULL,
+        finished_at TIMESTAMP
+    )""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY,
+        flow_run_id VARCHAR,
+        stage VARCHAR NOT NULL,
+        code_version VARCHAR,
+        cache_key VARCHAR,
+        params JSON,
+        inputs JSON,
+        outputs JSON,
+        status VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'cached', 'failed')),
+        error VARCHAR,
+        host VARCHAR,
+        started_at TIMESTAMP NOT NULL,
+        finished_at TIMESTAMP,
+        seconds DOUBLE
+    )""",
+    """CREATE TABLE IF NOT EXISTS models (
+        fingerprint VARCHAR PRIMARY KEY,
+        name VARCHAR,
+        uri VARCHAR,
+        architecture VARCHAR,
+        arch_signature VARCHAR,
+        param_count BIGINT,
+        dtype VARCHAR,
+        n_files INTEGER,
+        bytes BIGINT,
+        first_seen TIMESTAMP NOT NULL,
+        last_seen TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS model_names (
+        name VARCHAR NOT NULL,
+        fingerprint VARCHAR NOT NULL,
+        uri VARCHAR,
+        seen_at TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS artifacts (
+        artifact_id VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL,
+        name VARCHAR,
+        uri VARCHAR,
+        content_hash VARCHAR,
+        stage VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        run_id VARCHAR,
+        meta JSON
+    )""",
+    """CREATE TABLE IF NOT EXISTS edges (
+        parent_id VARCHAR NOT NULL,
+        child_id VARCHAR NOT NULL,
+        run_id VARCHAR,
+        role VARCHAR NOT NULL,
+        PRIMARY KEY (parent_id, child_id, role)
+    )""",
+    """CREATE TABLE IF NOT EXISTS scores (
+        artifact_id VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        stderr DOUBLE,
+        n_samples INTEGER,
+        eval_limit INTEGER,
+        run_id VARCHAR,
+        created_at TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS similarities (
+        model_a VARCHAR NOT NULL,
+        model_b VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        tensor_set VARCHAR NOT NULL,
+        value DOUBLE,
+        run_id VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS tensor_similarities (
+        model_a VARCHAR NOT NULL,
+        model_b VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        tensor VARCHAR NOT NULL,
+        layer INTEGER,
+        value DOUBLE,
+        run_id VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS clusters (
+        clustering_id VARCHAR NOT NULL,
+        cluster INTEGER NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        run_id VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS trials (
+        search_id VARCHAR NOT NULL,
+        trial INTEGER NOT NULL,
+        strategy VARCHAR,
+        method VARCHAR,
+        coefficients JSON,
+        proxy_score DOUBLE,
+        seconds DOUBLE,
+        accepted BOOLEAN,
+        reason VARCHAR,
+        run_id VARCHAR
+    )""",
+)
+
+# Views are recreated on every schema check, so editing them needs no migration.
+VIEWS: tuple[str, ...] = (
+    # every score with the names a reader wants, and the flow run that produced it
+    """CREATE OR REPLACE VIEW v_scores AS
+    SELECT s.artifact_id, a.name, a.kind, s.task, s.metric, s.value, s.stderr, s.n_samples,
+           s.eval_limit, s.run_id, r.flow_run_id, s.created_at
+    FROM scores s
+    LEFT JOIN artifacts a ON a.artifact_id = s.artifact_id
+    LEFT JOIN runs r ON r.run_id = s.run_id""",
+    """CREATE OR REPLACE VIEW v_leaderboard AS
+    SELECT * FROM v_scores
+    QUALIFY row_number() OVER (PARTITION BY artifact_id, task, metric
+                               ORDER BY created_at DESC, run_id DESC) = 1""",
+    """CREATE OR REPLACE VIEW v_lineage AS
+    SELECT e.parent_id, p.name AS parent_name, p.kind AS parent_kind, e.role,
+           e.child_id, c.name AS child_name, c.kind AS child_kind,
+           e.run_id, r.stage, r.flow_run_id
+    FROM edges e
+    LEFT JOIN artifacts p ON p.artifact_id = e.parent_id
+    LEFT JOIN artifacts c ON c.artifact_id = e.child_id
+    LEFT JOIN runs r ON r.run_id = e.run_id""",
+    """CREATE OR REPLACE VIEW v_runs AS
+    SELECT r.run_id, r.stage, r.status, f.flow, r.flow_run_id, r.started_at, r.finished_at,
+           r.seconds, r.code_version, r.cache_key, r.error, r.host,
+           (SELECT string_agg(coalesce(a.name, a.artifact_id), ', ' ORDER BY a.name)
+              FROM artifacts a
+             WHERE list_contains(from_json(r.outputs, '["VARCHAR"]'), a.artifact_id)) AS output_names,
+           r.params, r.inputs, r.outputs
+    FROM runs r
+    LEFT JOIN flow_runs f ON f.flow_run_id = r.flow_run_id""",
+)
+
+# MIGRATIONS[n]: statements that bring a version n-1 database to version n.
+MIGRATIONS: dict[int, tuple[str, ...]] = {}

@@ -1,0 +1,118 @@
+"""End to end: the recipe flow on the demo zoo, its caching, partial reruns and bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow]
+
+LIMIT = 20  # documents per task: enough to tell experts apart, fast enough for CI
+
+
+def _config(tmp: Path, zoo: Path, models: dict[str, str], **extra) -> Path:
+    demo = yaml.safe_load((zoo / "glue.yaml").read_text())
+    cfg = {
+        "name": "test",
+        "store": str(tmp / "store"),
+        "lineage_db": str(tmp / "lineage.duckdb"),
+        "zoo": [{"name": n, "path": p} for n, p in models.items()],
+        "similarity": demo["similarity"],
+        "merge": {"method": "linear"},
+        "evaluation": {"tasks": demo["evaluation"]["tasks"], "limit": LIMIT},
+    } | extra
+    path = tmp / "glue.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _zoo_models(zoo: Path) -> dict[str, str]:
+    demo = yaml.safe_load((zoo / "glue.yaml").read_text())
+    return {m["name"]: str((zoo / m["path"]).resolve()) for m in demo["zoo"]}
+
+
+def _completed(summary: dict) -> dict[str, int]:
+    return {stage: c.get("completed", 0) for stage, c in summary["counts"].items()}
+
+
+def test_recipe_runs_then_reruns_from_cache(demo_zoo, prefect_harness, tmp_path):
+    from flows.glue_recipe import run_config
+    from storage import LineageDB
+
+    models = _zoo_models(demo_zoo)
+    cfg = _config(tmp_path, demo_zoo, models)
+    first = run_config(cfg)
+    n = len(models)
+    assert first["excluded"] == {}
+    assert _completed(first)["fingerprint"] == n
+    # the two base families never share a cluster
+    fam = {m: i for i, c in enumerate(first["clusters"]) for m in c}
+    assert fam["base-a"] != fam["base-b"]
+    assert fam["add-a"] == fam["next-a"] == fam["base-a"]
+    assert len(first["merged"]) >= 1
+    board = {row["name"]: row for row in first["leaderboard"]}
+    assert set(models) | set(first["merged"]) <= set(board)
+    # the add specialist beats the untrained-for-add base on its own task
+    assert board["add-a"]["demo_add"] > board["base-b"]["demo_add"]
+
+    second = run_config(cfg)
+    assert sum(_completed(second).values()) == 0, second["counts"]
+    assert second["leaderboard"] == first["leaderboard"]
+
+    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    runs = db.query(
+        "SELECT status, count(*) AS n FROM runs WHERE flow_run_id = ? GROUP BY status",
+        [second["flow_run_id"]],
+    )
+    assert dict(runs.iter_rows()) == {"cached": sum(sum(c.values()) for c in second["counts"].values())}
+    merged = first["merged"][0]
+    anc = db.ancestors(db.resolve(merged))
+    assert {"base-a", "add-a", "next-a"} <= set(anc["name"].to_list())
+
+
+def test_changed_model_reruns_only_what_depends_on_it(demo_zoo, prefect_harness, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flows.glue_recipe import run_config
+
+    src = _zoo_models(demo_zoo)
+    models = {}
+    for name in ("base-a", "add-a", "next-a", "base-b"):
+        shutil.copytree(src[name], tmp_path / "zoo" / name)
+        models[name] = str(tmp_path / "zoo" / name)
+    cfg = _config(tmp_path, demo_zoo, models)
+    run_config(cfg)
+    f = Path(models["next-a"]) / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.0.mlp.up_proj.weight"
+    sd[key] = sd[key] * 1.01
+    save_file(sd, f, metadata={"format": "pt"})
+    again = run_config(cfg)
+    done = _completed(again)
+    assert done["fingerprint"] == 1  # only next-a rehashed
+    assert done["similarity"] == 1 and done["cluster"] == 1
+    assert done["evaluate"] == 2  # next-a and the new merge; base-a, add-a, base-b cached
+    assert again["counts"]["evaluate"]["cached"] == 3
+
+
+def test_broken_models_are_reported_and_left_out(demo_zoo, prefect_harness, tmp_path):
+    from flows.glue_recipe import run_config
+
+    src = _zoo_models(demo_zoo)
+    truncated = tmp_path / "zoo" / "truncated"
+    shutil.copytree(src["add-a"], truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    models = {"base-a": src["base-a"], "next-a": src["next-a"], "truncated": str(truncated),
+              "missing": str(tmp_path / "nowhere")}
+    summary = run_config(_config(tmp_path, demo_zoo, models))
+    assert set(summary["excluded"]) == {"truncated", "missing"}
+    assert "model.safetensors: truncated" in summary["excluded"]["truncated"]
+    assert "does not exist" in summary["excluded"]["missing"]
+    assert {row["name"] for row in summary["leaderboard"]} >= {"base-a", "next-a"}
+    store = tmp_path / "store"
+    leftovers = [p for p in store.rglob("*") if ".tmp" in p.parts and p.is_file()]
+    assert leftovers == []

@@ -1,0 +1,648 @@
+"""Tests of storage/: the content-addressed artifact store and the lineage database."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import fsspec
+import polars as pl
+import pytest
+
+from model_glue.env import configure_environment
+from storage import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    ArtifactStore,
+    InvalidKeyError,
+    LineageDB,
+    LineageError,
+    LineageLockedError,
+    ReadOnlyQueryError,
+    StoreError,
+)
+from storage.manifest import MANIFEST_NAME
+
+configure_environment()
+REPO = Path(__file__).resolve().parents[1]
+KEY = "ab" * 16
+KEY2 = "cd" * 16
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _fill(d: Path, weights: bytes = b"\x01\x02\x03" * 1000) -> None:
+    (d / "config.json").write_text('{"hidden_size": 8}')
+    (d / "shards").mkdir()
+    (d / "shards" / "weights.bin").write_bytes(weights)
+
+
+# ---- ArtifactStore ------------------------------------------------------------------------
+
+
+def test_written_artifact_is_found_with_exact_manifest(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    assert not store.exists("merged", KEY)
+    with store.writing("merged", KEY, meta={"method": "ties"}) as d:
+        _fill(d)
+    weights = b"\x01\x02\x03" * 1000
+    m = store.manifest("merged", KEY)
+    assert [(e.name, e.size) for e in m.files] == [
+        ("config.json", 18),
+        ("shards/weights.bin", 3000),
+    ]
+    assert m.file("shards/weights.bin").sha256 == hashlib.sha256(weights).hexdigest()
+    by_hand = hashlib.sha256()
+    for e in m.files:  # sorted by name
+        by_hand.update(
+            f"{e.name}\0{hashlib.sha256((tmp_path / 'store' / 'merged' / KEY / e.name).read_bytes()).hexdigest()}\n".encode()
+        )
+    assert m.content_hash == by_hand.hexdigest()
+    assert m.meta == {"method": "ties"}
+    assert store.exists("merged", KEY, verify="hash")
+    assert store.uri("merged", KEY) == str(tmp_path / "store" / "merged" / KEY)
+    assert store.local_path("merged", KEY) == tmp_path / "store" / "merged" / KEY
+    assert store.list() == [("merged", KEY)]
+    assert store.list("similarity") == []
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+
+
+def test_same_content_gives_same_content_hash_whatever_the_meta(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    store.put_json("assignments", KEY, {"a": 0, "b": 1}, meta={"run": 1})
+    store.put_json("assignments", KEY2, {"b": 1, "a": 0}, meta={"run": 2})
+    assert (
+        store.manifest("assignments", KEY).content_hash
+        == store.manifest("assignments", KEY2).content_hash
+    )
+    assert store.get_json("assignments", KEY2) == {"a": 0, "b": 1}
+
+
+def test_corruption_after_commit_is_detected_naming_the_file(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with store.writing("merged", KEY) as d:
+        _fill(d)
+    weights = tmp_path / "merged" / KEY / "shards" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[1234] ^= 0xFF  # same size, different bytes: only a hash check can see it
+    weights.write_bytes(bytes(data))
+    assert store.exists("merged", KEY, verify="size")
+    assert not store.exists("merged", KEY, verify="hash")
+    with pytest.raises(ArtifactCorruptError, match="shards/weights.bin") as err:
+        store.verify("merged", KEY)
+    assert err.value.file == "shards/weights.bin"
+
+    weights.write_bytes(bytes(data[:100]))  # truncated
+    assert not store.exists("merged", KEY, verify="size")
+    with pytest.raises(
+        ArtifactCorruptError, match=r"shards/weights.bin: size 100 bytes, manifest says 3000"
+    ):
+        store.verify("merged", KEY, full=False)
+
+    weights.write_bytes(b"\x01\x02\x03" * 1000)
+    (tmp_path / "merged" / KEY / "stray.txt").write_text("x")
+    with pytest.raises(ArtifactCorruptError, match="stray.txt: file not listed"):
+        store.verify("merged", KEY, full=False)
+
+
+def test_rewriting_a_corrupt_artifact_replaces_it(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with store.writing("merged", KEY) as d:
+        _fill(d)
+    (tmp_path / "merged" / KEY / "config.json").write_text('{"hidden_size": 9}')
+    assert not store.exists("merged", KEY, verify="hash")
+    with store.writing("merged", KEY) as d:
+        _fill(d)
+    assert store.exists("merged", KEY, verify="hash")
+    assert (tmp_path / "merged" / KEY / "config.json").read_text() == '{"hidden_size": 8}'
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_exception_inside_writing_leaves_nothing(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        with store.writing("merged", KEY) as d:
+            _fill(d)
+            raise RuntimeError("merge failed")
+    assert not (tmp_path / "merged" / KEY).exists()
+    assert list((tmp_path / ".tmp").iterdir()) == []
+    assert store.list() == []
+    with pytest.raises(ArtifactNotFoundError, match=f"merged/{KEY}"):
+        store.manifest("merged", KEY)
+
+
+def test_empty_artifact_and_bad_meta_are_refused(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(StoreError, match="nothing was written"):
+        with store.writing("merged", KEY):
+            pass
+    with pytest.raises(StoreError, match="meta is not JSON"):
+        with store.writing("merged", KEY, meta={"when": object()}):
+            pass
+    assert store.list() == [] and list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_concurrent_writers_of_one_key_leave_one_complete_artifact(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    both_staging = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            with store.writing("merged", KEY, meta={"writer": i}) as d:
+                _fill(d)
+                both_staging.wait(timeout=30)  # both have written before either commits
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.list() == [("merged", KEY)]
+    m = store.verify("merged", KEY, full=True)
+    assert m.meta["writer"] in (0, 1)
+    assert sorted(os.listdir(tmp_path / "merged" / KEY)) == [MANIFEST_NAME, "config.json", "shards"]
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_memory_store_round_trip_and_local_copy(tmp_path: Path) -> None:
+    url = f"memory://glue-test-{uuid.uuid4().hex}"
+    store = ArtifactStore(url, cache_dir=tmp_path / "cache")
+    try:
+        uri = store.put_json("similarity", KEY, {"sim_all": 0.93}, meta={"tensor_set": "attn+mlp"})
+        assert uri == f"{url.replace('memory://', 'memory:///')}/similarity/{KEY}"
+        assert store.get_json("similarity", KEY) == {"sim_all": 0.93}
+        with store.writing("merged", KEY2) as d:
+            _fill(d)
+        assert store.list() == [("merged", KEY2), ("similarity", KEY)]
+        assert store.exists("merged", KEY2, verify="hash")
+        local = store.local_path("merged", KEY2)
+        assert local.parent.parent == tmp_path / "cache"
+        assert (local / "shards" / "weights.bin").read_bytes() == b"\x01\x02\x03" * 1000
+        assert store.local_path("merged", KEY2) == local  # second call reuses the verified copy
+
+        # an upload killed before its manifest: invisible, then swept
+        fs = store.fs
+        fs.pipe_file(f"{store.root}/merged/{KEY}/config.json", b"{}")
+        assert not store.exists("merged", KEY, verify="none")
+        assert store.list("merged") == [("merged", KEY2)]
+        assert store.sweep_tmp(older_than_s=0) == 1
+        assert not fs.exists(f"{store.root}/merged/{KEY}")
+        assert store.exists("merged", KEY2)
+
+        fs.pipe_file(f"{store.root}/merged/{KEY2}/config.json", b'{"hidden_size": 7}')
+        with pytest.raises(ArtifactCorruptError, match="config.json: sha256"):
+            store.verify("merged", KEY2)
+        fs.pipe_file(f"{store.root}/merged/{KEY2}/stray.bin", b"left by a killed upload")
+        with store.writing("merged", KEY2) as d:  # rewriting replaces the damaged artifact
+            _fill(d)
+        assert store.exists("merged", KEY2, verify="hash")
+        assert fs.cat_file(f"{store.root}/merged/{KEY2}/config.json") == b'{"hidden_size": 8}'
+        assert not fs.exists(f"{store.root}/merged/{KEY2}/stray.bin")
+    finally:
+        fsspec.filesystem("memory").rm(store.root, recursive=True)
+
+
+@pytest.mark.parametrize(
+    "key", ["../../etc", "ab/cd1234", "abc", "ABCDEF0123", "", "zz" * 8, "ab" * 8 + ".."]
+)
+def test_bad_keys_are_refused(tmp_path: Path, key: str) -> None:
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(InvalidKeyError, match="invalid artifact key"):
+        store.uri("merged", key)
+    with pytest.raises(InvalidKeyError):
+        with store.writing("merged", key):
+            pass
+
+
+@pytest.mark.parametrize("kind", [".tmp", "../x", "Merged", "a/b", ""])
+def test_bad_kinds_are_refused(tmp_path: Path, kind: str) -> None:
+    with pytest.raises(InvalidKeyError, match="invalid artifact kind"):
+        ArtifactStore(tmp_path).exists(kind, KEY)
+
+
+def test_sweep_tmp_removes_dead_writers_only(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    dead = tmp_path / ".tmp" / f"merged-{KEY[:16]}-otherhost-12345-deadbeef"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 10)
+    old = time.time() - 7200
+    os.utime(dead / "model.safetensors", (old, old))
+    os.utime(dead, (old, old))
+    fresh = tmp_path / ".tmp" / f"merged-{KEY2[:16]}-otherhost-12346-feedbeef"
+    fresh.mkdir()
+    with store.writing("merged", KEY) as d:  # a live writer of this process
+        _fill(d)
+        os.utime(d, (old, old))
+        assert store.sweep_tmp(older_than_s=3600) == 1
+        assert d.exists()
+    assert not dead.exists() and fresh.exists()
+    assert store.exists("merged", KEY, verify="hash")
+
+
+# ---- LineageDB ----------------------------------------------------------------------------
+
+
+def _dag(db: LineageDB) -> dict[str, str]:
+    """Zoo models a, b, c; m1 = merge(a, b); m2 = merge(m1, c); x = mixture(m2, b); d unrelated."""
+    ids = {n: _key(n) for n in ["a", "b", "c", "d", "m1", "m2", "x"]}
+    with db.transaction():
+        _record_dag(db, ids)
+    return ids
+
+
+def _record_dag(db: LineageDB, ids: dict[str, str]) -> None:
+    for n in "abcd":
+        db.record_model(
+            ids[n],
+            name=f"zoo/{n}",
+            uri=f"/zoo/{n}",
+            architecture="LlamaForCausalLM",
+            param_count=1000,
+        )
+    run = db.start_run("merge", code_version="merge-1")
+    new = db.record_artifact(
+        ids["m1"], kind="merged", name="cluster0-merge", run_id=run, parents=[ids["a"], ids["b"]]
+    )
+    again = db.record_artifact(ids["m1"], kind="merged", parents=[ids["a"]])  # a cache hit
+    assert (new, again) == (True, False)
+    db.record_artifact(ids["m2"], kind="merged", name="cluster0-merge-2", stage="merge", run_id=run)
+    db.record_edges([ids["m1"], ids["c"]], ids["m2"], run)
+    db.record_artifact(ids["x"], kind="mixture", name="final", stage="mixture", run_id=run)
+    db.record_edges([ids["m2"]], ids["x"], run, role="expert")
+    db.record_edges([ids["b"]], ids["x"], run, role="expert")
+    db.finish_run(run, "completed", outputs=[ids["m1"], ids["m2"], ids["x"]])
+
+
+def test_schema_creation_is_idempotent_and_migrates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "lineage.duckdb"
+    db = LineageDB(path)
+    db.record_artifact(KEY, kind="merged", name="m")
+    again = LineageDB(path)
+    again.record_artifact(KEY2, kind="merged", name="n")
+    assert again.schema_version() == 1
+    assert again.query("SELECT count(*) AS n FROM schema_version")["n"][0] == 1
+    assert again.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 2
+
+    import storage.lineage as lineage
+
+    monkeypatch.setattr(lineage, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(lineage, "MIGRATIONS", {2: ("ALTER TABLE runs ADD COLUMN note VARCHAR",)})
+    migrated = LineageDB(path)
+    migrated.record_artifact(_key("z"), kind="merged")
+    assert migrated.schema_version() == 2
+    assert "note" in migrated.query("SELECT * FROM runs").columns
+
+    monkeypatch.setattr(lineage, "SCHEMA_VERSION", 1)
+    with pytest.raises(LineageError, match="schema version 2 is newer"):
+        LineageDB(path).record_artifact(_key("y"), kind="merged")
+
+
+def test_ancestors_and_descendants_exact_sets(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    ids = _dag(db)
+    name = {v: k for k, v in ids.items()}
+    as_names = lambda df: sorted(name[i] for i in df["artifact_id"])  # noqa: E731
+    assert as_names(db.ancestors(ids["x"])) == ["a", "b", "c", "m1", "m2"]
+    assert as_names(db.ancestors("cluster0-merge-2")) == ["a", "b", "c", "m1"]
+    assert as_names(db.descendants(ids["a"])) == ["m1", "m2", "x"]
+    assert as_names(db.descendants("zoo/b")) == ["m1", "m2", "x"]
+    assert as_names(db.descendants(ids["c"])) == ["m2", "x"]
+    assert db.ancestors(ids["a"]).height == 0 and db.descendants(ids["d"]).height == 0
+    assert db.query(
+        "SELECT parent_name, role FROM v_lineage WHERE child_name = 'final' ORDER BY parent_name"
+    ).rows() == [("cluster0-merge-2", "expert"), ("zoo/b", "expert")]
+    db.record_edges([ids["m2"]], ids["x"], None, role="expert")  # re-recording an edge is a no-op
+    assert db.query("SELECT count(*) AS n FROM edges")["n"][0] == 6
+    with pytest.raises(LineageError, match="own parent"):
+        db.record_edges([ids["x"]], ids["x"], None)
+
+
+def test_resolve_by_name_prefix_and_history(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    a1, a2 = "aaaa1111" + "0" * 56, "aaaa2222" + "0" * 56
+    db.record_artifact(a1, kind="merged", name="cluster0-merge")
+    db.record_artifact(a2, kind="merged", name="other")
+    assert db.resolve(a1) == a1
+    assert db.resolve("cluster0-merge") == a1
+    assert db.resolve("aaaa2") == a2
+    with pytest.raises(LineageError, match="ambiguous.*aaaa1111.*aaaa2222"):
+        db.resolve("aaaa")
+    with pytest.raises(LineageError, match="no artifact named 'nope'"):
+        db.resolve("nope")
+    # a zoo name that later points at new weights resolves to the newest, history kept
+    t0 = datetime(2024, 1, 1)
+    db.record_model(_key("v1"), name="org/llama-ft", uri="/zoo/ft", seen_at=t0)
+    db.record_model(_key("v1"), name="org/llama-ft", uri="/zoo/ft", seen_at=t0 + timedelta(days=1))
+    db.record_model(_key("v2"), name="org/llama-ft", uri="/zoo/ft", seen_at=t0 + timedelta(days=2))
+    assert db.resolve("org/llama-ft") == _key("v2")
+    hist = db.query(
+        "SELECT fingerprint FROM model_names WHERE name = ? ORDER BY seen_at", ["org/llama-ft"]
+    )
+    assert hist["fingerprint"].to_list() == [_key("v1"), _key("v2")]
+    seen = db.query(
+        "SELECT first_seen, last_seen FROM models WHERE fingerprint = ?", [_key("v1")]
+    ).row(0)
+    assert seen == (t0, t0 + timedelta(days=1))
+
+
+def test_query_refuses_writes(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    _dag(db)
+    for sql in [
+        "DELETE FROM artifacts",
+        "SELECT 1; DROP TABLE edges",
+        "COPY artifacts TO 'out.csv'",
+        "ATTACH 'other.duckdb'",
+        "UPDATE runs SET status = 'failed'",
+    ]:
+        with pytest.raises(ReadOnlyQueryError):
+            db.query(sql)
+    assert db.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 7
+    assert (
+        db.query("WITH k AS (SELECT kind FROM artifacts) SELECT count(DISTINCT kind) AS n FROM k")[
+            "n"
+        ][0]
+        == 3
+    )
+    assert "artifact_id" in db.query("DESCRIBE artifacts")["column_name"].to_list()
+    assert "v_leaderboard" in db.query("SHOW TABLES")["name"].to_list()
+    reader = LineageDB(db.path, read_only=True)
+    assert reader.ancestors("final").height == 5
+    with pytest.raises(LineageError, match="opened read-only"):
+        reader.record_artifact(KEY, kind="merged")
+    with pytest.raises(LineageError, match="no lineage database at"):
+        LineageDB(tmp_path / "missing.duckdb", read_only=True).query("SELECT 1")
+    assert not (tmp_path / "missing.duckdb").exists()
+    # the real guard is the read-only connection, even past the statement check
+    with pytest.raises(duckdb.Error, match="read-only"):
+        db._select("CREATE TABLE sneaky (a INT)")
+
+
+def _python(code: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, **popen
+    )
+
+
+def test_second_process_reads_after_writer_closed(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    db = LineageDB(path)
+    ids = _dag(db)
+    p = _python(
+        f"""
+        from storage import LineageDB
+        db = LineageDB({str(path)!r})
+        print(db.query("SELECT count(*) AS n FROM artifacts")["n"][0], len(db.ancestors({ids["x"]!r})))
+        """,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert out.split() == ["7", "5"]
+
+
+def test_reader_waits_for_a_writer_in_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    LineageDB(path).record_artifact(KEY, kind="merged", name="mine")
+    holder = _python(
+        f"""
+        import duckdb, sys, time
+        con = duckdb.connect({str(path)!r})
+        con.execute("INSERT INTO artifacts (artifact_id, kind, name, created_at) VALUES ('{KEY2}', 'merged', 'theirs', now())")
+        print("locked", flush=True)
+        time.sleep(3)
+        con.close()
+        """,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LineageLockedError, match="locked by another process"):
+            LineageDB(path, lock_timeout_s=0.3).query("SELECT 1")
+        names = LineageDB(path, lock_timeout_s=60).query("SELECT name FROM artifacts ORDER BY name")
+        # the row the holder wrote is visible: the read ran after the holder released the file
+        assert names["name"].to_list() == ["mine", "theirs"]
+    finally:
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+
+
+def test_transaction_is_atomic(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            run = db.start_run("merge")
+            db.record_artifact(KEY, kind="merged", run_id=run)
+            raise RuntimeError("stage failed")
+    assert db.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 0
+    assert db.query("SELECT count(*) AS n FROM runs")["n"][0] == 0
+    with db.transaction():
+        run = db.start_run("merge")
+        db.record_artifact(KEY, kind="merged", run_id=run)
+        assert db.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 1  # reads see own writes
+    with pytest.raises(LineageError, match="recorded as kind 'merged', not 'mixture'"):
+        db.record_artifact(KEY, kind="mixture")
+
+
+def test_runs_cache_hits_and_views(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    flow = db.start_flow_run(flow="model_glue", config_hash="c0ffee", params={"threshold": 0.95})
+    t0 = datetime(2024, 5, 1, 12, 0, 0)
+    run = db.start_run(
+        "merge",
+        code_version="merge-1",
+        cache_key="k1",
+        params={"method": "ties"},
+        inputs=[_key("a"), _key("b")],
+        flow_run_id=flow,
+        started_at=t0,
+    )
+    db.record_artifact(KEY, kind="merged", name="cluster0-merge", run_id=run)
+    db.finish_run(run, "completed", outputs=[KEY], finished_at=t0 + timedelta(seconds=2.5))
+    hit = db.record_run(
+        "merge",
+        status="cached",
+        started_at=t0 + timedelta(seconds=10),
+        finished_at=t0 + timedelta(seconds=10.25),
+        code_version="merge-1",
+        cache_key="k1",
+        outputs=[KEY],
+        flow_run_id=flow,
+    )
+    failed = db.start_run("evaluate", flow_run_id=flow)
+    db.finish_run(failed, "failed", error="lm-eval: task not found")
+    db.finish_flow_run(flow, "failed", error="evaluate failed")
+    runs = db.query(
+        "SELECT run_id, status, seconds, output_names, flow FROM v_runs ORDER BY started_at"
+    )
+    assert runs.filter(pl.col("run_id") == run).row(0)[1:] == (
+        "completed",
+        2.5,
+        "cluster0-merge",
+        "model_glue",
+    )
+    assert runs.filter(pl.col("run_id") == hit).row(0)[1:] == (
+        "cached",
+        0.25,
+        "cluster0-merge",
+        "model_glue",
+    )
+    assert db.query("SELECT run_id FROM runs WHERE status = 'cached'")["run_id"].to_list() == [hit]
+    assert json.loads(db.query("SELECT params FROM runs WHERE run_id = ?", [run])["params"][0]) == {
+        "method": "ties"
+    }
+    assert db.query("SELECT status, error FROM flow_runs").row(0) == ("failed", "evaluate failed")
+    with pytest.raises(LineageError, match="run status must be one of"):
+        db.finish_run(run, "done")
+    with pytest.raises(LineageError, match="no run 'missing'"):
+        db.finish_run("missing", "completed")
+
+
+def test_bulk_records_similarities_clusters_trials(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    n_layers, projs = (
+        40,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    tensors = [
+        f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}.weight"
+        for i in range(n_layers)
+        for p in projs
+    ]
+    pairs = [(_key(f"m{i}"), _key(f"m{j}")) for i in range(4) for j in range(i + 1, 4)]  # 6 pairs
+    rows = [(a, b, t, (li % 10) / 10) for a, b in pairs for li, t in enumerate(tensors)]
+    df = pl.DataFrame(
+        rows, schema=["model_a", "model_b", "tensor", "value"], orient="row"
+    ).with_columns(pl.lit("cosine_cols").alias("metric"))
+    assert db.record_tensor_similarities(df, run_id="r1") == 6 * 280
+    per_layer = db.query(
+        "SELECT layer, avg(value) AS v FROM tensor_similarities WHERE model_a = ? AND model_b = ? GROUP BY layer ORDER BY layer",
+        [pairs[0][0], pairs[0][1]],
+    )
+    assert per_layer["layer"].to_list() == list(range(n_layers))
+    # layer 0 holds tensors 0..6 -> values 0.0..0.6, mean 0.3
+    assert per_layer["v"][0] == pytest.approx(0.3)
+    assert (
+        db.record_similarities(
+            [
+                {
+                    "model_a": pairs[0][0],
+                    "model_b": pairs[0][1],
+                    "metric": "cosine_cols",
+                    "tensor_set": "mlp",
+                    "value": 0.97,
+                }
+            ]
+        )
+        == 1
+    )
+    assert (
+        db.record_clusters("cl1", {_key("m0"): 0, _key("m1"): 0, _key("m2"): 1}, run_id="r2") == 3
+    )
+    assert db.record_clusters("cl2", [[_key("m0")], [_key("m1"), _key("m2")]]) == 3
+    assert db.query(
+        "SELECT clustering_id, cluster, count(*) AS n FROM clusters GROUP BY ALL ORDER BY ALL"
+    ).rows() == [("cl1", 0, 2), ("cl1", 1, 1), ("cl2", 0, 1), ("cl2", 1, 2)]
+    trials = [
+        {
+            "search_id": "s",
+            "trial": 0,
+            "strategy": "coefficient",
+            "method": "linear",
+            "coefficients": [0.5, 0.5],
+            "proxy_score": 0.4,
+            "accepted": True,
+        },
+        {
+            "search_id": "s",
+            "trial": 1,
+            "strategy": "coefficient",
+            "method": "linear",
+            "coefficients": [0.9, 0.1],
+            "proxy_score": 0.3,
+            "accepted": False,
+            "reason": "worse",
+        },
+    ]
+    assert db.record_trials(trials, run_id="r3") == 2
+    got = db.query("SELECT trial, coefficients, accepted, reason FROM trials ORDER BY trial").rows()
+    assert [(t, json.loads(c), a, r) for t, c, a, r in got] == [
+        (0, [0.5, 0.5], True, None),
+        (1, [0.9, 0.1], False, "worse"),
+    ]
+    with pytest.raises(
+        LineageError, match=r"table 'similarities' lack column\(s\) \['tensor_set'\]"
+    ):
+        db.record_similarities(
+            pl.DataFrame({"model_a": ["x"], "model_b": ["y"], "metric": ["c"], "value": [1.0]})
+        )
+
+
+def test_leaderboard_pivot_values(tmp_path: Path) -> None:
+    db = LineageDB(tmp_path / "l.duckdb")
+    ids = {n: _key(n) for n in ["base", "merge", "mix"]}
+    for n, i in ids.items():
+        db.record_artifact(i, kind="merged", name=n)
+    old_flow = db.start_flow_run(flow="eval")
+    r0 = db.start_run("evaluate", flow_run_id=old_flow)
+    db.record_scores(
+        ids["merge"], r0, [{"task": "add", "metric": "exact_match", "value": 0.10}], eval_limit=100
+    )
+    time.sleep(0.01)  # created_at orders the rescoring after the first score
+    flow = db.start_flow_run("prefect-flow-run-2", flow="eval")
+    r1 = db.start_run("evaluate", flow_run_id=flow)
+    scores = {
+        "base": {"add": 0.05, "next": 0.03},
+        "merge": {"add": 0.28, "next": 0.34},
+        "mix": {"add": 1.00, "next": 0.50},
+    }
+    for n, s in scores.items():
+        rows = [
+            {"task": t, "metric": "exact_match", "value": v, "stderr": 0.01, "n_samples": 200}
+            for t, v in s.items()
+        ]
+        rows.append({"task": "arc", "metric": "acc", "value": 0.2})
+        rows.append({"task": "arc", "metric": "acc_norm", "value": 0.3 if n != "base" else 0.6})
+        db.record_scores(ids[n], r1, rows, eval_limit=200)
+    board = db.leaderboard(metrics={"arc": "acc_norm"})
+    assert board.columns == ["artifact_id", "name", "kind", "add", "arc", "next", "mean", "n_tasks"]
+    assert board["name"].to_list() == ["mix", "merge", "base"]
+    assert board.row(0)[3:] == pytest.approx((1.0, 0.3, 0.5, 0.6, 3))
+    # 'merge' was scored twice on 'add': the latest score (0.28) counts, not the old 0.10
+    assert board.row(1)[3:] == pytest.approx((0.28, 0.3, 0.34, 0.92 / 3, 3))
+    assert board.row(2)[3:] == pytest.approx((0.05, 0.6, 0.03, 0.68 / 3, 3))
+
+    wide = db.leaderboard()
+    assert {"arc:acc", "arc:acc_norm", "add", "next"} <= set(wide.columns)
+    assert wide.filter(pl.col("name") == "base")["mean"][0] == pytest.approx(
+        (0.05 + 0.2 + 0.6 + 0.03) / 4
+    )
+
+    only_old = db.leaderboard(flow_run_id=old_flow)
+    assert only_old.select("name", "add", "mean", "n_tasks").rows() == [("merge", 0.10, 0.10, 1)]
+    assert (
+        db.query("SELECT eval_limit FROM v_leaderboard WHERE name = 'merge' AND task = 'add'")[
+            "eval_limit"
+        ][0]
+        == 200
+    )
