@@ -16,7 +16,8 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 from rich.console import Console
 
-from storage import LineageDB
+from storage import ArtifactStore, LineageDB
+from tasks._stage import for_call
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Recorder:
     console: Console = field(default_factory=Console)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def run(self, task: Any, label: str, **params: Any) -> Outcome:
+    def run(self, task: Any, label: str, /, **params: Any) -> Outcome:
         """Run one stage task now and record it; failures are returned, not raised."""
         return self.run_many(task, [(label, params)])[0]
 
@@ -45,7 +46,10 @@ class Recorder:
         """Submit calls concurrently (Prefect's task runner), then record them in order."""
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        futures: list[PrefectFuture] = [task.submit(store_url=self.store_url, **p) for _, p in calls]
+        store = ArtifactStore(self.store_url)
+        futures: list[PrefectFuture] = [
+            for_call(task, p, store).submit(store_url=self.store_url, **p) for _, p in calls
+        ]
         outcomes = []
         for (label, params), fut in zip(calls, futures, strict=True):
             fut.wait()

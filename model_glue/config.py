@@ -81,10 +81,7 @@ class RunConfig(_Strict):
     @field_validator("merge")
     @classmethod
     def _known_method(cls, merge: MergeSettings) -> MergeSettings:
-        try:
-            from model_glue.merge import METHODS
-        except ImportError:  # engine not importable: the merge stage reports it
-            return merge
+        from model_glue.merge import METHODS
         if merge.method not in METHODS:
             raise ValueError(f"unknown merge method {merge.method!r} (allowed: {', '.join(sorted(METHODS))})")
         return merge

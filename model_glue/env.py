@@ -31,6 +31,9 @@ def configure_environment() -> Path:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_UI_ENABLED": "false",
         "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TQDM_DISABLE": "1",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)

@@ -5,8 +5,8 @@ used three ways: as the Prefect cache key, as the store key of the stage's outpu
 artifact, and as the ``cache_key`` of the stage's row in the lineage ``runs`` table.
 
 Caching rule: Prefect reuses a result only while the stage's artifact is present and
-complete in the store (the key function returns ``None`` otherwise, which makes Prefect run
-the task). Deleting an artifact therefore forces exactly that stage to run again, and the
+complete in the store; :meth:`Stage.for_call` returns the task with ``refresh_cache`` when
+it is not. Deleting an artifact therefore forces exactly that stage to run again, and the
 record it produces is identical to the cached one because both derive from the same key.
 """
 
@@ -53,11 +53,8 @@ class Stage:
         """Wrap ``fn(store_url=..., **params) -> dict`` as a cached Prefect task."""
         stage = self
 
-        def cache_key_fn(_ctx, params: dict[str, Any]) -> str | None:
-            key = stage.key(params)
-            if not ArtifactStore(params["store_url"]).exists(RECORD_KIND, key, verify="size"):
-                return None  # artifact gone or never written: run the stage
-            return f"{stage.name}-{key}"
+        def cache_key_fn(_ctx, params: dict[str, Any]) -> str:
+            return f"{stage.name}-{stage.key(params)}"
 
         options = {
             "name": self.name,
@@ -69,6 +66,18 @@ class Stage:
         wrapped = task(**options)(fn)
         wrapped.stage = stage  # type: ignore[attr-defined]
         return wrapped
+
+
+def for_call(task: Any, params: dict[str, Any], store: ArtifactStore) -> Any:
+    """``task`` itself if its artifact for ``params`` is in the store, else a copy that
+    ignores (and refreshes) Prefect's cached result: the store is the source of truth."""
+    try:
+        key = task.stage.key(params)
+    except Exception:  # e.g. a missing model directory: let the task report it
+        key = None
+    if key is not None and store.exists(RECORD_KIND, key, verify="size"):
+        return task
+    return task.with_options(refresh_cache=True)
 
 
 def load_record(store: ArtifactStore, key: str) -> dict | None:
