@@ -50,11 +50,13 @@ class Recorder:
         futures: list[PrefectFuture] = [
             for_call(task, p, store).submit(store_url=self.store_url, **p) for _, p in calls
         ]
-        outcomes = []
-        for (label, params), fut in zip(calls, futures, strict=True):
+        for fut in futures:
             fut.wait()
-            outcomes.append(self._record(task, label, params, fut.state, started, time.perf_counter() - t0))
-        return outcomes
+        with self.db.transaction():
+            return [
+                self._record(task, label, params, fut.state, started, time.perf_counter() - t0)
+                for (label, params), fut in zip(calls, futures, strict=True)
+            ]
 
     def _record(self, task: Any, label: str, params: dict, state: State, started: datetime, seconds: float) -> Outcome:
         stage = task.stage

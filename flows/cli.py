@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from model_glue.env import configure_environment, glue_home
@@ -41,7 +42,7 @@ def print_frame(df, title: str | None = None, float_digits: int = 3) -> None:
         table.add_column(str(c), justify="right" if df[c].dtype.is_numeric() else "left")
     for row in df.iter_rows():
         table.add_row(*[
-            "" if v is None else f"{v:.{float_digits}f}" if isinstance(v, float) else str(v) for v in row
+            "" if v is None else f"{v:.{float_digits}f}" if isinstance(v, float) else escape(str(v)) for v in row
         ])
     console.print(table)
 
@@ -121,8 +122,17 @@ def lineage(model: Annotated[str, typer.Argument(help="A model or artifact name,
         artifact_id = ldb.resolve(model)
     except LineageError as e:
         _fail(str(e))
-    print_frame(ldb.ancestors(artifact_id), title=f"Ancestors of {model} ({artifact_id[:12]})")
-    print_frame(ldb.descendants(artifact_id), title=f"Descendants of {model} ({artifact_id[:12]})")
+    import polars as pl
+
+    def brief(df):
+        return df.select(
+            pl.col("name"), pl.col("kind"), pl.col("stage"),
+            pl.col("created_at").dt.strftime("%Y-%m-%d %H:%M:%S").alias("created (UTC)"),
+            pl.col("artifact_id").str.slice(0, 12).alias("id"),
+        )
+
+    print_frame(brief(ldb.ancestors(artifact_id)), title=f"Ancestors of {model} ({artifact_id[:12]})")
+    print_frame(brief(ldb.descendants(artifact_id)), title=f"Descendants of {model} ({artifact_id[:12]})")
 
 
 @app.command("sql")

@@ -63,22 +63,8 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     console.rule("[bold]fingerprint")
     outcomes = rec.run_many(fingerprint_model, [(m.name, {"name": m.name, "uri": m.path}) for m in cfg.zoo])
     models, excluded = [], {}
-    for o in outcomes:
-        if o.record is None:
-            excluded[o.label] = str(o.error)
-            continue
-        models.append(o.record)
-        db.record_model(
-            fingerprint=o.record["fingerprint"],
-            name=o.record["name"],
-            uri=o.record["uri"],
-            architecture=o.record["architecture"],
-            arch_signature=o.record["arch_signature"],
-            param_count=o.record["param_count"],
-            dtype=o.record["dtype"],
-            bytes=o.record["bytes"],
-            run_id=o.run_id,
-        )
+    with db.transaction():
+        _record_models(db, outcomes, models, excluded)
     if not models:
         raise RuntimeError("no usable model in the zoo: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
     by_fp = {m["fingerprint"]: m for m in models}
@@ -99,7 +85,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         if o.record is None:
             raise RuntimeError(f"similarity failed: {o.error}")
         sim_keys.append(o.record["key"])
-        if db.record_artifact(o.record["key"], kind="similarity", name=f"similarity[{arch[:8]}]",
+        if db.record_artifact(o.record["key"], kind="similarity", name=f"similarity:{arch[:8]}",
                               uri=ArtifactStore(store_url).uri("record", o.record["key"]),
                               stage="similarity", run_id=o.run_id, parents=[m["fingerprint"] for m in members]):
             tensor_set = ",".join(sorted(groups))
@@ -138,7 +124,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             continue
         r = o.record
         merged.append({**r, "name": label})
-        db.record_artifact(r["artifact_id"], kind="merged_model", name=label, uri=r["uri"], stage="merge",
+        db.record_artifact(r["artifact_id"], kind="merged", name=label, uri=r["uri"], stage="merge",
                            content_hash=r["fingerprint"], run_id=o.run_id,
                            parents=[mm["fingerprint"] for mm in r["members"]])
 
@@ -155,9 +141,10 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
                     include_paths=list(ev.include_paths))
         if o.record is None:
             continue
-        db.record_artifact(o.record["key"], kind="evaluation", name=f"eval[{name}]", stage="evaluate",
-                           uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[artifact_id])
-        db.record_scores(artifact_id, o.run_id, o.record["scores"], eval_limit=ev.limit)
+        with db.transaction():
+            db.record_artifact(o.record["key"], kind="evaluation", name=f"eval:{name}", stage="evaluate",
+                               uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[artifact_id])
+            db.record_scores(artifact_id, o.run_id, o.record["scores"], eval_limit=ev.limit)
 
     # 5. Leaderboard: best single model vs merged models.
     board = db.leaderboard(flow_run_id=rec.flow_run_id)
@@ -169,6 +156,25 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         "merged": [r["name"] for r in merged],
         "leaderboard": board.to_dicts(),
     }
+
+
+def _record_models(db: LineageDB, outcomes: list, models: list[dict], excluded: dict[str, str]) -> None:
+    for o in outcomes:
+        if o.record is None:
+            excluded[o.label] = str(o.error)
+            continue
+        models.append(o.record)
+        db.record_model(
+            fingerprint=o.record["fingerprint"],
+            name=o.record["name"],
+            uri=o.record["uri"],
+            architecture=o.record["architecture"],
+            arch_signature=o.record["arch_signature"],
+            param_count=o.record["param_count"],
+            dtype=o.record["dtype"],
+            bytes=o.record["bytes"],
+            run_id=o.run_id,
+        )
 
 
 def _refs(models: list[dict], arch: bool = False) -> list[dict]:
