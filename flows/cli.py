@@ -154,14 +154,25 @@ def merge(
     config: Annotated[Path, typer.Argument(help="Merge YAML (ours or mergekit-style).")],
     out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
 ) -> None:
-    """Merge checkpoints as described by CONFIG into a Hugging Face directory OUT."""
-    from model_glue.merge import run_merge_file
+    """Merge checkpoints as described by CONFIG into a Hugging Face directory OUT.
+
+    See `glue methods` for the merge methods and their parameters."""
+    from model_glue.checkpoint import CheckpointError
+    from model_glue.merge import MergeConfigError, MergeInputError, run_merge_file
 
     try:
         path = run_merge_file(str(config), str(out), progress=True)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (MergeConfigError, MergeInputError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
     console.print(f"merged model written to {path}")
+
+
+@app.command("methods")
+def methods() -> None:
+    """List the merge methods and their parameters (per model or global, defaults)."""
+    from model_glue.merge import methods_help
+
+    console.print(methods_help(), highlight=False)
 
 
 @app.command("schedule")

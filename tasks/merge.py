@@ -17,16 +17,31 @@ from tasks._stage import Stage, load_record, save_record
 
 MODEL_KIND = "model"
 
+def merge_spec(members: list[dict], method: str, params: dict, dtype: str | None, base: dict | None) -> MergeSpec:
+    """The engine's spec for a cluster merge; members in fingerprint order (listing order
+    never matters). Raises the engine's error, naming the key, for bad parameters."""
+    ordered = sorted(members, key=lambda m: m["fingerprint"])
+    return MergeSpec(
+        method=method,
+        models=[ModelInput(uri=m["uri"], name=m["name"], params=m.get("params") or {}) for m in ordered],
+        base=base["uri"] if base else None,
+        params=params,
+        dtype=dtype,
+    )
+
+
+def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
+    return {m["name"]: m["fingerprint"] for m in members} | ({base["name"]: base["fingerprint"]} if base else {})
+
+
 STAGE = Stage(
     name="merge",
-    code_version=f"merge-engine-{ENGINE_VERSION}",
-    key_parts=lambda label, members, method, params, dtype, base: {
-        "members": sorted((m["fingerprint"], sorted(m.get("params", {}).items())) for m in members),
-        "method": method,
-        "params": params,
-        "dtype": dtype,
-        "base": base["fingerprint"] if base else None,
-    },
+    code_version=ENGINE_VERSION,
+    # canonical spec (defaults filled in, names included: DARE seeds its masks by name) +
+    # input fingerprints: the engine's own content address
+    key_parts=lambda label, members, method, params, dtype, base: merge_spec(
+        members, method, params, dtype, base
+    ).content_key(_fingerprints(members, base)),
 )
 
 
@@ -44,15 +59,8 @@ def _merge(
     key = STAGE.key({"label": label, "members": members, "method": method, "params": params, "dtype": dtype, "base": base})
     if (record := load_record(store, key)) is not None and store.exists(MODEL_KIND, key):
         return record
-    ordered = sorted(members, key=lambda m: m["fingerprint"])  # listing order never matters
-    spec = MergeSpec(
-        method=method,
-        models=[ModelInput(uri=m["uri"], name=m["name"], params=m.get("params") or {}) for m in ordered],
-        base=base["uri"] if base else None,
-        params=params,
-        dtype=dtype,
-    )
-    fingerprints = {m["name"]: m["fingerprint"] for m in ordered} | ({base["name"]: base["fingerprint"]} if base else {})
+    spec = merge_spec(members, method, params, dtype, base)
+    fingerprints = _fingerprints(members, base)
     with store.writing(MODEL_KIND, key, meta={"stage": "merge", "label": label}) as tmp:
         out = Path(tmp) / "model"
         merge_to_directory(spec, out, input_fingerprints=fingerprints, card_extra={"model-glue key": key, "label": label})
@@ -67,7 +75,8 @@ def _merge(
         "uri": uri,
         "method": method,
         "params": params,
-        "members": [{"name": m["name"], "fingerprint": m["fingerprint"], "params": m.get("params") or {}} for m in ordered],
+        "spec": spec.to_config(),
+        "members": [{"name": m.label, "fingerprint": fingerprints[m.label], "params": dict(m.params)} for m in spec.models],
         **{k: v for k, v in fp.to_dict().items()},
     }
     return save_record(store, key, record, STAGE.name)

@@ -1,0 +1,211 @@
+"""Merge benchmark: our engine against mergekit 0.1.5 on three ~188M-parameter Llamas.
+
+    .venv/bin/python bench/merge_bench.py [--methods linear,ties,dare_ties]
+
+Inputs (a base and two fine-tunes, random, bfloat16; hidden 1024, 12 layers,
+intermediate 2816, 16 heads, vocabulary 16384) are generated once under
+``$GLUE_HOME/bench/inputs``. Each run is a fresh child process that imports its tool, then
+times the merge itself and reports its own peak resident memory; the wall time of the
+whole child (interpreter start and imports included, what a CLI user waits) is reported
+too. The "floor" child only reads the three inputs and writes one output. Ratios come
+from one script run, on one machine state: the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model_glue.env import configure_environment  # noqa: E402
+
+HOME = configure_environment() / "bench"
+INPUTS = HOME / "inputs"
+NAMES = ("base", "ft_a", "ft_b")
+CONFIGS = {
+    "linear": "merge_method: linear\nmodels:\n"
+    "  - {model: BASE, parameters: {weight: 0.4}}\n  - {model: FT_A, parameters: {weight: 0.3}}\n"
+    "  - {model: FT_B, parameters: {weight: 0.3}}\ndtype: bfloat16\n",
+    "ties": "merge_method: ties\nbase_model: BASE\nmodels:\n"
+    "  - {model: FT_A, parameters: {weight: 0.5, density: 0.5}}\n  - {model: FT_B, parameters: {weight: 0.5, density: 0.5}}\n"
+    "dtype: bfloat16\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: BASE\nmodels:\n"
+    "  - {model: FT_A, parameters: {weight: 0.5, density: 0.5}}\n  - {model: FT_B, parameters: {weight: 0.5, density: 0.5}}\n"
+    "dtype: bfloat16\n",
+}
+
+
+def make_inputs() -> None:
+    """Random bf16 Llamas written straight with safetensors (no slow weight init)."""
+    if all((INPUTS / n / "model.safetensors").exists() for n in NAMES):
+        return
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=1024,
+        num_hidden_layers=12,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=16384,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    base = {}
+    for k, s in shapes.items():
+        t = torch.randn(s, generator=g) * 0.02
+        base[k] = (t + 1.0 if k.endswith("norm.weight") else t).to(torch.bfloat16)
+    for i, name in enumerate(NAMES):
+        sd = (
+            base
+            if i == 0
+            else {
+                k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+                for k, v in base.items()
+            }
+        )
+        out = INPUTS / name
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(out)
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    print(
+        f"inputs: {sum(v.numel() for v in base.values()) / 1e6:.1f}M parameters each, in {INPUTS}"
+    )
+
+
+def child(tool: str, config: str, out: str) -> None:
+    """Run one merge in this process and print {merge_s, peak_mb} as JSON."""
+    if tool == "ours":
+        from model_glue.merge import load_merge_config, merge_to_directory
+
+        spec = load_merge_config(config)
+        t0 = time.perf_counter()
+        merge_to_directory(spec, out)
+    elif tool == "mergekit":
+        import yaml
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(Path(config).read_text()))
+        t0 = time.perf_counter()
+        run_merge(
+            cfg,
+            out,
+            MergeOptions(random_seed=0, copy_tokenizer=False, write_model_card=False, quiet=True),
+        )
+    elif tool == "floor":
+        # Every byte of the three inputs read (not memory-mapped and left untouched) and
+        # one model's worth of bytes written: what any merge must at least do.
+        t0 = time.perf_counter()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        buf = bytearray(64 << 20)
+        view = memoryview(buf)
+        with open(Path(out) / "model.safetensors", "wb") as dst:
+            for i, n in enumerate(NAMES):
+                with open(INPUTS / n / "model.safetensors", "rb", buffering=0) as src:
+                    while got := src.readinto(buf):
+                        if i == 0:
+                            dst.write(view[:got])
+    else:
+        raise SystemExit(f"unknown tool {tool}")
+    merge_s = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"merge_s": merge_s, "peak_mb": peak_mb}))
+
+
+def timed_child(tool: str, config: Path, out: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", tool, str(config), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**res, "process_s": wall}
+
+
+def compare(a: Path, b: Path) -> dict:
+    import torch
+
+    from model_glue.checkpoint import Checkpoint
+
+    ca, cb = Checkpoint(str(a)), Checkpoint(str(b))
+    differ = total = 0
+    worst = 0.0
+    for n in ca.names():
+        x, y = ca.tensor(n).float(), cb.tensor(n).float()
+        d = (x - y).abs()
+        differ += int(torch.count_nonzero(d > 1e-2))
+        total += d.numel()
+        worst = max(worst, float(d.max()))
+    return {"share_over_1e-2": differ / total, "max_abs": worst}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="linear,ties,dare_ties")
+    ap.add_argument("--child", nargs=3, metavar=("TOOL", "CONFIG", "OUT"))
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    make_inputs()
+    work = HOME / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"load average before: {os.getloadavg()}, {os.cpu_count()} CPUs")
+    results: dict = {"load_before": os.getloadavg()}
+    for method in args.methods.split(","):
+        text = CONFIGS[method]
+        for key, name in (("BASE", "base"), ("FT_A", "ft_a"), ("FT_B", "ft_b")):
+            text = text.replace(key, str(INPUTS / name))
+        cfg = work / f"{method}.yaml"
+        cfg.write_text(text)
+        floor = timed_child("floor", Path("-"), work / "floor")  # per method: the load drifts
+        mk = timed_child("mergekit", cfg, work / f"{method}-mergekit")
+        ours = timed_child("ours", cfg, work / f"{method}-ours")
+        row = {
+            "ours": ours,
+            "mergekit": mk,
+            "speedup_merge": mk["merge_s"] / ours["merge_s"],
+            "speedup_process": mk["process_s"] / ours["process_s"],
+            "floor_s": floor["merge_s"],
+            "floor_ratio": ours["merge_s"] / floor["merge_s"],
+            "load": os.getloadavg(),
+        }
+        if method != "dare_ties":  # random masks differ between the tools by design
+            row["diff"] = compare(work / f"{method}-ours", work / f"{method}-mergekit")
+        results[method] = row
+        print(
+            f"{method:10s} ours {ours['merge_s']:6.2f} s ({ours['process_s']:5.1f} s process, {ours['peak_mb']:5.0f} MB) | "
+            f"mergekit {mk['merge_s']:6.2f} s ({mk['process_s']:5.1f} s, {mk['peak_mb']:5.0f} MB) | "
+            f"speedup {row['speedup_merge']:4.1f}x merge, {row['speedup_process']:4.1f}x process | "
+            f"{row['floor_ratio']:.2f}x floor ({floor['merge_s']:.2f} s) | diff {row.get('diff', '-')} | load {row['load'][0]:.1f}",
+            flush=True,
+        )
+    (HOME / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""In-memory merging of resident state dicts, for the search loop (no disk).
+
+``Merger`` checks and plans once (names, shapes, vocabulary, dtypes) and keeps float32
+copies of the inputs; each call then only resolves the new coefficients and runs the
+method per tensor. On the ~1.1M-parameter demo models a call costs milliseconds, so a
+search can afford hundreds of them.
+
+    merger = Merger("ties", [sd_a, sd_b], base=sd_base, params={"density": 0.5})
+    merged = merger(model_params=[{"weight": 0.7}, {"weight": 0.3}])
+    merged = merger(params={"density": 0.3})  # same inputs, new coefficients
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from model_glue.merge.params import MergeConfigError, check_setting
+from model_glue.merge.plan import (
+    InputLayout,
+    MergePlan,
+    align_rows,
+    plan_merge,
+    resolve_tensor_params,
+)
+from model_glue.merge.registry import MergeMethod, TensorContext, get_method
+from model_glue.merge.spec import DTYPES, MergeSpec, dtype_name
+from model_glue.merge.threads import torch_threads
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class Merger:
+    """A merge prepared over resident state dicts; call it with new coefficients.
+
+    ``params``/``model_params`` given here are defaults that each call may override
+    (call-time values win, key by key). ``names`` label the models (DARE masks are seeded
+    by name; default ``model0``, ``model1``...). ``tokenizer_source`` indexes the inputs
+    with the base first: the reference for vocabulary alignment and integer buffers.
+    ``vocab_sizes`` (same order) lets ``vocab="truncate"/"pad"`` recognise vocabulary rows. The inputs are copied once to float32;
+    the caller may drop its own copies. ``threads``: torch threads during a call
+    (default 1 when every tensor is under 4M elements, where threads only add
+    synchronisation; otherwise torch's setting; see ``threads.py``).
+    """
+
+    def __init__(
+        self,
+        method: str | MergeMethod,
+        models: Sequence[StateDict],
+        base: StateDict | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        model_params: Sequence[Mapping[str, Any]] | None = None,
+        dtype: str | torch.dtype | None = None,
+        vocab: str = "error",
+        tokenizer_source: int = 0,
+        vocab_sizes: Sequence[int | None] | None = None,
+        num_layers: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.method = method if isinstance(method, MergeMethod) else get_method(method)
+        self.method.check_inputs(len(models), base is not None)
+        names = list(names) if names is not None else [f"model{i}" for i in range(len(models))]
+        if len(names) != len(models) or len(set(names)) != len(names):
+            raise MergeConfigError(f"names must be {len(models)} distinct labels, got {names}")
+        inputs = ([base] if base is not None else []) + list(models)
+        labels = (["base"] if base is not None else []) + names
+        sizes = list(vocab_sizes) if vocab_sizes is not None else [None] * len(inputs)
+        layouts = [
+            InputLayout(
+                label,
+                {k: tuple(v.shape) for k, v in sd.items()},
+                {k: v.dtype for k, v in sd.items()},
+                size,
+            )
+            for label, sd, size in zip(labels, inputs, sizes, strict=True)
+        ]
+        out = DTYPES[dtype_name(dtype)] if dtype is not None else None
+        self.plan: MergePlan = plan_merge(
+            self.method,
+            layouts,
+            has_base=base is not None,
+            reference=tokenizer_source,
+            vocab_policy=vocab,
+            out_dtype=out,
+            num_layers=num_layers,
+        )
+        self._defaults = self._checked(
+            dict(params or {}), [dict(m) for m in (model_params or [{}] * len(models))]
+        )
+        ref = inputs[self.plan.reference]
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        for job in self.plan.jobs:
+            if not job.merge:
+                self._inputs[job.name] = [ref[job.name]]
+                continue
+            fill = ref[job.name].float() if job.rows is not None else None
+            tensors = []
+            for sd in inputs:
+                t = sd[job.name].detach().to("cpu", torch.float32)
+                if job.rows is not None:
+                    t = align_rows(t, job.rows, fill)
+                tensors.append(t.contiguous())
+            self._inputs[job.name] = tensors
+        self._ctx = {job.name: TensorContext(job.name, tuple(names)) for job in self.plan.jobs}
+        largest = max((t[0].numel() for t in self._inputs.values()), default=0)
+        self.threads = threads or (1 if largest < 4 * 1024 * 1024 else torch.get_num_threads())
+
+    def _checked(self, params: dict, model_params: list[dict]) -> tuple[dict, list[dict]]:
+        if len(model_params) != len(self.plan.model_names):
+            raise MergeConfigError(
+                f"model_params must have {len(self.plan.model_names)} entries, got {len(model_params)}"
+            )
+        for k, v in params.items():
+            check_setting(self.method.param(k), v, f"params.{k}")
+        for i, mp in enumerate(model_params):
+            for k, v in mp.items():
+                p = self.method.param(k)
+                if not p.per_model:
+                    raise MergeConfigError(
+                        f"model_params[{i}].{k}: {k!r} is a global parameter; pass it in params"
+                    )
+                check_setting(p, v, f"model_params[{i}].{k}")
+        return params, model_params
+
+    def __call__(
+        self,
+        params: Mapping[str, Any] | None = None,
+        model_params: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        g, ms = self._defaults
+        if params:
+            g = {**g, **params}
+        if model_params is not None:
+            if len(model_params) != len(ms):
+                raise MergeConfigError(
+                    f"model_params must have {len(ms)} entries, got {len(model_params)}"
+                )
+            ms = [{**a, **b} for a, b in zip(ms, model_params, strict=True)]
+        if params or model_params is not None:
+            self._checked(dict(params or {}), [dict(m) for m in (model_params or [{}] * len(ms))])
+        with torch_threads(self.threads):
+            return self._merge(g, ms)
+
+    def _merge(
+        self, g: Mapping[str, Any], ms: Sequence[Mapping[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        has_base = self.plan.has_base
+        for job in self.plan.jobs:
+            tensors = self._inputs[job.name]
+            if not job.merge:
+                out[job.name] = tensors[0].clone()
+                continue
+            values = resolve_tensor_params(self.method, job, g, ms, self.plan.model_names)
+            scratch = [t.clone() for t in tensors]
+            base = scratch[0] if has_base else None
+            models = scratch[1:] if has_base else scratch
+            merged = self.method.fn(base, models, values, self._ctx[job.name])
+            out[job.name] = merged.to(job.out_dtype)
+        return out
+
+
+def merge_in_memory(
+    spec_or_method: MergeSpec | str,
+    state_dicts: Sequence[StateDict],
+    base: StateDict | None = None,
+    params: Mapping[str, Any] | None = None,
+    model_params: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    vocab: str = "error",
+) -> dict[str, torch.Tensor]:
+    """Merge resident state dicts once. For repeated merges build a :class:`Merger`.
+
+    With a :class:`MergeSpec`, its method, parameters, model names, dtype and vocabulary
+    policy apply (``state_dicts`` follow ``spec.models``; its URIs are not read).
+    """
+    if isinstance(spec_or_method, MergeSpec):
+        spec = spec_or_method
+        if len(state_dicts) != len(spec.models):
+            raise MergeConfigError(
+                f"spec lists {len(spec.models)} models but {len(state_dicts)} state dicts were given"
+            )
+        if (spec.base is None) != (base is None):
+            raise MergeConfigError("base state dict must be given exactly when the spec has a base")
+        return Merger(
+            spec.method,
+            state_dicts,
+            base,
+            names=[m.label for m in spec.models],
+            params={**spec.params, **(params or {})},
+            model_params=[
+                {**m.params, **((model_params or [{}] * len(spec.models))[i])}
+                for i, m in enumerate(spec.models)
+            ],
+            dtype=dtype or spec.dtype,
+            vocab=spec.vocab,
+            tokenizer_source=spec.tokenizer_index(),
+        )()
+    return Merger(
+        spec_or_method,
+        state_dicts,
+        base,
+        names=names,
+        params=params,
+        model_params=model_params,
+        dtype=dtype,
+        vocab=vocab,
+    )()

@@ -1,0 +1,177 @@
+"""The merge method registry: one declaration per method.
+
+A method is a small function over float32 tensors of one weight,
+``fn(base, models, params, ctx) -> Tensor``, registered with :func:`merge_method`
+together with its parameter declarations and its rule for the base model. Everything
+else (config validation, CLI help, the docs table) reads the declaration.
+
+Contract of ``fn``:
+- ``base`` (or None) and ``models`` are float32 tensors *owned by the call*: the
+  function may overwrite them in place, which is how the engine avoids allocating a
+  full-size temporary per operation;
+- ``params`` maps each declared name to its value for this tensor (per-model
+  parameters as a tuple, one value per model, in input order);
+- ``ctx`` names the tensor and the models (random masks are seeded from these);
+- it returns a float32 tensor of the same shape (it may be one of its inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from model_glue.merge.params import MergeConfigError, Param
+
+BaseRule = Literal["required", "none"]
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Which tensor a method call is merging, for seeds and error messages."""
+
+    tensor_name: str
+    model_names: tuple[str, ...]
+
+
+MergeFn = Callable[
+    [torch.Tensor | None, list[torch.Tensor], Mapping[str, Any], TensorContext], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...]
+    base: BaseRule
+    summary: str
+    reference: str
+    min_models: int = 1
+    max_models: int | None = None
+    elementwise: bool = False  # output[j] depends only on inputs[j]: may run on chunks
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        allowed = ", ".join(p.name for p in self.params) or "none"
+        raise MergeConfigError(
+            f"merge method {self.name!r} has no parameter {name!r} (allowed: {allowed})"
+        )
+
+    @property
+    def per_model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    def check_inputs(self, num_models: int, has_base: bool) -> None:
+        if self.base == "required" and not has_base:
+            raise MergeConfigError(f"merge method {self.name!r} needs a base model (set 'base')")
+        if self.base == "none" and has_base:
+            raise MergeConfigError(
+                f"merge method {self.name!r} does not use a base model; list every input under 'models'"
+            )
+        if num_models < self.min_models:
+            raise MergeConfigError(
+                f"merge method {self.name!r} needs at least {self.min_models} model(s) besides the base, got {num_models}"
+            )
+        if self.max_models is not None and num_models > self.max_models:
+            raise MergeConfigError(
+                f"merge method {self.name!r} takes at most {self.max_models} model(s) besides the base, got {num_models}"
+            )
+
+    def help(self) -> str:
+        """Text for CLI help and docs, derived from the declaration."""
+        base = "needs a base model" if self.base == "required" else "no base model"
+        lines = [f"{self.name}: {self.summary} ({base}; {self.reference})"]
+        lines += [f"  - {p.describe()}" for p in self.params]
+        return "\n".join(lines)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: tuple[Param, ...],
+    base: BaseRule,
+    summary: str,
+    reference: str,
+    min_models: int = 1,
+    max_models: int | None = None,
+    elementwise: bool = False,
+) -> Callable[[MergeFn], MergeFn]:
+    """Register ``fn`` under ``name``; duplicate names are programming errors.
+
+    ``elementwise`` declares that each output element depends only on the same element
+    of the inputs (no per-tensor statistic such as a top-k threshold or a norm): the
+    engine may then call ``fn`` on cache-sized chunks of a tensor.
+    """
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        METHODS[name] = MergeMethod(
+            name, fn, params, base, summary, reference, min_models, max_models, elementwise
+        )
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MergeConfigError(
+            f"unknown merge method {name!r} (available: {', '.join(sorted(METHODS))})"
+        ) from None
+
+
+def methods_help() -> str:
+    return "\n\n".join(METHODS[n].help() for n in sorted(METHODS))
+
+
+def methods_markdown() -> str:
+    """The methods reference of docs/merging.md, generated from the declarations."""
+    out = []
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        base = "needs a base model" if m.base == "required" else "no base model"
+        if m.max_models is None:
+            count = f"{m.min_models} or more"
+        elif m.max_models == m.min_models:
+            count = f"exactly {m.min_models}"
+        else:
+            count = f"{m.min_models} to {m.max_models}"
+        summary = m.summary[0].upper() + m.summary[1:]
+        out.append(
+            f"### `{name}`\n\n{summary}. {base.capitalize()}; {count} other model(s). {m.reference}\n"
+        )
+        out.append(
+            "| parameter | type | scope | default | allowed | meaning |\n|---|---|---|---|---|---|"
+        )
+        for p in m.params:
+            default = "**required**" if p.required else f"`{p.default!r}`"
+            allowed = (
+                "/".join(str(c) for c in p.choices)
+                if p.choices
+                else (
+                    f"[{p.minimum}, {p.maximum}]"
+                    if p.minimum is not None or p.maximum is not None
+                    else ""
+                )
+            )
+            scope = "per model" if p.per_model else "global"
+            out.append(
+                f"| `{p.name}` | {p.type.__name__} | {scope} | {default} | {allowed} | {p.help} |"
+            )
+        out.append("")
+    return "\n".join(out).strip() + "\n"

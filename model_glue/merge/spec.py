@@ -1,0 +1,232 @@
+"""What to merge: :class:`MergeSpec`, validated once against the method's declaration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_glue.merge.params import MergeConfigError, Param, check_setting
+from model_glue.merge.registry import MergeMethod, get_method
+
+ENGINE_VERSION = "merge-engine-1"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "half": "float16",
+    "float": "float32",
+}
+VOCAB_POLICIES = ("error", "truncate", "pad")
+
+
+def dtype_name(value: str | torch.dtype | None) -> str | None:
+    """Canonical dtype name ('bfloat16', ...) for a string or torch dtype."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        for k, v in DTYPES.items():
+            if v == value:
+                return k
+        raise MergeConfigError(f"unsupported output dtype {value}")
+    name = _DTYPE_ALIASES.get(value, value.removeprefix("torch."))
+    if name not in DTYPES:
+        raise MergeConfigError(f"unknown dtype {value!r} (allowed: {', '.join(DTYPES)})")
+    return name
+
+
+def _canonical_setting(p: Param, setting: Any) -> Any:
+    """Same value, same spelling: 1 and 1.0 (or true and 'inverse_density') hash alike."""
+    if isinstance(setting, bool | int | float | str):
+        return p.coerce(setting, p.name)
+    if isinstance(setting, Mapping):
+        setting = [setting]
+    return [
+        {"filter": e.get("filter"), "value": _canonical_setting(p, e["value"])}
+        if isinstance(e, Mapping)
+        else p.coerce(e, p.name)
+        for e in setting
+    ]
+
+
+def default_name(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/")) or uri
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One model to merge: where it is, what we call it, its per-model parameters."""
+
+    uri: str
+    name: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or default_name(self.uri)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A merge: method, inputs, parameters and output options.
+
+    ``base`` is the model the task vectors are taken against (methods that need one);
+    ``tokenizer_source`` is ``None``/``"base"`` (the base, else the first model) or the
+    name or URI of one input; ``vocab`` says what to do with embedding/lm_head rows of
+    different vocabulary sizes (``error``, ``truncate`` or ``pad``); ``dtype`` is the
+    output dtype (default: the reference input's).
+    """
+
+    method: str
+    models: Sequence[ModelInput]
+    base: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    tokenizer_source: str | None = None
+    vocab: str = "error"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        self.validate()
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        return get_method(self.method)
+
+    @property
+    def base_name(self) -> str | None:
+        return default_name(self.base) if self.base else None
+
+    def validate(self) -> None:
+        """Check everything that does not need the checkpoints; errors name the key."""
+        method = get_method(self.method)
+        if not self.models:
+            raise MergeConfigError("a merge needs at least one entry under 'models'")
+        method.check_inputs(len(self.models), self.base is not None)
+        names = [m.label for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise MergeConfigError(
+                f"model names must be unique; repeated: {sorted(dup)} (set 'name')"
+            )
+        if self.base is not None and self.base in {m.uri for m in self.models}:
+            raise MergeConfigError(f"base model {self.base!r} is also listed under 'models'")
+        for key, setting in self.params.items():
+            check_setting(method.param(key), setting, f"params.{key}")
+        for m in self.models:
+            for key, setting in m.params.items():
+                p = method.param(key)
+                if not p.per_model:
+                    raise MergeConfigError(
+                        f"models[{m.label}].params.{key}: {key!r} is a global parameter of "
+                        f"{method.name!r}; set it under 'params'"
+                    )
+                check_setting(p, setting, f"models[{m.label}].params.{key}")
+        for p in method.params:
+            if p.required and p.name not in self.params:
+                missing = [m.label for m in self.models if p.name not in m.params]
+                if not p.per_model or missing:
+                    where = f"models {missing}" if p.per_model else "params"
+                    raise MergeConfigError(
+                        f"merge method {method.name!r}: parameter {p.name!r} is required (missing for {where})"
+                    )
+        dtype_name(self.dtype)
+        if self.vocab not in VOCAB_POLICIES:
+            raise MergeConfigError(
+                f"vocab={self.vocab!r} is not one of {', '.join(VOCAB_POLICIES)}"
+            )
+        self.tokenizer_index()
+
+    def tokenizer_index(self) -> int:
+        """Index of the tokenizer/config source among ``inputs()`` (base first)."""
+        offset = 1 if self.base else 0
+        src = self.tokenizer_source
+        if src in (None, "base"):
+            return 0
+        for i, m in enumerate(self.models):
+            if src in (m.label, m.uri):
+                return i + offset
+        if self.base and src in (self.base, self.base_name):
+            return 0
+        raise MergeConfigError(
+            f"tokenizer_source={src!r} names no input (use 'base' or one of {[m.label for m in self.models]})"
+        )
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """(name, uri) of every input, the base first when there is one."""
+        out = [(self.base_name, self.base)] if self.base else []
+        return out + [(m.label, m.uri) for m in self.models]
+
+    def canonical(self) -> dict:
+        """Stable, JSON-able description with every default made explicit.
+
+        Locations (URIs) are left out on purpose: an artifact's identity is its inputs'
+        content, so callers hash this together with the inputs' fingerprints (see
+        :meth:`content_key`). Names stay in: DARE masks are seeded by model name.
+        """
+        method = self.merge_method
+        out_params = {}
+        for p in method.global_params:
+            out_params[p.name] = _canonical_setting(p, self.params.get(p.name, p.default))
+        models = []
+        for m in self.models:
+            mp = {}
+            for p in method.per_model_params:
+                setting = m.params.get(p.name, self.params.get(p.name, p.default))
+                mp[p.name] = _canonical_setting(p, setting)
+            models.append({"name": m.label, "params": mp})
+        return json.loads(
+            json.dumps(
+                {
+                    "method": method.name,
+                    "base": self.base_name,
+                    "models": models,
+                    "params": out_params,
+                    "dtype": dtype_name(self.dtype),
+                    "tokenizer_source": self.inputs()[self.tokenizer_index()][0],
+                    "vocab": self.vocab,
+                },
+                sort_keys=True,
+            )
+        )
+
+    def content_key(self, input_fingerprints: Mapping[str, str]) -> str:
+        """sha256 over (canonical spec, input fingerprints by name, ENGINE_VERSION)."""
+        fps = {}
+        for name, uri in self.inputs():
+            fp = input_fingerprints.get(name, input_fingerprints.get(uri))
+            if fp is None:
+                raise MergeConfigError(f"no fingerprint given for input {name!r} ({uri})")
+            fps[name] = fp
+        payload = {"spec": self.canonical(), "inputs": fps, "engine": ENGINE_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def to_config(self) -> dict:
+        """Our YAML config form (with URIs): what reproduces this merge."""
+        cfg: dict[str, Any] = {"method": self.method}
+        if self.base:
+            cfg["base"] = self.base
+        cfg["models"] = [
+            {"uri": m.uri, "name": m.label, **({"params": dict(m.params)} if m.params else {})}
+            for m in self.models
+        ]
+        if self.params:
+            cfg["params"] = dict(self.params)
+        for key in ("dtype", "tokenizer_source"):
+            if getattr(self, key) is not None:
+                cfg[key] = getattr(self, key)
+        if self.vocab != "error":
+            cfg["vocab"] = self.vocab
+        return cfg
