@@ -20,7 +20,9 @@ MODEL_KIND = "model"
 def merge_spec(members: list[dict], method: str, params: dict, dtype: str | None, base: dict | None) -> MergeSpec:
     """The engine's spec for a cluster merge; members in fingerprint order (listing order
     never matters). Raises the engine's error, naming the key, for bad parameters."""
-    ordered = sorted(members, key=lambda m: m["fingerprint"])
+    base_fp = base["fingerprint"] if base else None
+    # the base enters through its task-vector role only, never also as a member
+    ordered = sorted((m for m in members if m["fingerprint"] != base_fp), key=lambda m: m["fingerprint"])
     return MergeSpec(
         method=method,
         models=[ModelInput(uri=m["uri"], name=m["name"], params=m.get("params") or {}) for m in ordered],
