@@ -1,0 +1,27 @@
+"""The paper's ``cheap_embed`` gate: no forward pass, only the input embedding table.
+
+Per expert: the sum of the token embeddings of all its positive prompts, L2-normalised, used
+unchanged at every layer. Negative prompts are ignored, as in the reference code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_glue.mixture.loading import MixtureError
+from model_glue.mixture.routers.base import GateContext, l2_normalise, register_gate_init
+
+
+@register_gate_init("cheap_embed")
+def cheap_embed_gates(ctx: GateContext) -> torch.Tensor:
+    if ctx.prompts is None or ctx.tokenizer is None:
+        raise MixtureError(
+            "router 'cheap_embed' needs prompts per expert and the backbone's tokenizer"
+        )
+    table = ctx.model.get_input_embeddings().weight.detach().float().cpu()
+    vecs = []
+    for expert in ctx.prompts:
+        ids = [i for text in expert.positive for i in ctx.tokenizer(text)["input_ids"]]
+        vecs.append(table[torch.tensor(ids, dtype=torch.long)].sum(0))
+    gate = l2_normalise(torch.stack(vecs))
+    return gate.expand(len(ctx.layers), -1, -1).clone()
