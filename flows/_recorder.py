@@ -8,8 +8,8 @@ row (completed, cached or failed), its edges and its outputs.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect.futures import PrefectFuture

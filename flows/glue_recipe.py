@@ -25,6 +25,7 @@ from tasks.cluster import cluster_zoo
 from tasks.evaluate import evaluate_model
 from tasks.fingerprint import fingerprint_model
 from tasks.merge import MODEL_KIND, merge_cluster
+from tasks.mixture import assign_prompts, build_mixture
 from tasks.similarity import compute_similarity
 
 
@@ -109,12 +110,15 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         low = "" if c["min_similarity"] is None else f" (lowest internal {sc.metric} {c['min_similarity']:.3f})"
         console.print(f"  cluster {i}: {names}{low}", highlight=False)
 
-    # 3. Merge every cluster of two or more models.
+    # 3. Merge every cluster of two or more models; a singleton cluster stands for itself.
     console.rule("[bold]merge")
-    merged = []
+    store = ArtifactStore(store_url)
+    outputs, merged = [], []  # outputs: one model per cluster, the mixture's experts
     for c in clusters:
         members = [by_fp[mm["fingerprint"]] for mm in c["members"]]
-        if len(members) < 2:
+        if len(members) == 1:
+            m = members[0]
+            outputs.append({"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"], "path": m["uri"]})
             continue
         label = f"merge-{_anchor(members, cfg)}-{cfg.merge.method}"
         o = rec.run(merge_cluster, label, label=label, members=_refs(members), method=cfg.merge.method,
@@ -123,39 +127,94 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             console.print(f"  [red]merge {label} failed; continuing without it[/]")
             continue
         r = o.record
-        merged.append({**r, "name": label})
+        merged.append(label)
+        outputs.append({"name": label, "artifact_id": r["artifact_id"], "fingerprint": r["fingerprint"],
+                        "path": str(store.local_path(MODEL_KIND, r["artifact_id"]))})
         db.record_artifact(r["artifact_id"], kind="merged", name=label, uri=r["uri"], stage="merge",
                            content_hash=r["fingerprint"], run_id=o.run_id,
                            parents=[mm["fingerprint"] for mm in r["members"]])
 
     # 4. Evaluate every zoo model and every merged model (one at a time: CPU-bound).
     console.rule("[bold]evaluate")
-    ev = cfg.evaluation
-    store = ArtifactStore(store_url)
-    targets = [(m["name"], m["fingerprint"], m["fingerprint"], m["uri"]) for m in models]
-    targets += [(r["name"], r["artifact_id"], r["fingerprint"], str(store.local_path(MODEL_KIND, r["artifact_id"])))
-                for r in merged]
-    for name, artifact_id, fp, path in targets:
-        o = rec.run(evaluate_model, name, model={"name": name, "fingerprint": fp, "path": path},
-                    tasks=list(ev.tasks), limit=ev.limit, batch_size=ev.batch_size,
-                    include_paths=list(ev.include_paths))
-        if o.record is None:
-            continue
-        with db.transaction():
-            db.record_artifact(o.record["key"], kind="evaluation", name=f"eval:{name}", stage="evaluate",
-                               uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[artifact_id])
-            db.record_scores(artifact_id, o.run_id, o.record["scores"], eval_limit=ev.limit)
+    targets = [{"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"], "path": m["uri"]}
+               for m in models]
+    scores = _evaluate_all(targets + [o for o in outputs if o["name"] in merged], cfg, rec, db, store)
 
-    # 5. Leaderboard: best single model vs merged models.
+    # 5. Model-level mixture over the clusters' models, then its own evaluation.
+    mixture = None
+    if cfg.mixture.variant != "none" and len(outputs) >= 2:
+        console.rule("[bold]mixture")
+        mixture = _mixture(outputs, scores, cfg, rec, db, store)
+        if mixture is not None:
+            _evaluate_all([mixture], cfg, rec, db, store)
+
+    # 6. Leaderboard: zoo models vs merged models vs the mixture.
     board = db.leaderboard(flow_run_id=rec.flow_run_id)
     return {
         "config": cfg.name,
         "models": [m["name"] for m in models],
         "excluded": excluded,
         "clusters": [[name_of[mm["fingerprint"]] for mm in c["members"]] for c in clusters],
-        "merged": [r["name"] for r in merged],
+        "merged": merged,
+        "mixture": None if mixture is None else {"name": mixture["name"], "router_accuracy": mixture["router_accuracy"]},
         "leaderboard": board.to_dicts(),
     }
+
+
+def _evaluate_all(targets: list[dict], cfg: RunConfig, rec: Recorder, db: LineageDB,
+                  store: ArtifactStore) -> dict[str, dict[str, float]]:
+    """Evaluate each target (name, artifact_id, fingerprint, path[, loader]); return the
+    mean value per task for every target that was evaluated."""
+    ev = cfg.evaluation
+    out: dict[str, dict[str, float]] = {}
+    for t in targets:
+        model = {k: t[k] for k in ("name", "fingerprint", "path")} | ({"loader": t["loader"]} if "loader" in t else {})
+        o = rec.run(evaluate_model, t["name"], model=model, tasks=list(ev.tasks), limit=ev.limit,
+                    batch_size=ev.batch_size, include_paths=list(ev.include_paths))
+        if o.record is None:
+            continue
+        with db.transaction():
+            db.record_artifact(o.record["key"], kind="evaluation", name=f"eval:{t['name']}", stage="evaluate",
+                               uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[t["artifact_id"]])
+            db.record_scores(t["artifact_id"], o.run_id, o.record["scores"], eval_limit=ev.limit)
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for sc in o.record["scores"]:
+            per_task[sc["task"]].append(sc["value"])
+        out[t["name"]] = {task: sum(v) / len(v) for task, v in per_task.items()}
+    return out
+
+
+def _mixture(outputs: list[dict], scores: dict[str, dict[str, float]], cfg: RunConfig, rec: Recorder,
+             db: LineageDB, store: ArtifactStore) -> dict | None:
+    mc = cfg.mixture
+    experts = sorted(outputs, key=lambda o: o["name"])
+    prompts = None
+    if mc.prompts:
+        prompts = assign_prompts([e["name"] for e in experts], scores, dict(mc.prompts))
+        experts = [e for e in experts if e["name"] in prompts]
+    if len(experts) < 2:
+        rec.console.print(f"  mixture skipped: {experts[0]['name']} is the best expert on every task", highlight=False)
+        return None
+    names = [e["name"] for e in experts]
+    backbone = max(experts, key=lambda e: (sum(scores.get(e["name"], {}).values()), e["name"]))
+    label = "mixture-" + "+".join(names)
+    o = rec.run(build_mixture, label, experts=[{k: e[k] for k in ("name", "fingerprint", "path")} for e in experts],
+                backbone={k: backbone[k] for k in ("name", "fingerprint", "path")}, router=mc.router, layer=mc.layer,
+                pooling=mc.pooling, prompts=prompts or {},
+                accuracy_tasks=list(cfg.evaluation.tasks) if mc.router_accuracy else [],
+                accuracy_limit=cfg.evaluation.limit)
+    if o.record is None:
+        rec.console.print("  [red]mixture failed; continuing without it[/]")
+        return None
+    r = o.record
+    db.record_artifact(r["artifact_id"], kind="mixture", name=label, uri=r["uri"], stage="mixture",
+                       content_hash=r["fingerprint"], run_id=o.run_id, parents=[e["artifact_id"] for e in experts],
+                       role="expert", meta={"router": r["router"], "layer": r["layer"], "backbone": r["backbone"],
+                                            "router_accuracy": r["router_accuracy"]})
+    for a in r["router_accuracy"]:
+        rec.console.print(f"  router accuracy {a['task']:<12} {a['value']:.3f} (n={a['n_samples']})", highlight=False)
+    return {"name": label, "artifact_id": r["artifact_id"], "fingerprint": r["fingerprint"], "path": r["path"],
+            "loader": "mixture", "router_accuracy": r["router_accuracy"]}
 
 
 def _record_models(db: LineageDB, outcomes: list, models: list[dict], excluded: dict[str, str]) -> None:

@@ -44,6 +44,19 @@ class MergeSettings(_Strict):
     dtype: str | None = None
 
 
+class MixtureSettings(_Strict):
+    """The final model-level mixture over the clusters' models (``variant: none`` skips it)."""
+
+    variant: Literal["model_level", "none"] = "model_level"
+    router: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    layer: int = Field(default=1, ge=0)  # the backbone layer whose input the router reads
+    pooling: Literal["last", "mean"] = "last"
+    # task name -> example inputs of that task (never test items); each task's prompts go
+    # to the expert that scores best on it, the other tasks' prompts are its negatives
+    prompts: dict[str, list[str]] = Field(default_factory=dict)
+    router_accuracy: bool = True  # measure it on the evaluation tasks (runs every expert)
+
+
 class EvaluationConfig(_Strict):
     tasks: list[str] = Field(min_length=1)
     limit: int | None = Field(default=None, gt=0)
@@ -58,6 +71,7 @@ class RunConfig(_Strict):
     zoo: list[ZooModel] = Field(min_length=1)
     similarity: SimilarityConfig = SimilarityConfig()
     merge: MergeSettings = MergeSettings()
+    mixture: MixtureSettings = MixtureSettings(variant="none")
     evaluation: EvaluationConfig
 
     @field_validator("zoo")
@@ -76,6 +90,14 @@ class RunConfig(_Strict):
         for m in self.zoo:
             if m.base is not None and m.base not in names:
                 raise ValueError(f"zoo model {m.name!r}: base {m.base!r} is not a zoo model")
+        if self.mixture.variant != "none" and self.mixture.router != "random":
+            if not self.mixture.prompts:
+                raise ValueError(f"mixture.prompts: the {self.mixture.router!r} router needs example prompts per task")
+            unknown = set(self.mixture.prompts) - set(self.evaluation.tasks)
+            if unknown:
+                raise ValueError(
+                    f"mixture.prompts: {sorted(unknown)} are not evaluation tasks (allowed: {', '.join(self.evaluation.tasks)})"
+                )
         return self
 
     @field_validator("merge")

@@ -1,0 +1,101 @@
+"""Stage 4: combine the clusters' models with a model-level mixture (the paper's final recipe).
+
+Experts are the clusters' outputs (a merged model, or the single member of a singleton
+cluster). The router is training-free: each task's example prompts (from the run config,
+never test items) are given to the expert that scores best on that task, and the prompts of
+the other tasks serve as its negatives. The mixture directory references its experts by
+path; it is content-addressed by the experts' fingerprints, the router settings and prompts.
+"""
+
+from __future__ import annotations
+
+from model_glue.mixture import (
+    RouterInit,
+    build_model_level_mixture,
+    expert_correctness,
+    load_mixture,
+    mixture_router_accuracy,
+)
+from storage import ArtifactStore
+from tasks._stage import Stage, load_record, save_record
+
+MIXTURE_VERSION = "1"
+MIXTURE_KIND = "mixture"
+
+STAGE = Stage(
+    name="mixture",
+    code_version=f"mixture-{MIXTURE_VERSION}",
+    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit: {
+        "experts": [(e["name"], e["fingerprint"]) for e in experts],
+        "backbone": backbone["fingerprint"],
+        "router": router,
+        "layer": layer,
+        "pooling": pooling,
+        "prompts": prompts,
+        "accuracy": [sorted(accuracy_tasks), accuracy_limit],
+    },
+)
+
+
+def assign_prompts(experts: list[str], task_scores: dict[str, dict[str, float]],
+                   task_prompts: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+    """Give each task's prompts to its best expert (ties: first in ``experts`` order); every
+    other task's prompts are that expert's negatives. Experts best at no task are left out:
+    the router could never send anything to them for a reason."""
+    owner = {t: max(experts, key=lambda e: (task_scores.get(e, {}).get(t, 0.0), -experts.index(e)))
+             for t in task_prompts}
+    out = {}
+    for e in experts:
+        if e not in owner.values():
+            continue
+        pos = [p for t, ps in task_prompts.items() if owner[t] == e for p in ps]
+        neg = [p for t, ps in task_prompts.items() if owner[t] != e for p in ps]
+        out[e] = {"positive": pos, "negative": neg}
+    return out
+
+
+def _mixture(store_url: str, experts: list[dict], backbone: dict, router: str, layer: int, pooling: str,
+             prompts: dict[str, dict[str, list[str]]], accuracy_tasks: list[str], accuracy_limit: int | None) -> dict:
+    """``experts``: records with name, fingerprint and a local ``path``; ``backbone`` one of them."""
+    store = ArtifactStore(store_url)
+    params = {"experts": experts, "backbone": backbone, "router": router, "layer": layer, "pooling": pooling,
+              "prompts": prompts, "accuracy_tasks": accuracy_tasks, "accuracy_limit": accuracy_limit}
+    key = STAGE.key(params)
+    if (record := load_record(store, key)) is not None and store.exists(MIXTURE_KIND, key):
+        return record
+    with store.writing(MIXTURE_KIND, key, meta={"stage": "mixture"}) as tmp:
+        build_model_level_mixture(
+            [e["path"] for e in experts], tmp / "mixture", router_backbone=backbone["path"], layer=layer,
+            router=RouterInit(method=router), prompts=prompts, pooling=pooling,
+            expert_names=[e["name"] for e in experts],
+        )
+        for f in (tmp / "mixture").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "mixture").rmdir()
+    path = store.local_path(MIXTURE_KIND, key)
+    accuracy = []
+    if accuracy_tasks:
+        mixture = load_mixture(path)
+        labels = expert_correctness(mixture, accuracy_tasks, limit=accuracy_limit)
+        accuracy = [
+            {"task": a.task, "metric": "router_accuracy", "value": a.accuracy, "n_samples": a.n_answerable,
+             "coverage": a.coverage}
+            for a in mixture_router_accuracy(mixture, labels) if a.accuracy is not None
+        ]
+    record = {
+        "artifact_id": key,
+        "uri": store.uri(MIXTURE_KIND, key),
+        "path": str(path),
+        "experts": [{"name": e["name"], "fingerprint": e["fingerprint"]} for e in experts],
+        "backbone": backbone["name"],
+        "router": router,
+        "layer": layer,
+        "router_accuracy": accuracy,
+        # identity for evaluation: the directory's content (router weights + expert refs);
+        # the experts' own fingerprints are already part of the key
+        "fingerprint": store.manifest(MIXTURE_KIND, key).content_hash[:32],
+    }
+    return save_record(store, key, record, STAGE.name)
+
+
+build_mixture = STAGE.task(_mixture)
