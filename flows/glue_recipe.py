@@ -197,7 +197,7 @@ def _mixture(outputs: list[dict], scores: dict[str, dict[str, float]], cfg: RunC
         return None
     names = [e["name"] for e in experts]
     backbone = max(experts, key=lambda e: (sum(scores.get(e["name"], {}).values()), e["name"]))
-    label = "mixture-" + "+".join(names)
+    label = f"mixture-{mc.variant}-{mc.router}"
     o = rec.run(build_mixture, label, experts=[{k: e[k] for k in ("name", "fingerprint", "path")} for e in experts],
                 backbone={k: backbone[k] for k in ("name", "fingerprint", "path")}, router=mc.router, layer=mc.layer,
                 pooling=mc.pooling, prompts=prompts or {},

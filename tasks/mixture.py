@@ -9,6 +9,7 @@ path; it is content-addressed by the experts' fingerprints, the router settings 
 
 from __future__ import annotations
 
+from model_glue.evaluate import quiet_lm_eval
 from model_glue.mixture import (
     RouterInit,
     build_model_level_mixture,
@@ -76,7 +77,8 @@ def _mixture(store_url: str, experts: list[dict], backbone: dict, router: str, l
     accuracy = []
     if accuracy_tasks:
         mixture = load_mixture(path)
-        labels = expert_correctness(mixture, accuracy_tasks, limit=accuracy_limit)
+        with quiet_lm_eval():
+            labels = expert_correctness(mixture, accuracy_tasks, limit=accuracy_limit)
         accuracy = [
             {"task": a.task, "metric": "router_accuracy", "value": a.accuracy, "n_samples": a.n_answerable,
              "coverage": a.coverage}
