@@ -19,10 +19,12 @@ from rich.console import Console
 from flows._recorder import Recorder
 from model_glue.config import RunConfig, load_config
 from model_glue.env import glue_home
+from model_glue.merge import METHODS
 from storage import ArtifactStore, LineageDB
 from tasks._stage import stable_hash
 from tasks.cluster import cluster_zoo
 from tasks.evaluate import evaluate_model
+from tasks.filter import filter_cluster
 from tasks.fingerprint import fingerprint_model
 from tasks.merge import MODEL_KIND, merge_cluster
 from tasks.mixture import assign_prompts, build_mixture
@@ -120,9 +122,27 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             m = members[0]
             outputs.append({"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"], "path": m["uri"]})
             continue
-        label = f"merge-{_anchor(members, cfg)}-{cfg.merge.method}"
-        o = rec.run(merge_cluster, label, label=label, members=_refs(members), method=cfg.merge.method,
-                    params=dict(cfg.merge.params), dtype=cfg.merge.dtype, base=None)
+        anchor = _anchor(members, cfg)
+        base = None
+        if METHODS[cfg.merge.method].base != "none":  # task-vector methods: the cluster's declared base
+            base = next((m for m in members if m["name"] == anchor), None)
+            if base is None:
+                rec.console.print(f"  [red]{cfg.merge.method} needs a base; no declared base in cluster of {anchor}[/]")
+                continue
+            members = [m for m in members if m is not base]
+        members = _refs(members)
+        if cfg.filter.strategy != "none" and len(members) > 1:
+            members = _select(members, base, anchor, cfg, rec, db)
+            if members is None:
+                continue
+            if len(members) == 1 and base is None:  # nothing merges with the best model: it stands alone
+                m = by_fp[members[0]["fingerprint"]]
+                outputs.append({"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"],
+                                "path": m["uri"]})
+                continue
+        label = f"merge-{anchor}-{cfg.merge.method}" + ("" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}")
+        o = rec.run(merge_cluster, label, label=label, members=members, method=cfg.merge.method,
+                    params=dict(cfg.merge.params), dtype=cfg.merge.dtype, base=_refs([base])[0] if base else None)
         if o.record is None:
             console.print(f"  [red]merge {label} failed; continuing without it[/]")
             continue
@@ -159,6 +179,36 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         "mixture": None if mixture is None else {"name": mixture["name"], "router_accuracy": mixture["router_accuracy"]},
         "leaderboard": board.to_dicts(),
     }
+
+
+def _select(members: list[dict], base: dict | None, anchor: str, cfg: RunConfig, rec: Recorder,
+            db: LineageDB) -> list[dict] | None:
+    """Run the cluster's search; return the accepted members with their engine parameters."""
+    fc = cfg.filter
+    o = rec.run(filter_cluster, f"{fc.strategy} search in cluster of {anchor} ({len(members)} candidates)",
+                members=members, base=_refs([base])[0] if base else None, method=cfg.merge.method,
+                params=dict(cfg.merge.params), settings=fc.search_settings(),
+                proxy_tasks=list(fc.proxy_tasks or cfg.evaluation.tasks), proxy_limit=fc.proxy_limit,
+                include_paths=list(cfg.evaluation.include_paths))
+    if o.record is None:
+        rec.console.print(f"  [red]search failed in cluster of {anchor}; cluster left out[/]")
+        return None
+    r = o.record
+    with db.transaction():
+        if db.record_artifact(r["key"], kind="search", name=f"search:{anchor}", stage="filter",
+                              uri=ArtifactStore(rec.store_url).uri("record", r["key"]), run_id=o.run_id,
+                              parents=[m["fingerprint"] for m in members],
+                              meta={"accepted": [a["name"] for a in r["accepted"]], "rejected": r["rejected"]}):
+            db.record_trials([{"search_id": r["key"], **t} for t in r["trials"]], o.run_id)
+    for a in r["accepted"]:
+        rec.console.print(f"  accepted {a['name']:<10} {a['params']}", highlight=False)
+    for name, why in sorted(r["rejected"].items()):
+        rec.console.print(f"  [yellow]rejected {name:<10}[/] {why}", highlight=False)
+    rec.console.print(f"  best proxy score {r['best_score']:.3f} after {r['evaluations']} proxy evaluations "
+                      f"(merging {r['merge_seconds']:.1f} s, evaluating {r['eval_seconds']:.1f} s)", highlight=False)
+    by_name = {m["name"]: m for m in members}
+    return [{**{k: by_name[a["name"]][k] for k in ("name", "uri", "fingerprint")}, "params": a["params"]}
+            for a in r["accepted"]]
 
 
 def _evaluate_all(targets: list[dict], cfg: RunConfig, rec: Recorder, db: LineageDB,

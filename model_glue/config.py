@@ -44,6 +44,28 @@ class MergeSettings(_Strict):
     dtype: str | None = None
 
 
+class FilterSettings(_Strict):
+    """Selective merging inside each cluster (``strategy: none`` merges every member)."""
+
+    strategy: Literal["none", "average", "coefficient", "similarity", "evolutionary"] = "none"
+    proxy_tasks: list[str] | None = None  # default: the evaluation tasks
+    proxy_limit: int | None = Field(default=50, gt=0)  # documents per proxy task and trial
+    grid: list[float] = Field(default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
+    budget: int = Field(default=200, gt=0)  # CMA-ES proxy evaluations
+    sigma0: float = Field(default=1 / 6, gt=0)
+    seed: int = 42
+    layer_groups: int = Field(default=0, ge=0)  # 0: one weight per model
+    search_density: bool = False  # also search per-model densities (TIES/DARE)
+
+    def search_settings(self) -> dict:
+        """What the search itself depends on (its cache key), per strategy."""
+        if self.strategy == "evolutionary":
+            keys = ("budget", "sigma0", "seed", "layer_groups", "search_density")
+        else:
+            keys = ("grid",)
+        return {"strategy": self.strategy} | {k: getattr(self, k) for k in keys}
+
+
 class MixtureSettings(_Strict):
     """The final model-level mixture over the clusters' models (``variant: none`` skips it)."""
 
@@ -70,6 +92,7 @@ class RunConfig(_Strict):
     lineage_db: str | None = None  # DuckDB file (default: <GLUE_HOME>/lineage.duckdb)
     zoo: list[ZooModel] = Field(min_length=1)
     similarity: SimilarityConfig = SimilarityConfig()
+    filter: FilterSettings = FilterSettings()
     merge: MergeSettings = MergeSettings()
     mixture: MixtureSettings = MixtureSettings(variant="none")
     evaluation: EvaluationConfig
