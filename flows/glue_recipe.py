@@ -245,7 +245,6 @@ def _mixture(outputs: list[dict], scores: dict[str, dict[str, float]], cfg: RunC
     if len(experts) < 2:
         rec.console.print(f"  mixture skipped: {experts[0]['name']} is the best expert on every task", highlight=False)
         return None
-    names = [e["name"] for e in experts]
     backbone = max(experts, key=lambda e: (sum(scores.get(e["name"], {}).values()), e["name"]))
     label = f"mixture-{mc.variant}-{mc.router}"
     o = rec.run(build_mixture, label, experts=[{k: e[k] for k in ("name", "fingerprint", "path")} for e in experts],
