@@ -134,7 +134,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.uri}: model directory does not exist")
         if not self.fs.exists(_join(self.root, "config.json")):
             raise CheckpointError(f"{self.uri}: no config.json (not a Hugging Face model directory)")
-        self.tensors  # parse headers eagerly so that bad files fail at open time
+        _ = self.tensors  # parse headers eagerly so that bad files fail at open time
 
     @property
     def is_local(self) -> bool:

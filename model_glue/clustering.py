@@ -51,7 +51,7 @@ def cluster_models(
     for arch, keys in sorted(by_arch.items()):
         sim = {(a, b): similarity(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]}
 
-        def s(a: str, b: str) -> float:
+        def s(a: str, b: str, sim: dict = sim) -> float:
             return sim[(a, b) if a < b else (b, a)]
 
         groups: list[list[str]] = [[k] for k in keys]

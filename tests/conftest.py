@@ -33,7 +33,7 @@ def save_tiny_llama(path: Path, *, seed: int = 0, base: Path | None = None, nois
         ref = LlamaForCausalLM.from_pretrained(base)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+            for (_, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
                 p.copy_(q + noise * q.abs().mean() * torch.randn(q.shape, generator=g))
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(path, safe_serialization=True)
