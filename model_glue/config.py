@@ -49,7 +49,8 @@ class FilterSettings(_Strict):
 
     strategy: Literal["none", "average", "coefficient", "similarity", "evolutionary"] = "none"
     proxy_tasks: list[str] | None = None  # default: the evaluation tasks
-    proxy_limit: int | None = Field(default=50, gt=0)  # documents per proxy task and trial
+    proxy_limit: int | None = Field(default=100, gt=0)  # documents per proxy task and trial (paper: ~100)
+    min_gain: float = Field(default=0.0, ge=0.0)  # greedy: a candidate must raise the proxy by this much (paper: 0)
     grid: list[float] = Field(default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
     budget: int = Field(default=200, gt=0)  # CMA-ES proxy evaluations
     sigma0: float = Field(default=1 / 6, gt=0)
@@ -62,7 +63,7 @@ class FilterSettings(_Strict):
         if self.strategy == "evolutionary":
             keys = ("budget", "sigma0", "seed", "layer_groups", "search_density")
         else:
-            keys = ("grid",)
+            keys = ("grid", "min_gain")
         return {"strategy": self.strategy} | {k: getattr(self, k) for k in keys}
 
 

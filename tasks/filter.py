@@ -58,7 +58,7 @@ def _filter(store_url: str, members: list[dict], base: dict | None, method: str,
         else:
             result = greedy_selective_merge(
                 names, None, scorer, strategy=strategy, method=method, grid=settings["grid"],
-                similarity=scorer.similarity if strategy == "similarity" else None,
+                similarity=scorer.similarity if strategy == "similarity" else None, min_gain=settings["min_gain"],
             )
     engine_params = engine_model_params(result.spec, scorer.num_layers)
     merge_s = sum(c.merge_seconds for c in scorer.costs)

@@ -14,7 +14,7 @@ from pathlib import Path
 from model_glue.zoo.recipe import ZooRecipe
 
 SIMILARITY_GROUPS = ("attn", "mlp")
-CONFIG_VERSION = 2  # bump when the written config changes: a cached zoo then only rewrites glue.yaml
+CONFIG_VERSION = 3  # bump when the written config changes: a cached zoo then only rewrites glue.yaml
 _MARKER = f"# written by model-glue's demo zoo builder (config v{CONFIG_VERSION})"
 ROUTER_PROMPTS_PER_TASK = 8
 ROUTER_PROMPT_SEED = 7
@@ -77,6 +77,9 @@ def write_run_config(zoo_dir: Path, recipe: ZooRecipe) -> Path:
         f"# threshold: midpoint of the measured sim_all ({'+'.join(SIMILARITY_GROUPS)} column cosine):",
         f"# same-family pairs {_span(within)}, cross-family pairs {_span(across)}",
         f"similarity: {{tensors: [{', '.join(SIMILARITY_GROUPS)}], threshold: {threshold}}}",
+        "# selective merging (the paper's Heuristic Average): best model first, a candidate is kept",
+        "# only if the proxy score (100 documents per task) does not drop; noisy-a is dropped",
+        "filter: {strategy: average, proxy_limit: 100}",
         "merge: {method: linear}",
         f"evaluation: {{tasks: [{', '.join('demo_' + t for t in recipe.eval_tasks)}], limit: null}}",
         "# the paper's final recipe: a model-level mixture over the clusters' models; each task's",
