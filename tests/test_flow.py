@@ -116,3 +116,32 @@ def test_broken_models_are_reported_and_left_out(demo_zoo, prefect_harness, tmp_
     store = tmp_path / "store"
     leftovers = [p for p in store.rglob("*") if ".tmp" in p.parts and p.is_file()]
     assert leftovers == []
+
+
+def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(demo_zoo, prefect_harness, tmp_path):
+    """The paper's recipe on the demo zoo: selective merging drops noisy-a, and the
+    model-level mixture over the clusters beats the best single model."""
+    from flows.glue_recipe import run_config
+    from storage import LineageDB
+
+    demo = yaml.safe_load((demo_zoo / "glue.yaml").read_text())
+    cfg = _config(tmp_path, demo_zoo, _zoo_models(demo_zoo), filter={"strategy": "average", "proxy_limit": 100},
+                  mixture=demo["mixture"])
+    cfg_data = yaml.safe_load(cfg.read_text())
+    cfg_data["evaluation"]["limit"] = 100
+    cfg.write_text(yaml.safe_dump(cfg_data))
+    summary = run_config(cfg)
+    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    searches = db.query("SELECT name, meta FROM artifacts WHERE kind = 'search' ORDER BY name")
+    import json
+
+    metas = [json.loads(meta) for _, meta in searches.iter_rows()]
+    (family_a,) = [m for m in metas if "noisy-a" in m["rejected"] or "noisy-a" in m["accepted"]]
+    assert "noisy-a" in family_a["rejected"] and "noisy-a" not in family_a["accepted"]
+    trials = db.query("SELECT count(*) AS n, count(DISTINCT search_id) AS s FROM trials").row(0)
+    assert trials[1] == 2 and trials[0] >= 11
+    board = {row["name"]: row for row in summary["leaderboard"]}
+    mixture = board[summary["mixture"]["name"]]
+    best_single = max(row["mean"] for row in summary["leaderboard"] if row["kind"] == "model")
+    assert mixture["mean"] > best_single
+    assert all(a["value"] is None or 0.0 <= a["value"] <= 1.0 for a in summary["mixture"]["router_accuracy"])
