@@ -89,3 +89,15 @@ def test_bad_merge_parameter_names_the_key(zoo, tmp_path):
         merge_cluster.fn(store_url=store_url, label="x", members=members, method="ties", params={"densty": 0.5},
                          base=members[0])
     assert ArtifactStore(store_url).list("model") == []
+
+
+def test_merging_another_architecture_names_the_model(zoo, tiny_llama, tmp_path):
+    from model_glue.merge import MergeInputError
+
+    store_url = str(tmp_path / "store")
+    wide = tiny_llama("wide", seed=9, hidden=32)
+    members = [_fp(store_url, zoo, "a"), fingerprint_model.fn(store_url=store_url, name="wide", uri=str(wide))]
+    assert members[0]["arch_signature"] != members[1]["arch_signature"]
+    with pytest.raises((MergeInputError, ValueError), match="wide"):
+        merge_cluster.fn(store_url=store_url, label="x", members=members, method="linear", params={})
+    assert ArtifactStore(store_url).list("model") == []
