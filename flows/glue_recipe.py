@@ -83,17 +83,27 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     for arch, members in sorted(arch_groups.items()):
         if len(members) < 2:
             continue
-        label = f"{len(members)} models, arch {arch[:8]}"
-        o = rec.run(compute_similarity, label, models=_refs(members), groups=groups)
-        if o.record is None:
-            raise RuntimeError(f"similarity failed: {o.error}")
-        sim_keys.append(o.record["key"])
-        if db.record_artifact(o.record["key"], kind="similarity", name=f"similarity:{arch[:8]}",
-                              uri=ArtifactStore(store_url).uri("record", o.record["key"]),
-                              stage="similarity", run_id=o.run_id, parents=[m["fingerprint"] for m in members]):
-            tensor_set = ",".join(sorted(groups))
-            db.record_similarities([{**r, "tensor_set": tensor_set} for r in o.record["pairs"]], o.run_id)
-            db.record_tensor_similarities(o.record["tensor_pairs"], o.run_id)
+        # raw weights over the whole group (what clustering uses), then task vectors inside
+        # each declared base family of two or more fine-tunes
+        calls = [(f"{len(members)} models, arch {arch[:8]}", members, None)]
+        for base, family in _base_families(members, cfg):
+            calls.append((f"task vectors of {len(family) - 1} fine-tunes of {base['name']}", family, base))
+        for label, group, base in calls:
+            o = rec.run(compute_similarity, label, models=_refs(group), groups=groups,
+                        base=_refs([base])[0] if base else None)
+            if o.record is None:
+                raise RuntimeError(f"similarity failed: {o.error}")
+            if base is None:
+                sim_keys.append(o.record["key"])
+            name = f"similarity:{arch[:8]}" + (f":vs-{base['name']}" if base else "")
+            if db.record_artifact(o.record["key"], kind="similarity", name=name,
+                                  uri=ArtifactStore(store_url).uri("record", o.record["key"]),
+                                  stage="similarity", run_id=o.run_id, parents=[m["fingerprint"] for m in group]):
+                tensor_set = ",".join(sorted(groups))
+                rows = o.record["pairs"] if base is None else [r for r in o.record["pairs"] if r["metric"] == "task_vector_cosine"]
+                db.record_similarities([{**r, "tensor_set": tensor_set} for r in rows], o.run_id)
+                if base is None:
+                    db.record_tensor_similarities(o.record["tensor_pairs"], o.run_id)
 
     # 2. Clustering: architecture first, then complete linkage at the threshold.
     console.rule("[bold]cluster")
@@ -289,6 +299,18 @@ def _refs(models: list[dict], arch: bool = False) -> list[dict]:
     """The small part of fingerprint records that later stages need (and key on)."""
     keys = ("name", "uri", "fingerprint") + (("arch_signature",) if arch else ())
     return [{k: m[k] for k in keys} for m in sorted(models, key=lambda m: m["fingerprint"])]
+
+
+def _base_families(members: list[dict], cfg: RunConfig) -> list[tuple[dict, list[dict]]]:
+    """(base, base + its fine-tunes) for each declared base in ``members`` with 2+ fine-tunes."""
+    declared = {z.name: z.base for z in cfg.zoo}
+    by_name = {m["name"]: m for m in members}
+    out = []
+    for base_name in sorted({declared.get(n) for n in by_name} - {None}):
+        tunes = [m for n, m in sorted(by_name.items()) if declared.get(n) == base_name]
+        if base_name in by_name and len(tunes) >= 2:
+            out.append((by_name[base_name], [by_name[base_name], *tunes]))
+    return out
 
 
 def _anchor(members: list[dict], cfg: RunConfig) -> str:

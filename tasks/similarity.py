@@ -17,38 +17,48 @@ PAIR_KIND = "similarity_pair"
 STAGE = Stage(
     name="similarity",
     code_version=f"similarity-{SIMILARITY_VERSION}",
-    key_parts=lambda models, groups: {"models": sorted(m["fingerprint"] for m in models), "groups": sorted(groups)},
+    key_parts=lambda models, groups, base=None: {
+        "models": sorted(m["fingerprint"] for m in models),
+        "groups": sorted(groups),
+        "base": base["fingerprint"] if base else None,
+    },
 )
 
 
-def pair_key(fp_a: str, fp_b: str, groups: list[str]) -> str:
+def pair_key(fp_a: str, fp_b: str, groups: list[str], base_fp: str | None = None) -> str:
     a, b = sorted((fp_a, fp_b))
-    return stable_hash({"pair": [a, b], "groups": sorted(groups), "v": SIMILARITY_VERSION})
+    parts = {"pair": [a, b], "groups": sorted(groups), "v": SIMILARITY_VERSION}
+    if base_fp is not None:  # task-vector cosine is relative to a base: another pair artifact
+        parts["base"] = base_fp
+    return stable_hash(parts)
 
 
-def _similarity(store_url: str, models: list[dict], groups: list[str]) -> dict:
-    """``models``: records with name, uri and fingerprint, all of one architecture."""
+def _similarity(store_url: str, models: list[dict], groups: list[str], base: dict | None = None) -> dict:
+    """``models``: records with name, uri and fingerprint, all of one architecture. With a
+    ``base`` (their declared common base), task-vector cosine is computed too."""
     store = ArtifactStore(store_url)
-    key = STAGE.key({"models": models, "groups": groups})
+    key = STAGE.key({"models": models, "groups": groups, "base": base})
+    base_fp = base["fingerprint"] if base else None
     if (record := load_record(store, key)) is not None:
         return record
     by_fp = {m["fingerprint"]: m for m in models}
     fps = sorted(by_fp)
     pairs = [(a, b) for i, a in enumerate(fps) for b in fps[i + 1 :]]
-    missing = [p for p in pairs if not store.exists(PAIR_KIND, pair_key(*p, groups))]
+    missing = [p for p in pairs if not store.exists(PAIR_KIND, pair_key(*p, groups, base_fp))]
     if missing:
         involved = sorted({fp for p in missing for fp in p})
         ckpts = {fp: Checkpoint(by_fp[fp]["uri"]) for fp in involved}
-        result = pairwise_similarity(ckpts, groups=groups, pairs=missing)
+        result = pairwise_similarity(ckpts, groups=groups, pairs=missing,
+                                     base=Checkpoint(base["uri"]) if base else None)
         for a, b in missing:
             store.put_json(
                 PAIR_KIND,
-                pair_key(a, b, groups),
+                pair_key(a, b, groups, base_fp),
                 {"pair": [a, b], "summary": result.summary[(a, b)], "per_tensor": result.per_tensor[(a, b)]},
             )
     rows, tensor_rows = [], []
     for a, b in pairs:
-        pair = store.get_json(PAIR_KIND, pair_key(a, b, groups))
+        pair = store.get_json(PAIR_KIND, pair_key(a, b, groups, base_fp))
         na, nb = sorted((by_fp[a]["name"], by_fp[b]["name"]))
         fa, fb = (a, b) if by_fp[a]["name"] == na else (b, a)
         rows += [{"model_a": fa, "model_b": fb, "name_a": na, "name_b": nb, "metric": m, "value": v}
@@ -57,6 +67,7 @@ def _similarity(store_url: str, models: list[dict], groups: list[str]) -> dict:
                         for t, v in pair["per_tensor"].items()]
     record = {
         "groups": sorted(groups),
+        "base": base["name"] if base else None,
         "models": [{"name": m["name"], "fingerprint": m["fingerprint"]} for m in models],
         "pairs": rows,
         "tensor_pairs": tensor_rows,
