@@ -129,6 +129,7 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(demo_zoo, 
                   mixture=demo["mixture"])
     cfg_data = yaml.safe_load(cfg.read_text())
     cfg_data["evaluation"]["limit"] = 100
+    cfg_data["zoo"] = [{**m, "path": str((demo_zoo / m["path"]).resolve())} for m in demo["zoo"]]  # with bases
     cfg.write_text(yaml.safe_dump(cfg_data))
     summary = run_config(cfg)
     db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
@@ -140,6 +141,12 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(demo_zoo, 
     assert "noisy-a" in family_a["rejected"] and "noisy-a" not in family_a["accepted"]
     trials = db.query("SELECT count(*) AS n, count(DISTINCT search_id) AS s FROM trials").row(0)
     assert trials[1] == 2 and trials[0] >= 11
+    # declared bases give task-vector cosines: the two add fine-tunes point the same way
+    tv = db.query(
+        "SELECT a.name AS a, b.name AS b, s.value FROM similarities s JOIN models a ON a.fingerprint = s.model_a "
+        "JOIN models b ON b.fingerprint = s.model_b WHERE s.metric = 'task_vector_cosine' ORDER BY s.value DESC"
+    )
+    assert {tv["a"][0], tv["b"][0]} == {"add-a", "add-a2"} and tv["value"][0] > 0.5 > tv["value"][1]
     board = {row["name"]: row for row in summary["leaderboard"]}
     mixture = board[summary["mixture"]["name"]]
     best_single = max(row["mean"] for row in summary["leaderboard"] if row["kind"] == "model")
