@@ -20,8 +20,9 @@ from model_glue.env import configure_environment, glue_home
 app = typer.Typer(help="Model-GLUE: turn a zoo of LLM checkpoints into one stronger model.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The embedded demo zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
-console = Console()
-err = Console(stderr=True)
+# piped output (CI logs, `| tee`) gets wide tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 DbOption = Annotated[str | None, typer.Option("--db", help="Lineage DuckDB file (default: <GLUE_HOME>/lineage.duckdb).")]
 
@@ -45,6 +46,13 @@ def print_frame(df, title: str | None = None, float_digits: int = 3) -> None:
             "" if v is None else f"{v:.{float_digits}f}" if isinstance(v, float) else escape(str(v)) for v in row
         ])
     console.print(table)
+
+
+def print_leaderboard(board, title: str) -> list[str]:
+    """Print a leaderboard frame without its id columns; return its task columns."""
+    shown = board.drop("artifact_id", "n_tasks", strict=False)
+    print_frame(shown, title=title)
+    return [c for c in shown.columns if c not in ("name", "kind", "mean")]
 
 
 @app.callback()
@@ -94,9 +102,7 @@ def run(
     if board.height:
         from model_glue.report import leaderboard_plot
 
-        shown = board.drop("artifact_id", "n_tasks", strict=False)
-        print_frame(shown, title=f"Leaderboard ({summary['config']})")
-        tasks = [c for c in shown.columns if c not in ("name", "kind", "mean")]
+        tasks = print_leaderboard(board, title=f"Leaderboard ({summary['config']})")
         png = leaderboard_plot(board.to_dicts(), tasks, glue_home() / "reports" / f"leaderboard-{summary['config']}.png",
                                title=f"Model-GLUE leaderboard ({summary['config']})")
         console.print(f"plot: {png}")
@@ -106,10 +112,16 @@ def run(
 
 @app.command("leaderboard")
 def leaderboard(db: DbOption = None, flow_run: Annotated[str | None, typer.Option(help="A flow run id (default: latest).")] = None) -> None:
-    """Print the leaderboard of a flow run (default: the latest)."""
+    """Print the leaderboard of a flow run (default: the latest completed one)."""
     from storage import LineageDB
 
-    print_frame(LineageDB(_db_path(db), read_only=True).leaderboard(flow_run_id=flow_run), title="Leaderboard")
+    ldb = LineageDB(_db_path(db), read_only=True)
+    if flow_run is None:
+        latest = ldb.query("SELECT flow_run_id FROM flow_runs WHERE status = 'completed' ORDER BY started_at DESC LIMIT 1")
+        if latest.height == 0:
+            _fail("no completed flow run recorded yet")
+        flow_run = latest.item()
+    print_leaderboard(ldb.leaderboard(flow_run_id=flow_run), title=f"Leaderboard (flow run {flow_run})")
 
 
 @app.command("lineage")

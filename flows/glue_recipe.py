@@ -8,6 +8,7 @@ no stage, and a refresh that changes one model reruns only what depends on it.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +44,7 @@ def default_db_path(cfg: RunConfig) -> str:
 def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | None = None) -> dict:
     """Run the whole recipe for the zoo described by ``config_path``; return a summary."""
     t0 = time.perf_counter()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     cfg = load_config(config_path)
     store_url = store or default_store_url(cfg)
     ArtifactStore(store_url).sweep_tmp()  # leftovers of killed runs
