@@ -7,7 +7,9 @@ intermediate 2816, 16 heads, vocabulary 16384) are generated once under
 ``$GLUE_HOME/bench/inputs``. Each run is a fresh child process that imports its tool, then
 times the merge itself and reports its own peak resident memory; the wall time of the
 whole child (interpreter start and imports included, what a CLI user waits) is reported
-too. The "floor" child only reads the three inputs and writes one output. Ratios come
+too, split into start-up (interpreter start and imports, config read), merge and exit
+(interpreter shutdown). The "ours" child does what ``glue merge`` (``run_merge_file``)
+does, progress output aside. The "floor" child only reads the three inputs and writes one output. Ratios come
 from one script run, on one machine state: the load average is printed with them.
 """
 
@@ -20,7 +22,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+CHILD_START = time.time()  # first thing in the child: start-up is measured from here
+
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,11 +93,14 @@ def make_inputs() -> None:
 
 
 def child(tool: str, config: str, out: str) -> None:
-    """Run one merge in this process and print {merge_s, peak_mb} as JSON."""
+    """Run one merge in this process and print its phases and peak memory as JSON."""
     if tool == "ours":
         from model_glue.merge import load_merge_config, merge_to_directory
+        from model_glue.merge.run import freeze_imported_objects
 
         spec = load_merge_config(config)
+        freeze_imported_objects()  # as `glue merge` does
+        ready = time.time()
         t0 = time.perf_counter()
         merge_to_directory(spec, out)
     elif tool == "mergekit":
@@ -102,6 +110,7 @@ def child(tool: str, config: str, out: str) -> None:
         from mergekit.options import MergeOptions
 
         cfg = MergeConfiguration.model_validate(yaml.safe_load(Path(config).read_text()))
+        ready = time.time()
         t0 = time.perf_counter()
         run_merge(
             cfg,
@@ -111,6 +120,7 @@ def child(tool: str, config: str, out: str) -> None:
     elif tool == "floor":
         # Every byte of the three inputs read (not memory-mapped and left untouched) and
         # one model's worth of bytes written: what any merge must at least do.
+        ready = time.time()
         t0 = time.perf_counter()
         Path(out).mkdir(parents=True, exist_ok=True)
         buf = bytearray(64 << 20)
@@ -125,13 +135,15 @@ def child(tool: str, config: str, out: str) -> None:
         raise SystemExit(f"unknown tool {tool}")
     merge_s = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"merge_s": merge_s, "peak_mb": peak_mb}))
+    stamps = {"child_start": CHILD_START, "ready": ready, "done": time.time()}
+    print(json.dumps({"merge_s": merge_s, "peak_mb": peak_mb, **stamps}), flush=True)
 
 
 def timed_child(tool: str, config: Path, out: Path) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    spawned = time.time()
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", tool, str(config), str(out)],
@@ -140,10 +152,16 @@ def timed_child(tool: str, config: Path, out: Path) -> dict:
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     wall = time.perf_counter() - t0
+    ended = time.time()
     if proc.returncode:
         raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**res, "process_s": wall}
+    phases = {
+        "startup_s": res.pop("ready") - spawned,  # interpreter start, imports, config
+        "exit_s": ended - res.pop("done"),  # interpreter shutdown
+        "interpreter_s": res.pop("child_start") - spawned,  # of startup_s
+    }
+    return {**res, **phases, "process_s": wall}
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -201,7 +219,9 @@ def main() -> None:
             f"{method:10s} ours {ours['merge_s']:6.2f} s ({ours['process_s']:5.1f} s process, {ours['peak_mb']:5.0f} MB) | "
             f"mergekit {mk['merge_s']:6.2f} s ({mk['process_s']:5.1f} s, {mk['peak_mb']:5.0f} MB) | "
             f"speedup {row['speedup_merge']:4.1f}x merge, {row['speedup_process']:4.1f}x process | "
-            f"{row['floor_ratio']:.2f}x floor ({floor['merge_s']:.2f} s) | diff {row.get('diff', '-')} | load {row['load'][0]:.1f}",
+            f"{row['floor_ratio']:.2f}x floor ({floor['merge_s']:.2f} s) | diff {row.get('diff', '-')} | load {row['load'][0]:.1f}\n"
+            f"{'':10s} start-up / exit: ours {ours['startup_s']:.2f} / {ours['exit_s']:.2f} s, "
+            f"mergekit {mk['startup_s']:.2f} / {mk['exit_s']:.2f} s",
             flush=True,
         )
     (HOME / "results.json").write_text(json.dumps(results, indent=2))

@@ -171,7 +171,9 @@ def merge(
     See `glue methods` for the merge methods and their parameters."""
     from model_glue.checkpoint import CheckpointError
     from model_glue.merge import MergeConfigError, MergeInputError, run_merge_file
+    from model_glue.merge.run import freeze_imported_objects
 
+    freeze_imported_objects()  # this process does one merge: skip GC walks over torch's objects
     try:
         path = run_merge_file(str(config), str(out), progress=True)
     except (MergeConfigError, MergeInputError, CheckpointError, FileNotFoundError, FileExistsError) as e:

@@ -1,7 +1,8 @@
-"""``glue merge CONFIG OUT``: the command-line entry, wired into the CLI by ``model_glue.cli``."""
+"""``glue merge CONFIG OUT``: the command-line entry, wired into the CLI by ``flows/cli.py``."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -9,8 +10,25 @@ from model_glue.merge.config import load_merge_config
 from model_glue.merge.engine import merge_to_directory
 
 
+def freeze_imported_objects() -> None:
+    """Move every object alive now out of the garbage collector's reach, for good.
+
+    A command's imports (torch alone: hundreds of thousands of objects) live until the
+    process exits, yet the collector traverses them on every full collection and once
+    more at interpreter shutdown: 0.4-0.6 s of a ``glue merge`` process on this machine,
+    about a tenth of a 188M-parameter merge. Frozen objects are never collected, so call
+    this only where what exists now lives as long as the process anyway (a CLI command
+    right after its imports), not inside a long-running process.
+    """
+    gc.freeze()
+
+
 def run_merge_file(config_path: str, out_dir: str, *, progress: bool = True) -> Path:
-    """Merge as ``config_path`` says into ``out_dir``; prints progress to stderr."""
+    """Merge as ``config_path`` says into ``out_dir``; prints progress to stderr.
+
+    A command-line process may call :func:`freeze_imported_objects` first (``glue merge``
+    does); library callers should not.
+    """
     spec = load_merge_config(config_path)
     last = [-1]
 
