@@ -8,11 +8,10 @@ while renaming or moving a model does not.
 from __future__ import annotations
 
 import hashlib
+from importlib.metadata import version
 from pathlib import Path
 
-import lm_eval
-
-from model_glue.evaluate import DEMO_TASKS_DIR, evaluate
+from model_glue.evaluate import DEMO_TASKS_DIR
 from storage import ArtifactStore
 from tasks._stage import Stage, load_record, save_record
 
@@ -31,7 +30,7 @@ def task_files_hash(include_paths: list[str]) -> str:
 
 STAGE = Stage(
     name="evaluate",
-    code_version=f"evaluate-{EVAL_VERSION}-lm_eval-{lm_eval.__version__}",
+    code_version=f"evaluate-{EVAL_VERSION}-lm_eval-{version('lm-eval')}",
     key_parts=lambda model, tasks, limit, batch_size, include_paths: {
         "model": model["fingerprint"],
         "tasks": sorted(tasks),
@@ -50,6 +49,8 @@ def _evaluate(
     key = STAGE.key({"model": model, "tasks": tasks, "limit": limit, "batch_size": batch_size, "include_paths": include_paths})
     if (record := load_record(store, key)) is not None:
         return record
+    from model_glue.evaluate import evaluate  # lm-eval and transformers: only when evaluating
+
     target = model["path"]
     if model.get("loader") == "mixture":  # model-level/block-level mixtures: our lm-eval model class
         from model_glue.mixture import MixtureLM

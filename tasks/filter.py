@@ -9,10 +9,6 @@ trial for the lineage ``trials`` table.
 
 from __future__ import annotations
 
-from model_glue.evaluate import quiet_lm_eval
-from model_glue.search import evolutionary_search, greedy_selective_merge
-from model_glue.search.engine_params import engine_model_params
-from model_glue.search.proxy import ProxyScorer
 from storage import ArtifactStore
 from tasks._stage import Stage, load_record, save_record
 from tasks.evaluate import task_files_hash
@@ -42,6 +38,12 @@ def _filter(store_url: str, members: list[dict], base: dict | None, method: str,
                      "proxy_tasks": proxy_tasks, "proxy_limit": proxy_limit, "include_paths": include_paths})
     if (record := load_record(store, key)) is not None:
         return record
+    # imported here: the search stack (CMA-ES/scipy, transformers) costs seconds; cached reruns skip it
+    from model_glue.evaluate import quiet_lm_eval
+    from model_glue.search import evolutionary_search, greedy_selective_merge
+    from model_glue.search.engine_params import engine_model_params
+    from model_glue.search.proxy import ProxyScorer
+
     names = sorted(m["name"] for m in members)
     with quiet_lm_eval():
         scorer = ProxyScorer.from_checkpoints(

@@ -9,14 +9,6 @@ path; it is content-addressed by the experts' fingerprints, the router settings 
 
 from __future__ import annotations
 
-from model_glue.evaluate import quiet_lm_eval
-from model_glue.mixture import (
-    RouterInit,
-    build_model_level_mixture,
-    expert_correctness,
-    load_mixture,
-    mixture_router_accuracy,
-)
 from storage import ArtifactStore
 from tasks._stage import Stage, load_record, save_record
 
@@ -64,6 +56,15 @@ def _mixture(store_url: str, experts: list[dict], backbone: dict, router: str, l
     key = STAGE.key(params)
     if (record := load_record(store, key)) is not None and store.exists(MIXTURE_KIND, key):
         return record
+    # imported here: transformers' model classes cost seconds, and a cached rerun needs none
+    from model_glue.evaluate import quiet_lm_eval
+    from model_glue.mixture import (
+        RouterInit,
+        build_model_level_mixture,
+        expert_correctness,
+        load_mixture,
+        mixture_router_accuracy,
+    )
     with store.writing(MIXTURE_KIND, key, meta={"stage": "mixture"}) as tmp:
         build_model_level_mixture(
             [e["path"] for e in experts], tmp / "mixture", router_backbone=backbone["path"], layer=layer,
