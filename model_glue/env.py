@@ -26,6 +26,9 @@ def configure_environment() -> Path:
         "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
         "PREFECT_HOME": str(home / "prefect"),
+        # cached task results live beside the artifact store, not in whichever PREFECT_HOME
+        # the user's server setup uses, so a real server reuses the temporary server's cache
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
