@@ -22,7 +22,9 @@ DEFAULT_CRON = "0 2 * * *"
 DEPLOYMENT_NAME = "nightly-zoo-refresh"
 
 
-def nightly_deployment(config_path: str | Path, *, cron: str = DEFAULT_CRON, name: str = DEPLOYMENT_NAME):
+def nightly_deployment(
+    config_path: str | Path, *, cron: str = DEFAULT_CRON, name: str = DEPLOYMENT_NAME
+):
     """A Prefect ``RunnerDeployment`` of the recipe for ``config_path`` on ``cron``."""
     return glue_recipe.to_deployment(
         name=name,
@@ -33,7 +35,9 @@ def nightly_deployment(config_path: str | Path, *, cron: str = DEFAULT_CRON, nam
     )
 
 
-def serve(config_path: str | Path, *, cron: str = DEFAULT_CRON) -> None:  # pragma: no cover - blocks
+def serve(
+    config_path: str | Path, *, cron: str = DEFAULT_CRON
+) -> None:  # pragma: no cover - blocks
     from prefect import serve as prefect_serve
 
     prefect_serve(nightly_deployment(config_path, cron=cron))

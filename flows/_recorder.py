@@ -58,7 +58,9 @@ class Recorder:
                 for (label, params), fut in zip(calls, futures, strict=True)
             ]
 
-    def _record(self, task: Any, label: str, params: dict, state: State, started: datetime, seconds: float) -> Outcome:
+    def _record(
+        self, task: Any, label: str, params: dict, state: State, started: datetime, seconds: float
+    ) -> Outcome:
         stage = task.stage
         try:
             key = stage.key(params)
@@ -94,7 +96,9 @@ class Recorder:
         if error is not None:
             msg += f"\n            [red]{error}[/]"
         self.console.print(msg, highlight=False)
-        return Outcome(label, status, seconds, record if isinstance(record, dict) else None, error, run_id)
+        return Outcome(
+            label, status, seconds, record if isinstance(record, dict) else None, error, run_id
+        )
 
 
 def _input_ids(params: dict) -> list[str]:

@@ -17,14 +17,19 @@ from rich.table import Table
 
 from model_glue.env import configure_environment, glue_home
 
-app = typer.Typer(help="Model-GLUE: turn a zoo of LLM checkpoints into one stronger model.", no_args_is_help=True)
+app = typer.Typer(
+    help="Model-GLUE: turn a zoo of LLM checkpoints into one stronger model.", no_args_is_help=True
+)
 zoo_app = typer.Typer(help="The embedded demo zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 # piped output (CI logs, `| tee`) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-DbOption = Annotated[str | None, typer.Option("--db", help="Lineage DuckDB file (default: <GLUE_HOME>/lineage.duckdb).")]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Lineage DuckDB file (default: <GLUE_HOME>/lineage.duckdb)."),
+]
 
 
 def _db_path(db: str | None) -> str:
@@ -42,9 +47,16 @@ def print_frame(df, title: str | None = None, float_digits: int = 3) -> None:
     for c in df.columns:
         table.add_column(str(c), justify="right" if df[c].dtype.is_numeric() else "left")
     for row in df.iter_rows():
-        table.add_row(*[
-            "" if v is None else f"{v:.{float_digits}f}" if isinstance(v, float) else escape(str(v)) for v in row
-        ])
+        table.add_row(
+            *[
+                ""
+                if v is None
+                else f"{v:.{float_digits}f}"
+                if isinstance(v, float)
+                else escape(str(v))
+                for v in row
+            ]
+        )
     console.print(table)
 
 
@@ -62,21 +74,27 @@ def _main() -> None:
 
 @zoo_app.command("build")
 def zoo_build(
-    out: Annotated[Path | None, typer.Option(help="Where to build the zoo (default: <GLUE_HOME>/zoo).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to build the zoo (default: <GLUE_HOME>/zoo).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the recipe is unchanged.")] = False,
 ) -> None:
     """Train the demo zoo of tiny Llama checkpoints (cached: rebuilt only when its recipe changes)."""
     from model_glue.zoo import build_demo_zoo
 
     out = out or glue_home() / "zoo"
-    path = build_demo_zoo(out, progress=lambda msg: console.print(f"  {msg}", highlight=False), force=force)
+    path = build_demo_zoo(
+        out, progress=lambda msg: console.print(f"  {msg}", highlight=False), force=force
+    )
     console.print(f"demo zoo ready: {path}  (run config: {Path(path) / 'glue.yaml'})")
 
 
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Argument(help="Run configuration YAML.")],
-    store: Annotated[str | None, typer.Option(help="Artifact store URL (overrides the config).")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="Artifact store URL (overrides the config).")
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Run the whole Model-GLUE recipe on the zoo in CONFIG and print the leaderboard."""
@@ -103,29 +121,48 @@ def run(
         from model_glue.report import leaderboard_plot
 
         tasks = print_leaderboard(board, title=f"Leaderboard ({summary['config']})")
-        png = leaderboard_plot(board.to_dicts(), tasks, glue_home() / "reports" / f"leaderboard-{summary['config']}.png",
-                               title=f"Model-GLUE leaderboard ({summary['config']})")
+        png = leaderboard_plot(
+            board.to_dicts(),
+            tasks,
+            glue_home() / "reports" / f"leaderboard-{summary['config']}.png",
+            title=f"Model-GLUE leaderboard ({summary['config']})",
+        )
         console.print(f"plot: {png}")
-    counts = ", ".join(f"{s}: " + "/".join(f"{n} {k}" for k, n in sorted(c.items())) for s, c in summary["counts"].items())
-    console.print(f"flow run {summary['flow_run_id']} finished in {summary['seconds']:.1f} s ({counts})")
+    counts = ", ".join(
+        f"{s}: " + "/".join(f"{n} {k}" for k, n in sorted(c.items()))
+        for s, c in summary["counts"].items()
+    )
+    console.print(
+        f"flow run {summary['flow_run_id']} finished in {summary['seconds']:.1f} s ({counts})"
+    )
 
 
 @app.command("leaderboard")
-def leaderboard(db: DbOption = None, flow_run: Annotated[str | None, typer.Option(help="A flow run id (default: latest).")] = None) -> None:
+def leaderboard(
+    db: DbOption = None,
+    flow_run: Annotated[str | None, typer.Option(help="A flow run id (default: latest).")] = None,
+) -> None:
     """Print the leaderboard of a flow run (default: the latest completed one)."""
     from storage import LineageDB
 
     ldb = LineageDB(_db_path(db), read_only=True)
     if flow_run is None:
-        latest = ldb.query("SELECT flow_run_id FROM flow_runs WHERE status = 'completed' ORDER BY started_at DESC LIMIT 1")
+        latest = ldb.query(
+            "SELECT flow_run_id FROM flow_runs WHERE status = 'completed' ORDER BY started_at DESC LIMIT 1"
+        )
         if latest.height == 0:
             _fail("no completed flow run recorded yet")
         flow_run = latest.item()
-    print_leaderboard(ldb.leaderboard(flow_run_id=flow_run), title=f"Leaderboard (flow run {flow_run})")
+    print_leaderboard(
+        ldb.leaderboard(flow_run_id=flow_run), title=f"Leaderboard (flow run {flow_run})"
+    )
 
 
 @app.command("lineage")
-def lineage(model: Annotated[str, typer.Argument(help="A model or artifact name, or an id prefix.")], db: DbOption = None) -> None:
+def lineage(
+    model: Annotated[str, typer.Argument(help="A model or artifact name, or an id prefix.")],
+    db: DbOption = None,
+) -> None:
     """Print the ancestors and descendants of a model or artifact."""
     from storage import LineageDB, LineageError
 
@@ -138,17 +175,28 @@ def lineage(model: Annotated[str, typer.Argument(help="A model or artifact name,
 
     def brief(df):
         return df.select(
-            pl.col("name"), pl.col("kind"), pl.col("stage"),
+            pl.col("name"),
+            pl.col("kind"),
+            pl.col("stage"),
             pl.col("created_at").dt.strftime("%Y-%m-%d %H:%M:%S").alias("created (UTC)"),
             pl.col("artifact_id").str.slice(0, 12).alias("id"),
         )
 
-    print_frame(brief(ldb.ancestors(artifact_id)), title=f"Ancestors of {model} ({artifact_id[:12]})")
-    print_frame(brief(ldb.descendants(artifact_id)), title=f"Descendants of {model} ({artifact_id[:12]})")
+    print_frame(
+        brief(ldb.ancestors(artifact_id)), title=f"Ancestors of {model} ({artifact_id[:12]})"
+    )
+    print_frame(
+        brief(ldb.descendants(artifact_id)), title=f"Descendants of {model} ({artifact_id[:12]})"
+    )
 
 
 @app.command("sql")
-def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (SELECT/WITH/DESCRIBE/SHOW).")], db: DbOption = None) -> None:
+def sql(
+    query: Annotated[
+        str, typer.Argument(help="A read-only SQL query (SELECT/WITH/DESCRIBE/SHOW).")
+    ],
+    db: DbOption = None,
+) -> None:
     """Run a read-only SQL query against the lineage database and print the result."""
     from storage import LineageDB, LineageError
 
@@ -176,7 +224,13 @@ def merge(
     freeze_imported_objects()  # this process does one merge: skip GC walks over torch's objects
     try:
         path = run_merge_file(str(config), str(out), progress=True)
-    except (MergeConfigError, MergeInputError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (
+        MergeConfigError,
+        MergeInputError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as e:
         _fail(str(e))
     console.print(f"merged model written to {path}")
 
@@ -198,8 +252,10 @@ def schedule(
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
-        _fail("scheduling needs a running Prefect server: start `prefect server start` and set "
-              "PREFECT_API_URL=http://127.0.0.1:4200/api (the temporary server runs no schedules)")
+        _fail(
+            "scheduling needs a running Prefect server: start `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (the temporary server runs no schedules)"
+        )
     from deployments.nightly import serve
 
     serve(config, cron=cron)

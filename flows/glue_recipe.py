@@ -50,7 +50,9 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
     ArtifactStore(store_url).sweep_tmp()  # leftovers of killed runs
     db = LineageDB(lineage_db or default_db_path(cfg))
     run_id = str(flow_run.id or f"local-{time.time_ns()}")
-    db.start_flow_run(run_id, flow="model-glue-recipe", config_hash=stable_hash(cfg.model_dump(mode="json")))
+    db.start_flow_run(
+        run_id, flow="model-glue-recipe", config_hash=stable_hash(cfg.model_dump(mode="json"))
+    )
     rec = Recorder(db, store_url, run_id, console)
     status = "failed"
     try:
@@ -58,19 +60,25 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
         status = "completed"
     finally:
         db.finish_flow_run(run_id, status)
-    summary.update(flow_run_id=run_id, seconds=round(time.perf_counter() - t0, 2), counts=rec.counts)
+    summary.update(
+        flow_run_id=run_id, seconds=round(time.perf_counter() - t0, 2), counts=rec.counts
+    )
     return summary
 
 
 def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, console: Console) -> dict:
     # 0. Fingerprint: a broken model is reported and left out; the rest goes on.
     console.rule("[bold]fingerprint")
-    outcomes = rec.run_many(fingerprint_model, [(m.name, {"name": m.name, "uri": m.path}) for m in cfg.zoo])
+    outcomes = rec.run_many(
+        fingerprint_model, [(m.name, {"name": m.name, "uri": m.path}) for m in cfg.zoo]
+    )
     models, excluded = [], {}
     with db.transaction():
         _record_models(db, outcomes, models, excluded)
     if not models:
-        raise RuntimeError("no usable model in the zoo: " + "; ".join(f"{k}: {v}" for k, v in excluded.items()))
+        raise RuntimeError(
+            "no usable model in the zoo: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
+        )
     by_fp = {m["fingerprint"]: m for m in models}
     name_of = {fp: m["name"] for fp, m in by_fp.items()}
 
@@ -88,20 +96,37 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         # each declared base family of two or more fine-tunes
         calls = [(f"{len(members)} models, arch {arch[:8]}", members, None)]
         for base, family in _base_families(members, cfg):
-            calls.append((f"task vectors of {len(family) - 1} fine-tunes of {base['name']}", family, base))
+            calls.append(
+                (f"task vectors of {len(family) - 1} fine-tunes of {base['name']}", family, base)
+            )
         for label, group, base in calls:
-            o = rec.run(compute_similarity, label, models=_refs(group), groups=groups,
-                        base=_refs([base])[0] if base else None)
+            o = rec.run(
+                compute_similarity,
+                label,
+                models=_refs(group),
+                groups=groups,
+                base=_refs([base])[0] if base else None,
+            )
             if o.record is None:
                 raise RuntimeError(f"similarity failed: {o.error}")
             if base is None:
                 sim_keys.append(o.record["key"])
             name = f"similarity:{arch[:8]}" + (f":vs-{base['name']}" if base else "")
-            if db.record_artifact(o.record["key"], kind="similarity", name=name,
-                                  uri=ArtifactStore(store_url).uri("record", o.record["key"]),
-                                  stage="similarity", run_id=o.run_id, parents=[m["fingerprint"] for m in group]):
+            if db.record_artifact(
+                o.record["key"],
+                kind="similarity",
+                name=name,
+                uri=ArtifactStore(store_url).uri("record", o.record["key"]),
+                stage="similarity",
+                run_id=o.run_id,
+                parents=[m["fingerprint"] for m in group],
+            ):
                 tensor_set = ",".join(sorted(groups))
-                rows = o.record["pairs"] if base is None else [r for r in o.record["pairs"] if r["metric"] == "task_vector_cosine"]
+                rows = (
+                    o.record["pairs"]
+                    if base is None
+                    else [r for r in o.record["pairs"] if r["metric"] == "task_vector_cosine"]
+                )
                 db.record_similarities([{**r, "tensor_set": tensor_set} for r in rows], o.run_id)
                 if base is None:
                     db.record_tensor_similarities(o.record["tensor_pairs"], o.run_id)
@@ -109,18 +134,38 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     # 2. Clustering: architecture first, then complete linkage at the threshold.
     console.rule("[bold]cluster")
     sc = cfg.similarity
-    o = rec.run(cluster_zoo, f"threshold {sc.threshold} on {sc.metric}", models=_refs(models, arch=True),
-                similarity_keys=sim_keys, metric=sc.metric, threshold=sc.threshold)
+    o = rec.run(
+        cluster_zoo,
+        f"threshold {sc.threshold} on {sc.metric}",
+        models=_refs(models, arch=True),
+        similarity_keys=sim_keys,
+        metric=sc.metric,
+        threshold=sc.threshold,
+    )
     if o.record is None:
         raise RuntimeError(f"clustering failed: {o.error}")
     clusters = o.record["clusters"]
-    if db.record_artifact(o.record["key"], kind="clustering", name="clustering", stage="cluster",
-                          uri=ArtifactStore(store_url).uri("record", o.record["key"]), run_id=o.run_id,
-                          parents=sim_keys or [m["fingerprint"] for m in models]):
-        db.record_clusters(o.record["key"], [[mm["fingerprint"] for mm in c["members"]] for c in clusters], o.run_id)
+    if db.record_artifact(
+        o.record["key"],
+        kind="clustering",
+        name="clustering",
+        stage="cluster",
+        uri=ArtifactStore(store_url).uri("record", o.record["key"]),
+        run_id=o.run_id,
+        parents=sim_keys or [m["fingerprint"] for m in models],
+    ):
+        db.record_clusters(
+            o.record["key"],
+            [[mm["fingerprint"] for mm in c["members"]] for c in clusters],
+            o.run_id,
+        )
     for i, c in enumerate(clusters):
         names = ", ".join(name_of[mm["fingerprint"]] for mm in c["members"])
-        low = "" if c["min_similarity"] is None else f" (lowest internal {sc.metric} {c['min_similarity']:.3f})"
+        low = (
+            ""
+            if c["min_similarity"] is None
+            else f" (lowest internal {sc.metric} {c['min_similarity']:.3f})"
+        )
         console.print(f"  cluster {i}: {names}{low}", highlight=False)
 
     # 3. Merge every cluster of two or more models; a singleton cluster stands for itself.
@@ -131,14 +176,25 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         members = [by_fp[mm["fingerprint"]] for mm in c["members"]]
         if len(members) == 1:
             m = members[0]
-            outputs.append({"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"], "path": m["uri"]})
+            outputs.append(
+                {
+                    "name": m["name"],
+                    "artifact_id": m["fingerprint"],
+                    "fingerprint": m["fingerprint"],
+                    "path": m["uri"],
+                }
+            )
             continue
         anchor = _anchor(members, cfg)
         base = None
-        if METHODS[cfg.merge.method].base != "none":  # task-vector methods: the cluster's declared base
+        if (
+            METHODS[cfg.merge.method].base != "none"
+        ):  # task-vector methods: the cluster's declared base
             base = next((m for m in members if m["name"] == anchor), None)
             if base is None:
-                rec.console.print(f"  [red]{cfg.merge.method} needs a base; no declared base in cluster of {anchor}[/]")
+                rec.console.print(
+                    f"  [red]{cfg.merge.method} needs a base; no declared base in cluster of {anchor}[/]"
+                )
                 continue
             members = [m for m in members if m is not base]
         members = _refs(members)
@@ -146,30 +202,70 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             members = _select(members, base, anchor, cfg, rec, db)
             if members is None:
                 continue
-            if len(members) == 1 and base is None:  # nothing merges with the best model: it stands alone
+            if (
+                len(members) == 1 and base is None
+            ):  # nothing merges with the best model: it stands alone
                 m = by_fp[members[0]["fingerprint"]]
-                outputs.append({"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"],
-                                "path": m["uri"]})
+                outputs.append(
+                    {
+                        "name": m["name"],
+                        "artifact_id": m["fingerprint"],
+                        "fingerprint": m["fingerprint"],
+                        "path": m["uri"],
+                    }
+                )
                 continue
-        label = f"merge-{anchor}-{cfg.merge.method}" + ("" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}")
-        o = rec.run(merge_cluster, label, label=label, members=members, method=cfg.merge.method,
-                    params=dict(cfg.merge.params), dtype=cfg.merge.dtype, base=_refs([base])[0] if base else None)
+        label = f"merge-{anchor}-{cfg.merge.method}" + (
+            "" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}"
+        )
+        o = rec.run(
+            merge_cluster,
+            label,
+            label=label,
+            members=members,
+            method=cfg.merge.method,
+            params=dict(cfg.merge.params),
+            dtype=cfg.merge.dtype,
+            base=_refs([base])[0] if base else None,
+        )
         if o.record is None:
             console.print(f"  [red]merge {label} failed; continuing without it[/]")
             continue
         r = o.record
         merged.append(label)
-        outputs.append({"name": label, "artifact_id": r["artifact_id"], "fingerprint": r["fingerprint"],
-                        "path": str(store.local_path(MODEL_KIND, r["artifact_id"]))})
-        db.record_artifact(r["artifact_id"], kind="merged", name=label, uri=r["uri"], stage="merge",
-                           content_hash=r["fingerprint"], run_id=o.run_id,
-                           parents=[mm["fingerprint"] for mm in r["members"]])
+        outputs.append(
+            {
+                "name": label,
+                "artifact_id": r["artifact_id"],
+                "fingerprint": r["fingerprint"],
+                "path": str(store.local_path(MODEL_KIND, r["artifact_id"])),
+            }
+        )
+        db.record_artifact(
+            r["artifact_id"],
+            kind="merged",
+            name=label,
+            uri=r["uri"],
+            stage="merge",
+            content_hash=r["fingerprint"],
+            run_id=o.run_id,
+            parents=[mm["fingerprint"] for mm in r["members"]],
+        )
 
     # 4. Evaluate every zoo model and every merged model (one at a time: CPU-bound).
     console.rule("[bold]evaluate")
-    targets = [{"name": m["name"], "artifact_id": m["fingerprint"], "fingerprint": m["fingerprint"], "path": m["uri"]}
-               for m in models]
-    scores = _evaluate_all(targets + [o for o in outputs if o["name"] in merged], cfg, rec, db, store)
+    targets = [
+        {
+            "name": m["name"],
+            "artifact_id": m["fingerprint"],
+            "fingerprint": m["fingerprint"],
+            "path": m["uri"],
+        }
+        for m in models
+    ]
+    scores = _evaluate_all(
+        targets + [o for o in outputs if o["name"] in merged], cfg, rec, db, store
+    )
 
     # 5. Model-level mixture over the clusters' models, then its own evaluation.
     mixture = None
@@ -187,56 +283,102 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         "excluded": excluded,
         "clusters": [[name_of[mm["fingerprint"]] for mm in c["members"]] for c in clusters],
         "merged": merged,
-        "mixture": None if mixture is None else {"name": mixture["name"], "router_accuracy": mixture["router_accuracy"]},
+        "mixture": None
+        if mixture is None
+        else {"name": mixture["name"], "router_accuracy": mixture["router_accuracy"]},
         "leaderboard": board.to_dicts(),
     }
 
 
-def _select(members: list[dict], base: dict | None, anchor: str, cfg: RunConfig, rec: Recorder,
-            db: LineageDB) -> list[dict] | None:
+def _select(
+    members: list[dict],
+    base: dict | None,
+    anchor: str,
+    cfg: RunConfig,
+    rec: Recorder,
+    db: LineageDB,
+) -> list[dict] | None:
     """Run the cluster's search; return the accepted members with their engine parameters."""
     fc = cfg.filter
-    o = rec.run(filter_cluster, f"{fc.strategy} search in cluster of {anchor} ({len(members)} candidates)",
-                members=members, base=_refs([base])[0] if base else None, method=cfg.merge.method,
-                params=dict(cfg.merge.params), settings=fc.search_settings(),
-                proxy_tasks=list(fc.proxy_tasks or cfg.evaluation.tasks), proxy_limit=fc.proxy_limit,
-                include_paths=list(cfg.evaluation.include_paths))
+    o = rec.run(
+        filter_cluster,
+        f"{fc.strategy} search in cluster of {anchor} ({len(members)} candidates)",
+        members=members,
+        base=_refs([base])[0] if base else None,
+        method=cfg.merge.method,
+        params=dict(cfg.merge.params),
+        settings=fc.search_settings(),
+        proxy_tasks=list(fc.proxy_tasks or cfg.evaluation.tasks),
+        proxy_limit=fc.proxy_limit,
+        include_paths=list(cfg.evaluation.include_paths),
+    )
     if o.record is None:
         rec.console.print(f"  [red]search failed in cluster of {anchor}; cluster left out[/]")
         return None
     r = o.record
     with db.transaction():
-        if db.record_artifact(r["key"], kind="search", name=f"search:{anchor}", stage="filter",
-                              uri=ArtifactStore(rec.store_url).uri("record", r["key"]), run_id=o.run_id,
-                              parents=[m["fingerprint"] for m in members],
-                              meta={"accepted": [a["name"] for a in r["accepted"]], "rejected": r["rejected"]}):
+        if db.record_artifact(
+            r["key"],
+            kind="search",
+            name=f"search:{anchor}",
+            stage="filter",
+            uri=ArtifactStore(rec.store_url).uri("record", r["key"]),
+            run_id=o.run_id,
+            parents=[m["fingerprint"] for m in members],
+            meta={"accepted": [a["name"] for a in r["accepted"]], "rejected": r["rejected"]},
+        ):
             db.record_trials([{"search_id": r["key"], **t} for t in r["trials"]], o.run_id)
     for a in r["accepted"]:
         rec.console.print(f"  accepted {a['name']:<10} {a['params']}", highlight=False)
     for name, why in sorted(r["rejected"].items()):
         rec.console.print(f"  [yellow]rejected {name:<10}[/] {why}", highlight=False)
-    rec.console.print(f"  best proxy score {r['best_score']:.3f} after {r['evaluations']} proxy evaluations "
-                      f"(merging {r['merge_seconds']:.1f} s, evaluating {r['eval_seconds']:.1f} s)", highlight=False)
+    rec.console.print(
+        f"  best proxy score {r['best_score']:.3f} after {r['evaluations']} proxy evaluations "
+        f"(merging {r['merge_seconds']:.1f} s, evaluating {r['eval_seconds']:.1f} s)",
+        highlight=False,
+    )
     by_name = {m["name"]: m for m in members}
-    return [{**{k: by_name[a["name"]][k] for k in ("name", "uri", "fingerprint")}, "params": a["params"]}
-            for a in r["accepted"]]
+    return [
+        {
+            **{k: by_name[a["name"]][k] for k in ("name", "uri", "fingerprint")},
+            "params": a["params"],
+        }
+        for a in r["accepted"]
+    ]
 
 
-def _evaluate_all(targets: list[dict], cfg: RunConfig, rec: Recorder, db: LineageDB,
-                  store: ArtifactStore) -> dict[str, dict[str, float]]:
+def _evaluate_all(
+    targets: list[dict], cfg: RunConfig, rec: Recorder, db: LineageDB, store: ArtifactStore
+) -> dict[str, dict[str, float]]:
     """Evaluate each target (name, artifact_id, fingerprint, path[, loader]); return the
     mean value per task for every target that was evaluated."""
     ev = cfg.evaluation
     out: dict[str, dict[str, float]] = {}
     for t in targets:
-        model = {k: t[k] for k in ("name", "fingerprint", "path")} | ({"loader": t["loader"]} if "loader" in t else {})
-        o = rec.run(evaluate_model, t["name"], model=model, tasks=list(ev.tasks), limit=ev.limit,
-                    batch_size=ev.batch_size, include_paths=list(ev.include_paths))
+        model = {k: t[k] for k in ("name", "fingerprint", "path")} | (
+            {"loader": t["loader"]} if "loader" in t else {}
+        )
+        o = rec.run(
+            evaluate_model,
+            t["name"],
+            model=model,
+            tasks=list(ev.tasks),
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            include_paths=list(ev.include_paths),
+        )
         if o.record is None:
             continue
         with db.transaction():
-            db.record_artifact(o.record["key"], kind="evaluation", name=f"eval:{t['name']}", stage="evaluate",
-                               uri=store.uri("record", o.record["key"]), run_id=o.run_id, parents=[t["artifact_id"]])
+            db.record_artifact(
+                o.record["key"],
+                kind="evaluation",
+                name=f"eval:{t['name']}",
+                stage="evaluate",
+                uri=store.uri("record", o.record["key"]),
+                run_id=o.run_id,
+                parents=[t["artifact_id"]],
+            )
             db.record_scores(t["artifact_id"], o.run_id, o.record["scores"], eval_limit=ev.limit)
         per_task: dict[str, list[float]] = defaultdict(list)
         for sc in o.record["scores"]:
@@ -245,8 +387,14 @@ def _evaluate_all(targets: list[dict], cfg: RunConfig, rec: Recorder, db: Lineag
     return out
 
 
-def _mixture(outputs: list[dict], scores: dict[str, dict[str, float]], cfg: RunConfig, rec: Recorder,
-             db: LineageDB, store: ArtifactStore) -> dict | None:
+def _mixture(
+    outputs: list[dict],
+    scores: dict[str, dict[str, float]],
+    cfg: RunConfig,
+    rec: Recorder,
+    db: LineageDB,
+    store: ArtifactStore,
+) -> dict | None:
     mc = cfg.mixture
     experts = sorted(outputs, key=lambda o: o["name"])
     prompts = None
@@ -254,30 +402,64 @@ def _mixture(outputs: list[dict], scores: dict[str, dict[str, float]], cfg: RunC
         prompts = assign_prompts([e["name"] for e in experts], scores, dict(mc.prompts))
         experts = [e for e in experts if e["name"] in prompts]
     if len(experts) < 2:
-        rec.console.print(f"  mixture skipped: {experts[0]['name']} is the best expert on every task", highlight=False)
+        rec.console.print(
+            f"  mixture skipped: {experts[0]['name']} is the best expert on every task",
+            highlight=False,
+        )
         return None
     backbone = max(experts, key=lambda e: (sum(scores.get(e["name"], {}).values()), e["name"]))
     label = f"mixture-{mc.variant}-{mc.router}"
-    o = rec.run(build_mixture, label, experts=[{k: e[k] for k in ("name", "fingerprint", "path")} for e in experts],
-                backbone={k: backbone[k] for k in ("name", "fingerprint", "path")}, router=mc.router, layer=mc.layer,
-                pooling=mc.pooling, prompts=prompts or {},
-                accuracy_tasks=list(cfg.evaluation.tasks) if mc.router_accuracy else [],
-                accuracy_limit=cfg.evaluation.limit)
+    o = rec.run(
+        build_mixture,
+        label,
+        experts=[{k: e[k] for k in ("name", "fingerprint", "path")} for e in experts],
+        backbone={k: backbone[k] for k in ("name", "fingerprint", "path")},
+        router=mc.router,
+        layer=mc.layer,
+        pooling=mc.pooling,
+        prompts=prompts or {},
+        accuracy_tasks=list(cfg.evaluation.tasks) if mc.router_accuracy else [],
+        accuracy_limit=cfg.evaluation.limit,
+    )
     if o.record is None:
         rec.console.print("  [red]mixture failed; continuing without it[/]")
         return None
     r = o.record
-    db.record_artifact(r["artifact_id"], kind="mixture", name=label, uri=r["uri"], stage="mixture",
-                       content_hash=r["fingerprint"], run_id=o.run_id, parents=[e["artifact_id"] for e in experts],
-                       role="expert", meta={"router": r["router"], "layer": r["layer"], "backbone": r["backbone"],
-                                            "router_accuracy": r["router_accuracy"]})
+    db.record_artifact(
+        r["artifact_id"],
+        kind="mixture",
+        name=label,
+        uri=r["uri"],
+        stage="mixture",
+        content_hash=r["fingerprint"],
+        run_id=o.run_id,
+        parents=[e["artifact_id"] for e in experts],
+        role="expert",
+        meta={
+            "router": r["router"],
+            "layer": r["layer"],
+            "backbone": r["backbone"],
+            "router_accuracy": r["router_accuracy"],
+        },
+    )
     for a in r["router_accuracy"]:
-        rec.console.print(f"  router accuracy {a['task']:<12} {a['value']:.3f} (n={a['n_samples']})", highlight=False)
-    return {"name": label, "artifact_id": r["artifact_id"], "fingerprint": r["fingerprint"], "path": r["path"],
-            "loader": "mixture", "router_accuracy": r["router_accuracy"]}
+        rec.console.print(
+            f"  router accuracy {a['task']:<12} {a['value']:.3f} (n={a['n_samples']})",
+            highlight=False,
+        )
+    return {
+        "name": label,
+        "artifact_id": r["artifact_id"],
+        "fingerprint": r["fingerprint"],
+        "path": r["path"],
+        "loader": "mixture",
+        "router_accuracy": r["router_accuracy"],
+    }
 
 
-def _record_models(db: LineageDB, outcomes: list, models: list[dict], excluded: dict[str, str]) -> None:
+def _record_models(
+    db: LineageDB, outcomes: list, models: list[dict], excluded: dict[str, str]
+) -> None:
     for o in outcomes:
         if o.record is None:
             excluded[o.label] = str(o.error)
@@ -321,5 +503,7 @@ def _anchor(members: list[dict], cfg: RunConfig) -> str:
     return bases[0] if bases else sorted(names)[0]
 
 
-def run_config(config_path: str | Path, *, store: str | None = None, lineage_db: str | None = None) -> dict:
+def run_config(
+    config_path: str | Path, *, store: str | None = None, lineage_db: str | None = None
+) -> dict:
     return glue_recipe(str(config_path), store=store, lineage_db=lineage_db)

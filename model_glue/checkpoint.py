@@ -76,7 +76,9 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-def read_safetensors_header(fs: fsspec.AbstractFileSystem, path: str, file_name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_safetensors_header(
+    fs: fsspec.AbstractFileSystem, path: str, file_name: str
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse one safetensors header and check that the file holds every byte it declares."""
     try:
         size = fs.size(path)
@@ -133,12 +135,16 @@ class Checkpoint:
         if not self.fs.isdir(self.root):
             raise CheckpointError(f"{self.uri}: model directory does not exist")
         if not self.fs.exists(_join(self.root, "config.json")):
-            raise CheckpointError(f"{self.uri}: no config.json (not a Hugging Face model directory)")
+            raise CheckpointError(
+                f"{self.uri}: no config.json (not a Hugging Face model directory)"
+            )
         _ = self.tensors  # parse headers eagerly so that bad files fail at open time
 
     @property
     def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        return "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
 
     @cached_property
     def config(self) -> dict:
@@ -166,7 +172,9 @@ class Checkpoint:
                     f"{self.uri}: only pickled weights (pytorch_model.bin) found; refusing to "
                     "unpickle untrusted files. Convert to safetensors or opt in with allow_pickle."
                 )
-            raise CheckpointError(f"{self.uri}: pickled checkpoints are not supported by the streaming reader")
+            raise CheckpointError(
+                f"{self.uri}: pickled checkpoints are not supported by the streaming reader"
+            )
         raise CheckpointError(f"{self.uri}: no model.safetensors or {INDEX_FILE} found")
 
     @cached_property
@@ -176,7 +184,9 @@ class Checkpoint:
             part, _ = read_safetensors_header(self.fs, _join(self.root, fname), fname)
             dup = infos.keys() & part.keys()
             if dup:
-                raise CheckpointError(f"{self.uri}: tensor {sorted(dup)[0]!r} appears in two shards")
+                raise CheckpointError(
+                    f"{self.uri}: tensor {sorted(dup)[0]!r} appears in two shards"
+                )
             infos.update(part)
         if not infos:
             raise CheckpointError(f"{self.uri}: checkpoint holds no tensors")

@@ -49,8 +49,12 @@ class FilterSettings(_Strict):
 
     strategy: Literal["none", "average", "coefficient", "similarity", "evolutionary"] = "none"
     proxy_tasks: list[str] | None = None  # default: the evaluation tasks
-    proxy_limit: int | None = Field(default=100, gt=0)  # documents per proxy task and trial (paper: ~100)
-    min_gain: float = Field(default=0.0, ge=0.0)  # greedy: a candidate must raise the proxy by this much (paper: 0)
+    proxy_limit: int | None = Field(
+        default=100, gt=0
+    )  # documents per proxy task and trial (paper: ~100)
+    min_gain: float = Field(
+        default=0.0, ge=0.0
+    )  # greedy: a candidate must raise the proxy by this much (paper: 0)
     grid: list[float] = Field(default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
     budget: int = Field(default=200, gt=0)  # CMA-ES proxy evaluations
     sigma0: float = Field(default=1 / 6, gt=0)
@@ -116,7 +120,9 @@ class RunConfig(_Strict):
                 raise ValueError(f"zoo model {m.name!r}: base {m.base!r} is not a zoo model")
         if self.mixture.variant != "none" and self.mixture.router != "random":
             if not self.mixture.prompts:
-                raise ValueError(f"mixture.prompts: the {self.mixture.router!r} router needs example prompts per task")
+                raise ValueError(
+                    f"mixture.prompts: the {self.mixture.router!r} router needs example prompts per task"
+                )
             unknown = set(self.mixture.prompts) - set(self.evaluation.tasks)
             if unknown:
                 raise ValueError(
@@ -128,8 +134,11 @@ class RunConfig(_Strict):
     @classmethod
     def _known_method(cls, merge: MergeSettings) -> MergeSettings:
         from model_glue.merge import METHODS
+
         if merge.method not in METHODS:
-            raise ValueError(f"unknown merge method {merge.method!r} (allowed: {', '.join(sorted(METHODS))})")
+            raise ValueError(
+                f"unknown merge method {merge.method!r} (allowed: {', '.join(sorted(METHODS))})"
+            )
         return merge
 
 
@@ -139,8 +148,14 @@ def _format_error(source: str, err: ValidationError, model: type[BaseModel]) -> 
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             parent = _model_at(model, e["loc"][:-1])
-            allowed = ", ".join(sorted(f.alias or n for n, f in parent.model_fields.items())) if parent else ""
-            lines.append(f"{source}: {loc}: unknown key" + (f" (allowed: {allowed})" if allowed else ""))
+            allowed = (
+                ", ".join(sorted(f.alias or n for n, f in parent.model_fields.items()))
+                if parent
+                else ""
+            )
+            lines.append(
+                f"{source}: {loc}: unknown key" + (f" (allowed: {allowed})" if allowed else "")
+            )
         else:
             lines.append(f"{source}: {loc}: {e['msg']}")
     return "\n".join(lines)
@@ -160,20 +175,28 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
             return None
         ann = field.annotation
         args = getattr(ann, "__args__", ())
-        current = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        current = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann
+        )
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(source, e, RunConfig)) from None
     if base_dir is not None:
         cfg = cfg.model_copy(
-            update={"zoo": [m.model_copy(update={"path": resolve_path(m.path, base_dir)}) for m in cfg.zoo]}
+            update={
+                "zoo": [
+                    m.model_copy(update={"path": resolve_path(m.path, base_dir)}) for m in cfg.zoo
+                ]
+            }
         )
     return cfg
 

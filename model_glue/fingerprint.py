@@ -114,7 +114,9 @@ def fingerprint_checkpoint(
     outer = hashlib.sha256(f"model-glue-fingerprint-v{FINGERPRINT_VERSION}\n".encode())
     total = len(ckpt.tensors)
     for i, (name, info) in enumerate(ckpt.tensors.items()):  # sorted by name: shard-independent
-        outer.update(f"{name}|{info.dtype}|{list(info.shape)}|{_tensor_digest(ckpt, name)}\n".encode())
+        outer.update(
+            f"{name}|{info.dtype}|{list(info.shape)}|{_tensor_digest(ckpt, name)}\n".encode()
+        )
         if progress:
             progress(i + 1, total)
     content = outer.hexdigest()
@@ -128,7 +130,9 @@ def fingerprint_checkpoint(
         content_hash=content,
         arch_signature=arch,
         tokenizer_hash=tok,
-        architecture=(ckpt.config.get("architectures") or [ckpt.config.get("model_type", "unknown")])[0],
+        architecture=(
+            ckpt.config.get("architectures") or [ckpt.config.get("model_type", "unknown")]
+        )[0],
         param_count=ckpt.num_parameters,
         dtype=dtypes.most_common(1)[0][0],
         n_tensors=len(ckpt.tensors),

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def leaderboard_plot(rows: list[dict], tasks: list[str], out: str | Path, title: str = "Leaderboard") -> Path:
+def leaderboard_plot(
+    rows: list[dict], tasks: list[str], out: str | Path, title: str = "Leaderboard"
+) -> Path:
     """Grouped bars: one group per model (best mean first), one bar per task plus the mean."""
     import matplotlib
 
@@ -24,7 +26,9 @@ def leaderboard_plot(rows: list[dict], tasks: list[str], out: str | Path, title:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(
         [f"{r['name']}\n({r['kind']})" if r.get("kind") != "model" else r["name"] for r in rows],
-        rotation=30, ha="right", fontsize=8,
+        rotation=30,
+        ha="right",
+        fontsize=8,
     )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")

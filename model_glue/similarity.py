@@ -46,7 +46,9 @@ def select_tensors(names: Iterable[str], groups: Iterable[str] = DEFAULT_GROUPS)
     groups = tuple(groups)
     unknown = set(groups) - TENSOR_GROUPS.keys()
     if unknown:
-        raise ValueError(f"unknown tensor group(s) {sorted(unknown)}; allowed: {sorted(TENSOR_GROUPS)}")
+        raise ValueError(
+            f"unknown tensor group(s) {sorted(unknown)}; allowed: {sorted(TENSOR_GROUPS)}"
+        )
     return [n for n in sorted(names) if tensor_group(n) in groups]
 
 
@@ -128,7 +130,9 @@ def pairwise_similarity(
     """
     groups = list(groups)
     names = sorted(checkpoints)
-    wanted = sorted({tuple(sorted(p)) for p in pairs} if pairs is not None else combinations(names, 2))
+    wanted = sorted(
+        {tuple(sorted(p)) for p in pairs} if pairs is not None else combinations(names, 2)
+    )
     involved = sorted({m for p in wanted for m in p})
     missing = set(involved) - checkpoints.keys()
     if missing:

@@ -47,7 +47,9 @@ class Stage:
 
     def key(self, params: dict[str, Any]) -> str:
         args = {k: v for k, v in params.items() if k != "store_url"}
-        return stable_hash({"stage": self.name, "v": self.code_version, "in": self.key_parts(**args)})
+        return stable_hash(
+            {"stage": self.name, "v": self.code_version, "in": self.key_parts(**args)}
+        )
 
     def task(self, fn: Callable, **task_options: Any):
         """Wrap ``fn(store_url=..., **params) -> dict`` as a cached Prefect task."""

@@ -18,10 +18,19 @@ STAGE = Stage(
 )
 
 
-def _cluster(store_url: str, models: list[dict], similarity_keys: list[str], metric: str, threshold: float) -> dict:
+def _cluster(
+    store_url: str, models: list[dict], similarity_keys: list[str], metric: str, threshold: float
+) -> dict:
     """Cluster ``models`` (fingerprint records) using the similarity records named by key."""
     store = ArtifactStore(store_url)
-    key = STAGE.key({"models": models, "similarity_keys": similarity_keys, "metric": metric, "threshold": threshold})
+    key = STAGE.key(
+        {
+            "models": models,
+            "similarity_keys": similarity_keys,
+            "metric": metric,
+            "threshold": threshold,
+        }
+    )
     if (record := load_record(store, key)) is not None:
         return record
     sims: dict[tuple[str, str], float] = {}
@@ -38,13 +47,17 @@ def _cluster(store_url: str, models: list[dict], similarity_keys: list[str], met
     out = []
     for c in clusters:
         members = sorted((by_fp[fp]["name"], fp) for fp in c.members)
-        out.append({
-            "members": [{"name": n, "fingerprint": fp} for n, fp in members],
-            "arch_signature": c.arch_signature,
-            "min_similarity": c.min_similarity,
-        })
+        out.append(
+            {
+                "members": [{"name": n, "fingerprint": fp} for n, fp in members],
+                "arch_signature": c.arch_signature,
+                "min_similarity": c.min_similarity,
+            }
+        )
     out.sort(key=lambda c: (-len(c["members"]), c["members"][0]["name"]))
-    return save_record(store, key, {"metric": metric, "threshold": threshold, "clusters": out}, STAGE.name)
+    return save_record(
+        store, key, {"metric": metric, "threshold": threshold, "clusters": out}, STAGE.name
+    )
 
 
 cluster_zoo = STAGE.task(_cluster)

@@ -41,28 +41,51 @@ STAGE = Stage(
 
 
 def _evaluate(
-    store_url: str, model: dict, tasks: list[str], limit: int | None, batch_size: int, include_paths: list[str]
+    store_url: str,
+    model: dict,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int,
+    include_paths: list[str],
 ) -> dict:
     """``model``: a record with name, fingerprint, a local directory ``path`` and optionally
     ``loader: mixture`` for mixture directories."""
     store = ArtifactStore(store_url)
-    key = STAGE.key({"model": model, "tasks": tasks, "limit": limit, "batch_size": batch_size, "include_paths": include_paths})
+    key = STAGE.key(
+        {
+            "model": model,
+            "tasks": tasks,
+            "limit": limit,
+            "batch_size": batch_size,
+            "include_paths": include_paths,
+        }
+    )
     if (record := load_record(store, key)) is not None:
         return record
     from model_glue.evaluate import evaluate  # lm-eval and transformers: only when evaluating
 
     target = model["path"]
-    if model.get("loader") == "mixture":  # model-level/block-level mixtures: our lm-eval model class
+    if (
+        model.get("loader") == "mixture"
+    ):  # model-level/block-level mixtures: our lm-eval model class
         from model_glue.mixture import MixtureLM
 
         target = MixtureLM(pretrained=model["path"], batch_size=batch_size)
-    scores = evaluate(target, tasks, limit=limit, batch_size=batch_size, include_paths=include_paths)
+    scores = evaluate(
+        target, tasks, limit=limit, batch_size=batch_size, include_paths=include_paths
+    )
     record = {
         "fingerprint": model["fingerprint"],
         "tasks": sorted(tasks),
         "limit": limit,
         "scores": [
-            {"task": s.task, "metric": s.metric, "value": s.value, "stderr": s.stderr, "n_samples": s.n_samples}
+            {
+                "task": s.task,
+                "metric": s.metric,
+                "value": s.value,
+                "stderr": s.stderr,
+                "n_samples": s.n_samples,
+            }
             for s in scores
         ],
     }

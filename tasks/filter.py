@@ -29,13 +29,32 @@ STAGE = Stage(
 )
 
 
-def _filter(store_url: str, members: list[dict], base: dict | None, method: str, params: dict, settings: dict,
-            proxy_tasks: list[str], proxy_limit: int | None, include_paths: list[str]) -> dict:
+def _filter(
+    store_url: str,
+    members: list[dict],
+    base: dict | None,
+    method: str,
+    params: dict,
+    settings: dict,
+    proxy_tasks: list[str],
+    proxy_limit: int | None,
+    include_paths: list[str],
+) -> dict:
     """``settings``: strategy plus its options (grid; budget, sigma0, seed, layer_groups,
     search_density). ``members`` never include ``base`` (it enters as the task-vector origin)."""
     store = ArtifactStore(store_url)
-    key = STAGE.key({"members": members, "base": base, "method": method, "params": params, "settings": settings,
-                     "proxy_tasks": proxy_tasks, "proxy_limit": proxy_limit, "include_paths": include_paths})
+    key = STAGE.key(
+        {
+            "members": members,
+            "base": base,
+            "method": method,
+            "params": params,
+            "settings": settings,
+            "proxy_tasks": proxy_tasks,
+            "proxy_limit": proxy_limit,
+            "include_paths": include_paths,
+        }
+    )
     if (record := load_record(store, key)) is not None:
         return record
     # imported here: the search stack (CMA-ES/scipy, transformers) costs seconds; cached reruns skip it
@@ -47,20 +66,34 @@ def _filter(store_url: str, members: list[dict], base: dict | None, method: str,
     names = sorted(m["name"] for m in members)
     with quiet_lm_eval():
         scorer = ProxyScorer.from_checkpoints(
-            {m["name"]: m["uri"] for m in members}, proxy_tasks, limit=proxy_limit,
-            base=base["uri"] if base else None, method_params={method: params} if params else None,
+            {m["name"]: m["uri"] for m in members},
+            proxy_tasks,
+            limit=proxy_limit,
+            base=base["uri"] if base else None,
+            method_params={method: params} if params else None,
         )
         strategy = settings["strategy"]
         if strategy == "evolutionary":
             result = evolutionary_search(
-                names, scorer, method=method, layer_groups=settings["layer_groups"],
-                search_density=settings["search_density"], budget=settings["budget"],
-                sigma0=settings["sigma0"], seed=settings["seed"],
+                names,
+                scorer,
+                method=method,
+                layer_groups=settings["layer_groups"],
+                search_density=settings["search_density"],
+                budget=settings["budget"],
+                sigma0=settings["sigma0"],
+                seed=settings["seed"],
             )
         else:
             result = greedy_selective_merge(
-                names, None, scorer, strategy=strategy, method=method, grid=settings["grid"],
-                similarity=scorer.similarity if strategy == "similarity" else None, min_gain=settings["min_gain"],
+                names,
+                None,
+                scorer,
+                strategy=strategy,
+                method=method,
+                grid=settings["grid"],
+                similarity=scorer.similarity if strategy == "similarity" else None,
+                min_gain=settings["min_gain"],
             )
     engine_params = engine_model_params(result.spec, scorer.num_layers)
     merge_s = sum(c.merge_seconds for c in scorer.costs)

@@ -30,13 +30,16 @@ STAGE = Stage(
 )
 
 
-def assign_prompts(experts: list[str], task_scores: dict[str, dict[str, float]],
-                   task_prompts: dict[str, list[str]]) -> dict[str, dict[str, list[str]]]:
+def assign_prompts(
+    experts: list[str], task_scores: dict[str, dict[str, float]], task_prompts: dict[str, list[str]]
+) -> dict[str, dict[str, list[str]]]:
     """Give each task's prompts to its best expert (ties: first in ``experts`` order); every
     other task's prompts are that expert's negatives. Experts best at no task are left out:
     the router could never send anything to them for a reason."""
-    owner = {t: max(experts, key=lambda e: (task_scores.get(e, {}).get(t, 0.0), -experts.index(e)))
-             for t in task_prompts}
+    owner = {
+        t: max(experts, key=lambda e: (task_scores.get(e, {}).get(t, 0.0), -experts.index(e)))
+        for t in task_prompts
+    }
     out = {}
     for e in experts:
         if e not in owner.values():
@@ -47,12 +50,29 @@ def assign_prompts(experts: list[str], task_scores: dict[str, dict[str, float]],
     return out
 
 
-def _mixture(store_url: str, experts: list[dict], backbone: dict, router: str, layer: int, pooling: str,
-             prompts: dict[str, dict[str, list[str]]], accuracy_tasks: list[str], accuracy_limit: int | None) -> dict:
+def _mixture(
+    store_url: str,
+    experts: list[dict],
+    backbone: dict,
+    router: str,
+    layer: int,
+    pooling: str,
+    prompts: dict[str, dict[str, list[str]]],
+    accuracy_tasks: list[str],
+    accuracy_limit: int | None,
+) -> dict:
     """``experts``: records with name, fingerprint and a local ``path``; ``backbone`` one of them."""
     store = ArtifactStore(store_url)
-    params = {"experts": experts, "backbone": backbone, "router": router, "layer": layer, "pooling": pooling,
-              "prompts": prompts, "accuracy_tasks": accuracy_tasks, "accuracy_limit": accuracy_limit}
+    params = {
+        "experts": experts,
+        "backbone": backbone,
+        "router": router,
+        "layer": layer,
+        "pooling": pooling,
+        "prompts": prompts,
+        "accuracy_tasks": accuracy_tasks,
+        "accuracy_limit": accuracy_limit,
+    }
     key = STAGE.key(params)
     if (record := load_record(store, key)) is not None and store.exists(MIXTURE_KIND, key):
         return record
@@ -65,10 +85,16 @@ def _mixture(store_url: str, experts: list[dict], backbone: dict, router: str, l
         load_mixture,
         mixture_router_accuracy,
     )
+
     with store.writing(MIXTURE_KIND, key, meta={"stage": "mixture"}) as tmp:
         build_model_level_mixture(
-            [e["path"] for e in experts], tmp / "mixture", router_backbone=backbone["path"], layer=layer,
-            router=RouterInit(method=router), prompts=prompts, pooling=pooling,
+            [e["path"] for e in experts],
+            tmp / "mixture",
+            router_backbone=backbone["path"],
+            layer=layer,
+            router=RouterInit(method=router),
+            prompts=prompts,
+            pooling=pooling,
             expert_names=[e["name"] for e in experts],
         )
         for f in (tmp / "mixture").iterdir():
@@ -81,9 +107,15 @@ def _mixture(store_url: str, experts: list[dict], backbone: dict, router: str, l
         with quiet_lm_eval():
             labels = expert_correctness(mixture, accuracy_tasks, limit=accuracy_limit)
         accuracy = [
-            {"task": a.task, "metric": "router_accuracy", "value": a.accuracy, "n_samples": a.n_answerable,
-             "coverage": a.coverage}
-            for a in mixture_router_accuracy(mixture, labels) if a.accuracy is not None
+            {
+                "task": a.task,
+                "metric": "router_accuracy",
+                "value": a.accuracy,
+                "n_samples": a.n_answerable,
+                "coverage": a.coverage,
+            }
+            for a in mixture_router_accuracy(mixture, labels)
+            if a.accuracy is not None
         ]
     record = {
         "artifact_id": key,

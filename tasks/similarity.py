@@ -33,7 +33,9 @@ def pair_key(fp_a: str, fp_b: str, groups: list[str], base_fp: str | None = None
     return stable_hash(parts)
 
 
-def _similarity(store_url: str, models: list[dict], groups: list[str], base: dict | None = None) -> dict:
+def _similarity(
+    store_url: str, models: list[dict], groups: list[str], base: dict | None = None
+) -> dict:
     """``models``: records with name, uri and fingerprint, all of one architecture. With a
     ``base`` (their declared common base), task-vector cosine is computed too."""
     store = ArtifactStore(store_url)
@@ -48,23 +50,32 @@ def _similarity(store_url: str, models: list[dict], groups: list[str], base: dic
     if missing:
         involved = sorted({fp for p in missing for fp in p})
         ckpts = {fp: Checkpoint(by_fp[fp]["uri"]) for fp in involved}
-        result = pairwise_similarity(ckpts, groups=groups, pairs=missing,
-                                     base=Checkpoint(base["uri"]) if base else None)
+        result = pairwise_similarity(
+            ckpts, groups=groups, pairs=missing, base=Checkpoint(base["uri"]) if base else None
+        )
         for a, b in missing:
             store.put_json(
                 PAIR_KIND,
                 pair_key(a, b, groups, base_fp),
-                {"pair": [a, b], "summary": result.summary[(a, b)], "per_tensor": result.per_tensor[(a, b)]},
+                {
+                    "pair": [a, b],
+                    "summary": result.summary[(a, b)],
+                    "per_tensor": result.per_tensor[(a, b)],
+                },
             )
     rows, tensor_rows = [], []
     for a, b in pairs:
         pair = store.get_json(PAIR_KIND, pair_key(a, b, groups, base_fp))
         na, nb = sorted((by_fp[a]["name"], by_fp[b]["name"]))
         fa, fb = (a, b) if by_fp[a]["name"] == na else (b, a)
-        rows += [{"model_a": fa, "model_b": fb, "name_a": na, "name_b": nb, "metric": m, "value": v}
-                 for m, v in sorted(pair["summary"].items())]
-        tensor_rows += [{"model_a": fa, "model_b": fb, "tensor": t, "metric": "column_cosine", "value": v}
-                        for t, v in pair["per_tensor"].items()]
+        rows += [
+            {"model_a": fa, "model_b": fb, "name_a": na, "name_b": nb, "metric": m, "value": v}
+            for m, v in sorted(pair["summary"].items())
+        ]
+        tensor_rows += [
+            {"model_a": fa, "model_b": fb, "tensor": t, "metric": "column_cosine", "value": v}
+            for t, v in pair["per_tensor"].items()
+        ]
     record = {
         "groups": sorted(groups),
         "base": base["name"] if base else None,

@@ -17,23 +17,41 @@ from model_glue.env import configure_environment  # noqa: E402
 configure_environment()
 
 
-def save_tiny_llama(path: Path, *, seed: int = 0, base: Path | None = None, noise: float = 0.02,
-                    hidden: int = 16, layers: int = 2, vocab: int = 32, dtype: str = "float32") -> Path:
+def save_tiny_llama(
+    path: Path,
+    *,
+    seed: int = 0,
+    base: Path | None = None,
+    noise: float = 0.02,
+    hidden: int = 16,
+    layers: int = 2,
+    vocab: int = 32,
+    dtype: str = "float32",
+) -> Path:
     """A tiny LlamaForCausalLM saved as a HF directory; with ``base``, a 'fine-tune' of it
     (the base weights plus seeded Gaussian noise of relative size ``noise``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, vocab_size=vocab,
-                      max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     if base is not None:
         ref = LlamaForCausalLM.from_pretrained(base)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for (_, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+            for (_, p), (_, q) in zip(
+                model.named_parameters(), ref.named_parameters(), strict=True
+            ):
                 p.copy_(q + noise * q.abs().mean() * torch.randn(q.shape, generator=g))
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(path, safe_serialization=True)

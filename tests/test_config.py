@@ -29,14 +29,34 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (GOOD.replace("threshold: 0.9", "treshold: 0.9"), r"glue.yaml: similarity.treshold: unknown key \(allowed: metric, tensors, threshold\)"),
+        (
+            GOOD.replace("threshold: 0.9", "treshold: 0.9"),
+            r"glue.yaml: similarity.treshold: unknown key \(allowed: metric, tensors, threshold\)",
+        ),
         (GOOD + "extra: 1\n", r"glue.yaml: extra: unknown key \(allowed: .*evaluation.*zoo"),
-        (GOOD.replace("method: linear", "method: linaer"), r"merge: .*unknown merge method 'linaer' \(allowed: .*linear"),
-        (GOOD.replace("base: base}", "base: nobody}"), r"zoo model 'ft': base 'nobody' is not a zoo model"),
+        (
+            GOOD.replace("method: linear", "method: linaer"),
+            r"merge: .*unknown merge method 'linaer' \(allowed: .*linear",
+        ),
+        (
+            GOOD.replace("base: base}", "base: nobody}"),
+            r"zoo model 'ft': base 'nobody' is not a zoo model",
+        ),
         (GOOD.replace("name: ft", "name: base"), r"model name 'base' appears twice"),
-        (GOOD.replace("threshold: 0.9", "threshold: 1.9"), r"similarity.threshold: Input should be less than or equal to 1"),
-        (GOOD.replace("tensors: [attn, mlp]", "tensors: [attn, norms]"), r"similarity.tensors.1: Input should be 'attn', 'mlp' or 'embed'"),
-        (GOOD.replace("  - {name: ft, path: models/ft, base: base}\n", "  - {name: ft, base: base}\n"), r"zoo.1.path: Field required"),
+        (
+            GOOD.replace("threshold: 0.9", "threshold: 1.9"),
+            r"similarity.threshold: Input should be less than or equal to 1",
+        ),
+        (
+            GOOD.replace("tensors: [attn, mlp]", "tensors: [attn, norms]"),
+            r"similarity.tensors.1: Input should be 'attn', 'mlp' or 'embed'",
+        ),
+        (
+            GOOD.replace(
+                "  - {name: ft, path: models/ft, base: base}\n", "  - {name: ft, base: base}\n"
+            ),
+            r"zoo.1.path: Field required",
+        ),
         ("zoo: [\n", r"malformed YAML"),
         ("- a\n- b\n", r"expected a mapping"),
     ],

@@ -18,7 +18,9 @@ def test_fingerprint_is_stable_and_location_independent(tiny_llama, tmp_path):
     a.rename(moved)
     assert fingerprint_checkpoint(str(moved)).fingerprint == fp1.fingerprint
     assert fp1.architecture == "LlamaForCausalLM"
-    assert fp1.param_count == sum(t.numel() for t in load_file(moved / "model.safetensors").values())
+    assert fp1.param_count == sum(
+        t.numel() for t in load_file(moved / "model.safetensors").values()
+    )
     assert fp1.dtype == "F32" and len(fp1.fingerprint) == 32
 
 
@@ -49,9 +51,17 @@ def test_resharding_keeps_the_fingerprint(tiny_llama, tmp_path):
         fname = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({n: sd[n] for n in part}, sharded / fname, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(part, fname)
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert fingerprint_checkpoint(str(sharded)).content_hash == fingerprint_checkpoint(str(a)).content_hash
-    assert Checkpoint(str(sharded)).weight_files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    assert (
+        fingerprint_checkpoint(str(sharded)).content_hash
+        == fingerprint_checkpoint(str(a)).content_hash
+    )
+    assert Checkpoint(str(sharded)).weight_files == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
 
 
 def test_bf16_and_other_architecture_change_the_right_parts(tiny_llama):
@@ -59,7 +69,11 @@ def test_bf16_and_other_architecture_change_the_right_parts(tiny_llama):
     b = tiny_llama("b", seed=1, dtype="bfloat16")
     c = tiny_llama("c", seed=1, hidden=32)
     fa, fb, fc = (fingerprint_checkpoint(str(p)) for p in (a, b, c))
-    assert fb.dtype == "BF16" and fb.arch_signature == fa.arch_signature and fb.content_hash != fa.content_hash
+    assert (
+        fb.dtype == "BF16"
+        and fb.arch_signature == fa.arch_signature
+        and fb.content_hash != fa.content_hash
+    )
     assert fc.arch_signature != fa.arch_signature
 
 
@@ -110,4 +124,7 @@ def test_fsspec_memory_checkpoint(tiny_llama):
     local = Checkpoint(str(a))
     name = "model.layers.1.self_attn.q_proj.weight"
     assert torch.equal(remote.tensor(name), local.tensor(name))
-    assert fingerprint_checkpoint("memory://zoo/a").content_hash == fingerprint_checkpoint(str(a)).content_hash
+    assert (
+        fingerprint_checkpoint("memory://zoo/a").content_hash
+        == fingerprint_checkpoint(str(a)).content_hash
+    )

@@ -67,7 +67,9 @@ def test_recipe_runs_then_reruns_from_cache(demo_zoo, prefect_harness, tmp_path)
         "SELECT status, count(*) AS n FROM runs WHERE flow_run_id = ? GROUP BY status",
         [second["flow_run_id"]],
     )
-    assert dict(runs.iter_rows()) == {"cached": sum(sum(c.values()) for c in second["counts"].values())}
+    assert dict(runs.iter_rows()) == {
+        "cached": sum(sum(c.values()) for c in second["counts"].values())
+    }
     merged = first["merged"][0]
     anc = db.ancestors(db.resolve(merged))
     assert {"base-a", "add-a", "next-a"} <= set(anc["name"].to_list())
@@ -106,8 +108,12 @@ def test_broken_models_are_reported_and_left_out(demo_zoo, prefect_harness, tmp_
     shutil.copytree(src["add-a"], truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    models = {"base-a": src["base-a"], "next-a": src["next-a"], "truncated": str(truncated),
-              "missing": str(tmp_path / "nowhere")}
+    models = {
+        "base-a": src["base-a"],
+        "next-a": src["next-a"],
+        "truncated": str(truncated),
+        "missing": str(tmp_path / "nowhere"),
+    }
     summary = run_config(_config(tmp_path, demo_zoo, models))
     assert set(summary["excluded"]) == {"truncated", "missing"}
     assert "model.safetensors: truncated" in summary["excluded"]["truncated"]
@@ -118,18 +124,27 @@ def test_broken_models_are_reported_and_left_out(demo_zoo, prefect_harness, tmp_
     assert leftovers == []
 
 
-def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(demo_zoo, prefect_harness, tmp_path):
+def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(
+    demo_zoo, prefect_harness, tmp_path
+):
     """The paper's recipe on the demo zoo: selective merging drops noisy-a, and the
     model-level mixture over the clusters beats the best single model."""
     from flows.glue_recipe import run_config
     from storage import LineageDB
 
     demo = yaml.safe_load((demo_zoo / "glue.yaml").read_text())
-    cfg = _config(tmp_path, demo_zoo, _zoo_models(demo_zoo), filter={"strategy": "average", "proxy_limit": 100},
-                  mixture=demo["mixture"])
+    cfg = _config(
+        tmp_path,
+        demo_zoo,
+        _zoo_models(demo_zoo),
+        filter={"strategy": "average", "proxy_limit": 100},
+        mixture=demo["mixture"],
+    )
     cfg_data = yaml.safe_load(cfg.read_text())
     cfg_data["evaluation"]["limit"] = 100
-    cfg_data["zoo"] = [{**m, "path": str((demo_zoo / m["path"]).resolve())} for m in demo["zoo"]]  # with bases
+    cfg_data["zoo"] = [
+        {**m, "path": str((demo_zoo / m["path"]).resolve())} for m in demo["zoo"]
+    ]  # with bases
     cfg.write_text(yaml.safe_dump(cfg_data))
     summary = run_config(cfg)
     db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
@@ -151,4 +166,7 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(demo_zoo, 
     mixture = board[summary["mixture"]["name"]]
     best_single = max(row["mean"] for row in summary["leaderboard"] if row["kind"] == "model")
     assert mixture["mean"] > best_single
-    assert all(a["value"] is None or 0.0 <= a["value"] <= 1.0 for a in summary["mixture"]["router_accuracy"])
+    assert all(
+        a["value"] is None or 0.0 <= a["value"] <= 1.0
+        for a in summary["mixture"]["router_accuracy"]
+    )

@@ -31,12 +31,20 @@ def test_column_cosine_matches_hand_computation():
 
 
 def test_tensor_selection_is_the_papers_projection_set():
-    names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-             "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"]
-    assert select_tensors(names) == ["model.layers.0.mlp.down_proj.weight",
-                                     "model.layers.0.self_attn.o_proj.weight",
-                                     "model.layers.0.self_attn.q_proj.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ]
+    assert select_tensors(names) == [
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+    ]
     assert tensor_group("lm_head.weight") == "embed"
     with pytest.raises(ValueError, match="unknown tensor group"):
         select_tensors(names, ["attention"])
@@ -48,7 +56,10 @@ def test_pairwise_similarity_against_hand_computation(tiny_llama):
     other = tiny_llama("other", seed=2)
     ckpts = {n: Checkpoint(str(p)) for n, p in [("base", base), ("ft", ft), ("other", other)]}
     res = pairwise_similarity(ckpts, base=Checkpoint(str(base)))
-    sds = {n: load_file(p / "model.safetensors") for n, p in [("base", base), ("ft", ft), ("other", other)]}
+    sds = {
+        n: load_file(p / "model.safetensors")
+        for n, p in [("base", base), ("ft", ft), ("other", other)]
+    }
     names = select_tensors(sds["base"])
     assert len(names) == 2 * 7
     for a, b in [("base", "ft"), ("base", "other"), ("ft", "other")]:
@@ -61,7 +72,9 @@ def test_pairwise_similarity_against_hand_computation(tiny_llama):
         assert s["sim_mlp"] == pytest.approx(sum(mlp) / len(mlp), abs=1e-6)
         flat_a = torch.cat([sds[a][t].flatten() for t in names]).double()
         flat_b = torch.cat([sds[b][t].flatten() for t in names]).double()
-        assert s["flat_cosine"] == pytest.approx(float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm())), abs=1e-6)
+        assert s["flat_cosine"] == pytest.approx(
+            float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm())), abs=1e-6
+        )
         assert res.per_tensor[(a, b)][names[0]] == pytest.approx(per[0], abs=1e-6)
     # a fine-tune is far closer to its base than an unrelated init
     assert res.value("base", "ft") > 0.9 > 0.2 > abs(res.value("base", "other"))
@@ -90,8 +103,15 @@ def test_only_requested_pairs_read_only_involved_models(tiny_llama, monkeypatch)
 
 def test_clustering_is_order_independent_and_complete_linkage():
     # three families by construction; a chain x~y~z where x and z are not similar
-    sims = {("a1", "a2"): 0.97, ("a1", "a3"): 0.96, ("a2", "a3"): 0.98,
-            ("b1", "b2"): 0.99, ("x", "y"): 0.96, ("y", "z"): 0.96, ("x", "z"): 0.90}
+    sims = {
+        ("a1", "a2"): 0.97,
+        ("a1", "a3"): 0.96,
+        ("a2", "a3"): 0.98,
+        ("b1", "b2"): 0.99,
+        ("x", "y"): 0.96,
+        ("y", "z"): 0.96,
+        ("x", "z"): 0.90,
+    }
     arch = {k: "A" for k in ["a1", "a2", "a3", "b1", "b2", "x", "y", "z"]} | {"other": "B"}
 
     def sim(a, b):
@@ -131,4 +151,6 @@ def test_tiny_families_cluster_apart(tiny_llama):
     clusters = cluster_models(dict.fromkeys(paths, "llama"), res.value, threshold=0.8)
     assert sorted(c.members for c in clusters) == [("a", "a0", "a1", "a2"), ("b", "b1")]
     for c in clusters:
-        assert min(res.value(x, y) for x, y in itertools.combinations(c.members, 2)) == pytest.approx(c.min_similarity)
+        assert min(
+            res.value(x, y) for x, y in itertools.combinations(c.members, 2)
+        ) == pytest.approx(c.min_similarity)

@@ -15,8 +15,12 @@ from tasks.similarity import compute_similarity
 @pytest.fixture
 def zoo(tiny_llama):
     a = tiny_llama("a", seed=0)
-    return {"a": a, "a1": tiny_llama("a1", seed=1, base=a, noise=0.2),
-            "a2": tiny_llama("a2", seed=2, base=a, noise=0.2), "b": tiny_llama("b", seed=3)}
+    return {
+        "a": a,
+        "a1": tiny_llama("a1", seed=1, base=a, noise=0.2),
+        "a2": tiny_llama("a2", seed=2, base=a, noise=0.2),
+        "b": tiny_llama("b", seed=3),
+    }
 
 
 def _fp(store_url, zoo, name):
@@ -34,17 +38,23 @@ def test_adding_a_model_computes_only_its_pairs(zoo, tmp_path, monkeypatch):
         return orig(self, name)
 
     monkeypatch.setattr(Checkpoint, "tensor", counted)
-    first = compute_similarity.fn(store_url=store_url, models=[recs[n] for n in ("a", "a1", "a2")], groups=["attn", "mlp"])
+    first = compute_similarity.fn(
+        store_url=store_url, models=[recs[n] for n in ("a", "a1", "a2")], groups=["attn", "mlp"]
+    )
     assert (first["computed_pairs"], first["reused_pairs"]) == (3, 0)
     n_tensors = 14  # 2 layers x 7 projections
     assert reads == {str(zoo[n]): n_tensors for n in ("a", "a1", "a2")}
     reads.clear()
-    second = compute_similarity.fn(store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"])
+    second = compute_similarity.fn(
+        store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"]
+    )
     assert (second["computed_pairs"], second["reused_pairs"]) == (3, 3)
     # one pass: every tensor of the new model and of its partners read exactly once
     assert reads == {str(zoo[n]): n_tensors for n in zoo}
     reads.clear()
-    again = compute_similarity.fn(store_url=store_url, models=[recs[n] for n in reversed(list(zoo))], groups=["attn", "mlp"])
+    again = compute_similarity.fn(
+        store_url=store_url, models=[recs[n] for n in reversed(list(zoo))], groups=["attn", "mlp"]
+    )
     assert reads == {} and again["pairs"] == second["pairs"]
     by_pair = {(r["name_a"], r["name_b"], r["metric"]): r["value"] for r in second["pairs"]}
     assert by_pair[("a", "a1", "sim_all")] > 0.9 > abs(by_pair[("a", "b", "sim_all")])
@@ -54,15 +64,33 @@ def test_adding_a_model_computes_only_its_pairs(zoo, tmp_path, monkeypatch):
 def test_clusters_and_merge_are_keyed_on_content_not_names_or_order(zoo, tmp_path):
     store_url = str(tmp_path / "store")
     recs = {n: _fp(store_url, zoo, n) for n in zoo}
-    sim = compute_similarity.fn(store_url=store_url, models=list(recs.values()), groups=["attn", "mlp"])
+    sim = compute_similarity.fn(
+        store_url=store_url, models=list(recs.values()), groups=["attn", "mlp"]
+    )
     models = list(recs.values())
-    c1 = cluster_zoo.fn(store_url=store_url, models=models, similarity_keys=[sim["key"]], metric="sim_all", threshold=0.8)
-    c2 = cluster_zoo.fn(store_url=store_url, models=models[::-1], similarity_keys=[sim["key"]], metric="sim_all", threshold=0.8)
+    c1 = cluster_zoo.fn(
+        store_url=store_url,
+        models=models,
+        similarity_keys=[sim["key"]],
+        metric="sim_all",
+        threshold=0.8,
+    )
+    c2 = cluster_zoo.fn(
+        store_url=store_url,
+        models=models[::-1],
+        similarity_keys=[sim["key"]],
+        metric="sim_all",
+        threshold=0.8,
+    )
     assert c1 == c2
     assert [[m["name"] for m in c["members"]] for c in c1["clusters"]] == [["a", "a1", "a2"], ["b"]]
     members = [recs[n] for n in ("a", "a1", "a2")]
-    m1 = merge_cluster.fn(store_url=store_url, label="x", members=members, method="linear", params={})
-    m2 = merge_cluster.fn(store_url=store_url, label="x", members=members[::-1], method="linear", params={})
+    m1 = merge_cluster.fn(
+        store_url=store_url, label="x", members=members, method="linear", params={}
+    )
+    m2 = merge_cluster.fn(
+        store_url=store_url, label="x", members=members[::-1], method="linear", params={}
+    )
     assert m1["artifact_id"] == m2["artifact_id"]
     store = ArtifactStore(store_url)
     assert store.exists("model", m1["artifact_id"], verify="hash")
@@ -75,8 +103,14 @@ def test_clusters_and_merge_are_keyed_on_content_not_names_or_order(zoo, tmp_pat
     expected = sum(Checkpoint(str(zoo[n])).tensor(t) for n in ("a", "a1", "a2")) / 3
     assert torch.allclose(merged.tensor(t), expected, atol=1e-6)
     # another parameter is another artifact, beside the first
-    m3 = merge_cluster.fn(store_url=store_url, label="x", members=members, method="task_arithmetic",
-                          params={"lambda": 0.5}, base=recs["a"])
+    m3 = merge_cluster.fn(
+        store_url=store_url,
+        label="x",
+        members=members,
+        method="task_arithmetic",
+        params={"lambda": 0.5},
+        base=recs["a"],
+    )
     assert m3["artifact_id"] != m1["artifact_id"] and len(store.list("model")) == 2
 
 
@@ -86,8 +120,14 @@ def test_bad_merge_parameter_names_the_key(zoo, tmp_path):
     store_url = str(tmp_path / "store")
     members = [_fp(store_url, zoo, n) for n in ("a", "a1")]
     with pytest.raises(MergeConfigError, match="densty|density"):
-        merge_cluster.fn(store_url=store_url, label="x", members=members, method="ties", params={"densty": 0.5},
-                         base=members[0])
+        merge_cluster.fn(
+            store_url=store_url,
+            label="x",
+            members=members,
+            method="ties",
+            params={"densty": 0.5},
+            base=members[0],
+        )
     assert ArtifactStore(store_url).list("model") == []
 
 
@@ -96,8 +136,13 @@ def test_merging_another_architecture_names_the_model(zoo, tiny_llama, tmp_path)
 
     store_url = str(tmp_path / "store")
     wide = tiny_llama("wide", seed=9, hidden=32)
-    members = [_fp(store_url, zoo, "a"), fingerprint_model.fn(store_url=store_url, name="wide", uri=str(wide))]
+    members = [
+        _fp(store_url, zoo, "a"),
+        fingerprint_model.fn(store_url=store_url, name="wide", uri=str(wide)),
+    ]
     assert members[0]["arch_signature"] != members[1]["arch_signature"]
     with pytest.raises((MergeInputError, ValueError), match="wide"):
-        merge_cluster.fn(store_url=store_url, label="x", members=members, method="linear", params={})
+        merge_cluster.fn(
+            store_url=store_url, label="x", members=members, method="linear", params={}
+        )
     assert ArtifactStore(store_url).list("model") == []

@@ -14,7 +14,9 @@ from pathlib import Path
 from model_glue.zoo.recipe import ZooRecipe
 
 SIMILARITY_GROUPS = ("attn", "mlp")
-CONFIG_VERSION = 3  # bump when the written config changes: a cached zoo then only rewrites glue.yaml
+CONFIG_VERSION = (
+    3  # bump when the written config changes: a cached zoo then only rewrites glue.yaml
+)
 _MARKER = f"# written by model-glue's demo zoo builder (config v{CONFIG_VERSION})"
 ROUTER_PROMPTS_PER_TASK = 8
 ROUTER_PROMPT_SEED = 7
