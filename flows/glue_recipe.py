@@ -175,21 +175,11 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     for c in clusters:
         members = [by_fp[mm["fingerprint"]] for mm in c["members"]]
         if len(members) == 1:
-            m = members[0]
-            outputs.append(
-                {
-                    "name": m["name"],
-                    "artifact_id": m["fingerprint"],
-                    "fingerprint": m["fingerprint"],
-                    "path": m["uri"],
-                }
-            )
+            outputs.append(_zoo_target(members[0]))
             continue
         anchor = _anchor(members, cfg)
         base = None
-        if (
-            METHODS[cfg.merge.method].base != "none"
-        ):  # task-vector methods: the cluster's declared base
+        if METHODS[cfg.merge.method].base != "none":  # task vectors: the cluster's declared base
             base = next((m for m in members if m["name"] == anchor), None)
             if base is None:
                 rec.console.print(
@@ -202,18 +192,8 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             members = _select(members, base, anchor, cfg, rec, db)
             if members is None:
                 continue
-            if (
-                len(members) == 1 and base is None
-            ):  # nothing merges with the best model: it stands alone
-                m = by_fp[members[0]["fingerprint"]]
-                outputs.append(
-                    {
-                        "name": m["name"],
-                        "artifact_id": m["fingerprint"],
-                        "fingerprint": m["fingerprint"],
-                        "path": m["uri"],
-                    }
-                )
+            if len(members) == 1 and base is None:  # nothing merges with the best: it stands alone
+                outputs.append(_zoo_target(by_fp[members[0]["fingerprint"]]))
                 continue
         label = f"merge-{anchor}-{cfg.merge.method}" + (
             "" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}"
@@ -254,15 +234,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
 
     # 4. Evaluate every zoo model and every merged model (one at a time: CPU-bound).
     console.rule("[bold]evaluate")
-    targets = [
-        {
-            "name": m["name"],
-            "artifact_id": m["fingerprint"],
-            "fingerprint": m["fingerprint"],
-            "path": m["uri"],
-        }
-        for m in models
-    ]
+    targets = [_zoo_target(m) for m in models]
     scores = _evaluate_all(
         targets + [o for o in outputs if o["name"] in merged], cfg, rec, db, store
     )
@@ -476,6 +448,16 @@ def _record_models(
             bytes=o.record["bytes"],
             run_id=o.run_id,
         )
+
+
+def _zoo_target(m: dict) -> dict:
+    """A zoo model as an evaluation target / mixture expert (its artifact id is its fingerprint)."""
+    return {
+        "name": m["name"],
+        "artifact_id": m["fingerprint"],
+        "fingerprint": m["fingerprint"],
+        "path": m["uri"],
+    }
 
 
 def _refs(models: list[dict], arch: bool = False) -> list[dict]:

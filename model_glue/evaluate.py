@@ -66,9 +66,7 @@ def evaluate(
 
     lm = model if isinstance(model, LM) else _hf_lm(model, tokenizer, batch_size)
     manager = task_manager(tuple(include_paths or ()), builtin=False)
-    if not all(
-        manager.match_tasks([t]) for t in tasks
-    ):  # e.g. arc_challenge: index lm-eval's own tasks too
+    if not all(manager.match_tasks([t]) for t in tasks):  # e.g. arc_challenge: lm-eval's own tasks
         manager = task_manager(tuple(include_paths or ()), builtin=True)
     with quiet_lm_eval():
         results = lm_eval.simple_evaluate(

@@ -65,9 +65,8 @@ def _evaluate(
     from model_glue.evaluate import evaluate  # lm-eval and transformers: only when evaluating
 
     target = model["path"]
-    if (
-        model.get("loader") == "mixture"
-    ):  # model-level/block-level mixtures: our lm-eval model class
+    # model-level and block-level mixtures go through our lm-eval model class
+    if model.get("loader") == "mixture":
         from model_glue.mixture import MixtureLM
 
         target = MixtureLM(pretrained=model["path"], batch_size=batch_size)
