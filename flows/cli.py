@@ -213,6 +213,13 @@ def sql(
 def merge(
     config: Annotated[Path, typer.Argument(help="Merge YAML (ours or mergekit-style).")],
     out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tensors merged at once (default 2; each multiplies the float32 working set).",
+        ),
+    ] = None,
 ) -> None:
     """Merge checkpoints as described by CONFIG into a Hugging Face directory OUT.
 
@@ -223,7 +230,7 @@ def merge(
 
     freeze_imported_objects()  # this process does one merge: skip GC walks over torch's objects
     try:
-        path = run_merge_file(str(config), str(out), progress=True)
+        path = run_merge_file(str(config), str(out), progress=True, workers=workers)
     except (
         MergeConfigError,
         MergeInputError,

@@ -213,6 +213,39 @@ def test_dare_is_reproducible_from_its_seed_streaming_and_in_memory(tiny_zoo, tm
     assert not torch.equal(other["lm_head.weight"], mem["lm_head.weight"])
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "ties", "task_arithmetic"])
+def test_chunked_and_parallel_merges_equal_the_in_memory_merge(tmp_path, method):
+    """Tensors larger than a chunk take the engine's chunked path (DARE's ``l1`` rescale:
+    a first pass sums the norms, the masks it drew are reused) and are merged on several
+    workers; results equal the whole-tensor in-memory merge bit for bit."""
+    from model_glue.merge.registry import CHUNK
+
+    base, fts, bpath, paths = zoo(tmp_path / "zoo", 2, vocab=4500)  # embeddings > CHUNK
+    assert base["model.embed_tokens.weight"].numel() > CHUNK
+    params = {
+        "dare_ties": {"density": 0.4, "seed": 3, "rescale": "l1"},
+        "dare_linear": {"density": 0.4, "seed": 3},  # inverse_density: no first pass
+        "ties": {"density": 0.4},
+        "task_arithmetic": {},
+    }[method]
+    spec = MergeSpec(
+        method,
+        [
+            ModelInput(str(p), f"ft{i}", {"weight": w})
+            for i, (p, w) in enumerate(zip(paths, (0.6, 0.9)))
+        ],
+        base=str(bpath),
+        params=params,
+    )
+    mem = merge_in_memory(spec, fts, base)
+    for workers in (1, 3):
+        out = tmp_path / f"out-{workers}"
+        merge_to_directory(spec, out, workers=workers)
+        got = read_all(out)
+        for k in mem:
+            assert torch.equal(got[k], mem[k]), (workers, k)
+
+
 def test_fsspec_inputs(tiny_zoo, tmp_path):
     import fsspec
 
@@ -238,3 +271,30 @@ def test_threads_setting_is_restored(tiny_zoo, tmp_path):
         MergeSpec("linear", [ModelInput(str(p)) for p in paths]), tmp_path / "o", threads=1
     )
     assert torch.get_num_threads() == before
+
+
+def test_glue_merge_command(tiny_zoo, tmp_path):
+    """`glue merge CONFIG OUT [--workers N]` on a mergekit-style config; errors name the key."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    base, fts, bpath, paths = tiny_zoo
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        f"merge_method: dare_ties\nbase_model: {bpath}\nmodels:\n"
+        f"  - {{model: {paths[0]}, parameters: {{weight: 0.5, density: 0.5}}}}\n"
+        f"  - {{model: {paths[1]}, parameters: {{weight: 0.5, density: 0.5}}}}\n"
+        "dtype: bfloat16\n"
+    )
+    runner = CliRunner()
+    one = runner.invoke(app, ["merge", str(config), str(tmp_path / "w1"), "--workers", "1"])
+    two = runner.invoke(app, ["merge", str(config), str(tmp_path / "w2")])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    a, b = read_all(tmp_path / "w1"), read_all(tmp_path / "w2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["lm_head.weight"].dtype == torch.bfloat16
+    config.write_text(config.read_text().replace("density: 0.5}", "densty: 0.5}", 1))
+    bad = runner.invoke(app, ["merge", str(config), str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "densty" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -9,7 +9,10 @@ import torch
 
 from model_glue.merge import METHODS, MergeConfigError, Merger, merge_in_memory
 from model_glue.merge.params import Param, depth_position, resolve
+from model_glue.merge.methods._common import sign_consensus_merge
+from model_glue.merge.registry import CHUNK, merge_method
 from model_glue.merge.sparsify import (
+    RandomKeep,
     breadcrumbs_prune_,
     kth_largest,
     magnitude_prune_,
@@ -189,6 +192,72 @@ def test_random_drop_prefix_independent_of_length():
     random_drop_(a, 0.5, 42)
     random_drop_(b, 0.5, 42)
     assert torch.equal(a, b[:100])  # draw i belongs to element i
+
+
+def test_random_drop_in_chunks_equals_whole_with_the_same_l1_sums():
+    n = 2 * CHUNK + 1001
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    whole = x.clone()
+    d = random_drop_(whole, 0.3, 99, measure_l1=True)
+    assert d.p == round(0.3 * 65536) / 65536
+    assert d.l1_before == pytest.approx(float(x.abs().double().sum()), rel=1e-6)
+    assert d.l1_after == pytest.approx(float(whole.abs().double().sum()), rel=1e-6)
+    # In order, sharing one RandomKeep (the engine's chunked path) ...
+    parts, keep, before, after = x.clone(), RandomKeep(0.3, 99), [], []
+    for a in range(0, n, CHUNK):
+        c = random_drop_(parts[a : a + CHUNK], 0.3, 99, offset=a, measure_l1=True, keep=keep)
+        before.append(c.l1_before)
+        after.append(c.l1_after)
+    assert torch.equal(parts, whole)
+    # ... the exact sums of the chunks' sums are the whole tensor's, bit for bit.
+    assert (math.fsum(before), math.fsum(after)) == (d.l1_before, d.l1_after)
+    # Out of order and at offsets off the chunk grid: the stream is advanced.
+    late = x[CHUNK + 8 :].clone()
+    random_drop_(late, 0.3, 99, offset=CHUNK + 8)
+    assert torch.equal(late, whole[CHUNK + 8 :])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        random_drop_(x[2:].clone(), 0.3, 99, offset=2)
+
+
+def _masked_consensus(base, taus, weights, lam, normalize, scales):
+    """Sign election and disjoint mean written the obvious way, with masks."""
+    t = torch.stack([w * s * tau for w, s, tau in zip(weights, scales, taus, strict=True)])
+    elected = torch.where(t.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(t) == elected) & (t != 0)
+    kept = (t * agree).sum(0)
+    if normalize:
+        divisor = (torch.tensor(weights)[:, None] * agree).sum(0)
+        kept = torch.nan_to_num(kept / divisor, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return base + lam * kept
+
+
+@pytest.mark.parametrize(
+    ("weights", "scales", "normalize", "lam"),
+    [
+        ((0.7, 0.3), (1.0, 1.0), True, 1.0),
+        ((0.5, 1.5, 1.0), (2.0, 0.5, 1.0), True, 0.8),
+        ((0.7, -0.4, 0.0, 1.3), (1.0, 2.0, 1.0, 0.5), False, 1.2),
+        ((-1.0, 0.5), (1.0, 1.0), False, 1.0),
+        ((0.0, 0.0), (1.0, 1.0), False, 1.0),
+    ],
+)
+def test_sign_consensus_matches_the_masked_formula(weights, scales, normalize, lam):
+    g = torch.Generator().manual_seed(len(weights))
+    n = CHUNK + 5000  # more than one chunk
+    base = torch.randn(n, generator=g)
+    taus = [torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.6) for _ in weights]
+    expected = _masked_consensus(base, taus, weights, lam, normalize, scales)
+    out = sign_consensus_merge(
+        base.clone(), [t.clone() for t in taus], weights, lam, normalize, scales
+    )
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reduce_is_only_for_chunked_methods():
+    with pytest.raises(ValueError, match="reduce is only used by chunked methods"):
+        merge_method(
+            "not-registered", params=(), base="none", summary="x", reference="x", reduce=len
+        )
 
 
 def test_dare_ties_combines_with_sign_election():

@@ -1,9 +1,9 @@
 """The streaming merge: safetensors in, a Hugging Face model directory out.
 
 Tensors flow through three stages that overlap: a reader thread fetches the next
-tensors of every input, the calling thread converts them to float32 and runs the method,
-and a writer thread appends the result to its shard. Peak memory is a few tensors times
-the number of inputs, whatever the model size. The output is built in a temporary
+tensors of every input, worker threads convert them to float32 and run the method (a few
+tensors at once), and the calling thread appends the results, in order, to their shard.
+Peak memory is a few tensors times the number of inputs, whatever the model size. The output is built in a temporary
 sibling directory and renamed when complete, so ``out_dir`` either holds a whole model or
 does not exist.
 """
@@ -11,14 +11,14 @@ does not exist.
 from __future__ import annotations
 
 import json
-import queue
+import math
+import os
 import shutil
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from model_glue.merge.plan import (
     plan_merge,
     resolve_tensor_params,
 )
-from model_glue.merge.registry import TensorContext
+from model_glue.merge.registry import CHUNK, TensorContext
 from model_glue.merge.spec import DTYPES, ENGINE_VERSION, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
 
@@ -84,6 +84,7 @@ def merge_to_directory(
     card_extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     threads: int | None = None,
+    workers: int | None = None,
 ) -> MergeResult:
     """Merge ``spec``'s inputs into a Hugging Face directory at ``out_dir`` (local).
 
@@ -91,9 +92,11 @@ def merge_to_directory(
     key; ``progress(done, total)`` is called after each tensor; ``card_extra`` adds
     key/values to the card. An existing ``out_dir`` is an error unless ``overwrite``.
 
+    ``workers``: tensors merged at once (default: 2, or 1 on a single core); each one
+    in flight holds its inputs in float32, so this multiplies peak memory.
     ``threads``: torch intra-op threads while the merge runs (restored after; see
-    ``threads.py`` for why this matters). Default: one fewer than torch's current
-    setting, leaving a core to the reader and writer threads.
+    ``threads.py`` for why this matters). Default: torch's current setting less one
+    (a core for I/O), shared among the workers.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -115,8 +118,10 @@ def merge_to_directory(
         writer = ShardedWriter(
             tmp, [OutputTensor(j.name, j.out_dtype, j.shape) for j in plan.jobs], shard_size
         )
-        with torch_threads(threads or max(1, torch.get_num_threads() - 1)):
-            _stream(plan, checkpoints, values, writer, progress)
+        workers = workers or default_workers()
+        threads = threads or max(1, (torch.get_num_threads() - 1) // workers)
+        with torch_threads(threads):
+            _stream(plan, checkpoints, values, writer, progress, workers)
         writer.finish()
         _write_metadata(spec, plan, checkpoints, tmp, input_fingerprints, card_extra)
         if out_dir.exists():
@@ -137,6 +142,10 @@ def merge_to_directory(
         shards=tuple(writer.names),
         seconds=time.perf_counter() - start,
     )
+
+
+def default_workers() -> int:
+    return min(2, os.cpu_count() or 1)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -174,23 +183,17 @@ def _stream(
     values: list[dict | None],
     writer: ShardedWriter,
     progress: Callable[[int, int], None] | None,
+    workers: int,
 ) -> None:
+    """Read, merge and write every tensor, in plan order, with bounded memory.
+
+    Up to ``workers + PREFETCH`` tensors are in flight: the reader thread fetches them in
+    order, ``workers`` threads merge them concurrently (torch and numpy release the GIL
+    in their kernels), and this thread writes the results in order.
+    """
     pool = BufferPool()
     readers = [TensorReader(ck, pool) for ck in checkpoints]
     jobs = plan.jobs
-    out_q: queue.Queue = queue.Queue(maxsize=2)
-    failure: list[BaseException] = []
-
-    def write_loop() -> None:
-        while (item := out_q.get()) is not None:
-            if failure:
-                continue
-            name, tensor, buf = item
-            try:
-                writer.write(name, tensor)
-            except BaseException as e:  # surfaced in the calling thread
-                failure.append(e)
-            pool.give(buf)
 
     def fetch(i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         job = jobs[i]
@@ -198,41 +201,48 @@ def _stream(
             return [readers[plan.reference].read(job.name)]
         return [r.read(job.name) for r in readers]
 
-    writer_thread = threading.Thread(target=write_loop, name="merge-writer", daemon=True)
-    writer_thread.start()
+    def work(i: int, read: Future) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = read.result()
+        if not jobs[i].merge:
+            return raw[0]
+        return _merge_one(plan, jobs[i], raw, values[i], pool)
+
+    ahead = workers + PREFETCH
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as io:
-            pending = deque(io.submit(fetch, i) for i in range(min(PREFETCH, len(jobs))))
-            for i, job in enumerate(jobs):
-                raw = pending.popleft().result()
-                if i + PREFETCH < len(jobs):
-                    pending.append(io.submit(fetch, i + PREFETCH))
-                if job.merge:
-                    tensor, buf = _merge_one(plan, job, raw, values[i], pool)
-                else:
-                    tensor, buf = raw[0]
-                if failure:
-                    raise failure[0]
-                out_q.put((job.name, tensor, buf))
-                if progress is not None:
-                    progress(i + 1, len(jobs))
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as io,
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-worker") as compute,
+        ):
+            pending: deque[Future] = deque()
+
+            def submit(i: int) -> None:
+                pending.append(compute.submit(work, i, io.submit(fetch, i)))
+
+            for i in range(min(ahead, len(jobs))):
+                submit(i)
+            try:
+                for i, job in enumerate(jobs):
+                    tensor, buf = pending.popleft().result()
+                    if i + ahead < len(jobs):
+                        submit(i + ahead)
+                    writer.write(job.name, tensor)
+                    pool.give(buf)
+                    if progress is not None:
+                        progress(i + 1, len(jobs))
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
     finally:
-        out_q.put(None)
-        writer_thread.join()
         writer.close()
         for r in readers:
             r.close()
-    if failure:
-        raise failure[0]
-
-
-CHUNK = 1 << 17  # elements: a chunk of every input in float32 stays in the L2 cache
 
 
 def _merge_one(
     plan: MergePlan, job, raw, values, pool: BufferPool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if plan.method.elementwise and job.rows is None and _numel(job.shape) > CHUNK:
+    if plan.method.chunked and job.rows is None and _numel(job.shape) > CHUNK:
         return _merge_chunked(plan, job, raw, values, pool)
     scratch, bufs = [], []
     fill = None
@@ -255,7 +265,7 @@ def _merge_one(
     base = scratch[0] if plan.has_base else None
     models = scratch[1:] if plan.has_base else scratch
     merged = plan.method.fn(base, models, values, TensorContext(job.name, plan.model_names))
-    obuf = pool.take(_numel(job.shape) * torch.empty((), dtype=job.out_dtype).element_size())
+    obuf = pool.take(_numel(job.shape) * job.out_dtype.itemsize)
     out = pool.view(obuf, job.out_dtype, job.shape)
     out.copy_(merged)
     for b in bufs:
@@ -266,24 +276,41 @@ def _merge_one(
 def _merge_chunked(
     plan: MergePlan, job, raw, values, pool: BufferPool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise methods: convert and merge chunk by chunk, so that every pass over the
-    data runs in cache instead of streaming full-size float32 copies through memory."""
+    """Chunked methods: convert and merge chunk by chunk, so that every pass over the
+    data runs in cache instead of streaming full-size float32 copies through memory.
+    A method with a ``reduce`` gets a first pass that sums it over the chunks."""
     n = _numel(job.shape)
-    obuf = pool.take(n * torch.empty((), dtype=job.out_dtype).element_size())
+    method = plan.method
+    obuf = pool.take(n * job.out_dtype.itemsize)
     out = pool.view(obuf, job.out_dtype, (n,))
     sbufs = [pool.take(CHUNK * 4) for _ in raw]
+    full = [pool.view(sbuf, torch.float32, (CHUNK,)) for sbuf in sbufs]
     flats = [tensor.view(-1) for tensor, _ in raw]
-    ctx = TensorContext(job.name, plan.model_names)
-    for start in range(0, n, CHUNK):
-        stop = min(n, start + CHUNK)
+
+    def chunk(start: int, stop: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         scratch = []
-        for flat, sbuf in zip(flats, sbufs, strict=True):
-            s = pool.view(sbuf, torch.float32, (stop - start,))
+        for flat, s in zip(flats, full, strict=True):
+            s = s[: stop - start] if stop - start < CHUNK else s
             s.copy_(flat[start:stop])
             scratch.append(s)
-        base = scratch[0] if plan.has_base else None
-        models = scratch[1:] if plan.has_base else scratch
-        out[start:stop].copy_(plan.method.fn(base, models, values, ctx))
+        return (scratch[0], scratch[1:]) if plan.has_base else (None, scratch)
+
+    bounds = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
+    totals = None
+    memo: dict = {}
+    if method.reduce is not None:
+        parts = []
+        for start, stop in bounds:
+            ctx = TensorContext(job.name, plan.model_names, offset=start, memo=memo)
+            part = method.reduce(*chunk(start, stop), values, ctx)
+            if part is None:  # these parameters need no totals
+                break
+            parts.append(part)
+        else:
+            totals = tuple(math.fsum(column) for column in zip(*parts, strict=True))
+    for start, stop in bounds:
+        ctx = TensorContext(job.name, plan.model_names, offset=start, totals=totals, memo=memo)
+        out[start:stop].copy_(method.fn(*chunk(start, stop), values, ctx))
     for b in sbufs:
         pool.give(b)
     for _, buf in raw:

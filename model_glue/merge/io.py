@@ -46,7 +46,7 @@ class BufferPool:
         numel = 1
         for s in shape:
             numel *= s
-        size = numel * torch.empty((), dtype=dtype).element_size()
+        size = numel * dtype.itemsize
         return buffer[:size].view(dtype).view(tuple(shape))
 
 
@@ -99,7 +99,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for s in self.shape:
             n *= s
         return n

@@ -13,12 +13,25 @@ Contract of ``fn``:
   parameters as a tuple, one value per model, in input order);
 - ``ctx`` names the tensor and the models (random masks are seeded from these);
 - it returns a float32 tensor of the same shape (it may be one of its inputs).
+
+Chunked methods: a method declared ``chunked`` computes output element ``j`` from input
+element ``j``, its flat position and, at most, a few per-tensor sums. The streaming engine
+then calls it on flat chunks of ``CHUNK`` elements (the last one shorter), so that every
+pass over the data runs in cache: ``ctx.offset`` is the chunk's first flat position,
+always a multiple of ``CHUNK``. Per-tensor sums come from the method's ``reduce``
+function, ``reduce(base, models, params, ctx) -> list[float] | None``: the engine first
+calls it on every chunk (with inputs it may overwrite), adds the lists element by element
+with ``math.fsum`` and passes the totals to ``fn`` as ``ctx.totals``. ``None`` means
+these parameters need no totals, and the engine skips that first pass. Called on a
+whole tensor (the in-memory merger does), ``fn`` gets ``offset=0`` and
+``totals=None`` and computes what it needs itself; for results identical to the
+chunked path it sums over the same ``CHUNK``-aligned blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -28,16 +41,33 @@ from model_glue.merge.params import MergeConfigError, Param
 BaseRule = Literal["required", "none"]
 
 
+CHUNK = 1 << 17  # elements per chunk: a chunk of every input in float32 stays in cache
+
+
 @dataclass(frozen=True)
 class TensorContext:
-    """Which tensor a method call is merging, for seeds and error messages."""
+    """Which tensor (and which part of it) a method call is merging.
+
+    ``offset``: flat position of the call's first element (chunked methods only).
+    ``totals``: the summed results of the method's ``reduce`` over the whole tensor.
+    ``memo``: a dict shared by every ``reduce`` and ``fn`` call on one tensor's chunks
+    (the engine makes one per tensor; None for a whole-tensor call), where a method may
+    keep what its first pass computed for its second, such as random masks.
+    """
 
     tensor_name: str
     model_names: tuple[str, ...]
+    offset: int = 0
+    totals: tuple[float, ...] | None = None
+    memo: dict | None = field(default=None, compare=False)
 
 
 MergeFn = Callable[
     [torch.Tensor | None, list[torch.Tensor], Mapping[str, Any], TensorContext], torch.Tensor
+]
+ReduceFn = Callable[
+    [torch.Tensor | None, list[torch.Tensor], Mapping[str, Any], TensorContext],
+    list[float] | None,
 ]
 
 
@@ -51,7 +81,8 @@ class MergeMethod:
     reference: str
     min_models: int = 1
     max_models: int | None = None
-    elementwise: bool = False  # output[j] depends only on inputs[j]: may run on chunks
+    chunked: bool = False  # may run on chunks: see "Chunked methods" above
+    reduce: ReduceFn | None = None  # per-tensor sums a chunked method needs
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -106,20 +137,24 @@ def merge_method(
     reference: str,
     min_models: int = 1,
     max_models: int | None = None,
-    elementwise: bool = False,
+    chunked: bool = False,
+    reduce: ReduceFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn`` under ``name``; duplicate names are programming errors.
 
-    ``elementwise`` declares that each output element depends only on the same element
-    of the inputs (no per-tensor statistic such as a top-k threshold or a norm): the
-    engine may then call ``fn`` on cache-sized chunks of a tensor.
+    ``chunked`` declares that the engine may call ``fn`` on cache-sized chunks of a
+    tensor, after ``reduce`` (if given) has summed what ``fn`` needs over the whole tensor
+    (see "Chunked methods" above). A method that needs a per-tensor statistic other
+    than a sum, such as a top-k threshold, is not chunked.
     """
+    if reduce is not None and not chunked:
+        raise ValueError(f"merge method {name!r}: reduce is only used by chunked methods")
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         METHODS[name] = MergeMethod(
-            name, fn, params, base, summary, reference, min_models, max_models, elementwise
+            name, fn, params, base, summary, reference, min_models, max_models, chunked, reduce
         )
         return fn
 

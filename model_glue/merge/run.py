@@ -23,7 +23,9 @@ def freeze_imported_objects() -> None:
     gc.freeze()
 
 
-def run_merge_file(config_path: str, out_dir: str, *, progress: bool = True) -> Path:
+def run_merge_file(
+    config_path: str, out_dir: str, *, progress: bool = True, workers: int | None = None
+) -> Path:
     """Merge as ``config_path`` says into ``out_dir``; prints progress to stderr.
 
     A command-line process may call :func:`freeze_imported_objects` first (``glue merge``
@@ -40,7 +42,9 @@ def run_merge_file(config_path: str, out_dir: str, *, progress: bool = True) -> 
             )
         last[0] = pct
 
-    result = merge_to_directory(spec, out_dir, progress=report if progress else None)
+    result = merge_to_directory(
+        spec, out_dir, progress=report if progress else None, workers=workers
+    )
     if progress:
         print(
             f"wrote {result.out_dir} ({result.num_parameters:,} parameters, {result.seconds:.1f} s)",

@@ -10,16 +10,21 @@ bfloat16 they are common).
 
 Random drop (DARE): the keep/drop decision of element ``i`` is the ``i``-th draw of a
 PCG64 stream seeded from (seed, tensor name, model name). A result therefore depends on
-neither processing order nor thread count. Draws are 16-bit, so the effective keep
+neither processing order nor thread count, nor on whether the tensor is processed whole
+or in chunks (the stream is advanced to a chunk's offset). Draws are 16-bit, so the effective keep
 probability is ``round(density * 65536) / 65536``; rescaling uses that exact value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from model_glue.merge.registry import CHUNK
 
 
 def kth_largest(magnitude: torch.Tensor, k: int) -> tuple[float, int, int]:
@@ -129,18 +134,104 @@ def mask_seed(seed: int, tensor_name: str, model_name: str) -> int:
     return int.from_bytes(digest[:16], "little")
 
 
-def random_drop_(tau: torch.Tensor, density: float, seed: int) -> float:
-    """DARE drop in place: keep each entry with probability ~density; return that probability."""
-    threshold = round(density * 65536)
-    if threshold >= 65536:
-        return 1.0
+class RandomKeep:
+    """The keep/drop draws of one (tensor, model): draw ``i`` decides element ``i``.
+
+    Element ``i`` is kept when the ``i``-th 16-bit draw of a PCG64 stream is below
+    ``round(density * 65536)``. Draws are made in blocks; consecutive blocks continue the
+    stream, any other position is reached with ``advance`` (cheap), so a tensor split into
+    chunks gets exactly the masks it gets whole.
+    """
+
+    def __init__(self, density: float, seed: int) -> None:
+        self.threshold = min(65536, max(0, round(density * 65536)))
+        self.p = self.threshold / 65536  # the exact keep probability
+        self._seed = seed
+        self._bitgen: np.random.PCG64 | None = None
+        self._next = -1  # element the stream is positioned at
+
+    def draw(self, offset: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Booleans for elements ``[offset, offset + n)``; ``offset`` a multiple of 4."""
+        if offset % 4:
+            raise ValueError(f"offset {offset} is not a multiple of 4")
+        if self._bitgen is None or offset != self._next:
+            self._bitgen = np.random.PCG64(self._seed)
+            self._bitgen.advance(offset // 4)
+        raw = self._bitgen.random_raw(-(-n // 4))
+        self._next = offset + n if n % 4 == 0 else -1
+        return np.less(raw.view("<u2")[:n], self.threshold, out=out)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """What :func:`random_drop_` did: the keep probability and, when measured, the L1
+    norm of the values before and after the drop."""
+
+    p: float
+    l1_before: float = 0.0
+    l1_after: float = 0.0
+
+
+def random_drop_(
+    tau: torch.Tensor,
+    density: float,
+    seed: int,
+    *,
+    offset: int = 0,
+    measure_l1: bool = False,
+    keep: RandomKeep | None = None,
+) -> Drop:
+    """DARE drop in place: keep each entry with probability ~density (see RandomKeep).
+
+    ``tau`` is the flat range ``[offset, offset + numel)`` of a tensor (``offset`` a
+    multiple of 4; ``keep``, if given, is the tensor's RandomKeep, reused across chunks).
+    The work runs block by block (blocks of ``CHUNK`` aligned to the whole tensor), in
+    cache.
+
+    ``measure_l1``: also sum ``|tau|`` before and after the drop, in float32 per block
+    and exactly (``math.fsum``) across blocks, so the sums depend neither on how the
+    tensor was split nor on thread counts.
+    """
+    keep = keep or RandomKeep(density, seed)
     flat = tau.view(-1)
-    if threshold <= 0:
-        flat.zero_()
-        return 0.0
-    n = flat.numel()
-    raw = np.random.PCG64(seed).random_raw(-(-n // 4))
-    keep = raw.astype("<u8", copy=False).view("<u2")[:n] < threshold
     values = flat.numpy()
-    np.multiply(values, keep, out=values)  # numpy: torch's masked ops are slow on random masks
-    return threshold / 65536
+    n = flat.numel()
+    if keep.threshold in (0, 65536) or n == 0:
+        l1 = _l1(values, offset) if measure_l1 else 0.0
+        if keep.threshold == 65536:
+            return Drop(1.0, l1, l1)
+        flat.zero_()
+        return Drop(0.0, l1, 0.0)
+    size = min(n, CHUNK)
+    mask = np.empty(size, dtype=bool)
+    magnitude = np.empty(size, dtype=np.float32) if measure_l1 else None
+    before, after = [], []
+    for a, b in blocks(n, offset):
+        v, k = values[a:b], keep.draw(offset + a, b - a, out=mask[: b - a])
+        if magnitude is not None:
+            l1_before, l1_after = kept_l1(v, k, magnitude[: b - a])
+            before.append(l1_before)
+            after.append(l1_after)
+        np.multiply(v, k, out=v)  # numpy: torch's masked ops are slow on random masks
+    return Drop(keep.p, math.fsum(before), math.fsum(after))
+
+
+def kept_l1(values: np.ndarray, keep: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
+    """(sum |values|, sum |values| where keep), in float32 (one block)."""
+    m = np.abs(values, out=scratch)
+    total = float(np.add.reduce(m))
+    return total, float(np.add.reduce(np.multiply(m, keep, out=m)))
+
+
+def blocks(n: int, offset: int):
+    """``[a, b)`` ranges of a flat range of ``n`` elements starting at ``offset``, cut at
+    the multiples of ``CHUNK`` of the whole tensor."""
+    a = 0
+    while a < n:
+        b = min(n, a + CHUNK - (offset + a) % CHUNK)
+        yield a, b
+        a = b
+
+
+def _l1(values: np.ndarray, offset: int) -> float:
+    return math.fsum(float(np.add.reduce(np.abs(values[a:b]))) for a, b in blocks(len(values), offset))

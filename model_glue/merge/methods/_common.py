@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from model_glue.merge.params import Param
+from model_glue.merge.registry import CHUNK
 
 WEIGHT = Param("weight", float, per_model=True, default=1.0, help="coefficient of this model")
 DENSITY = Param(
@@ -46,9 +47,6 @@ def task_vectors_(base: torch.Tensor, models: list[torch.Tensor]) -> list[torch.
     for m in models:
         m.sub_(base)
     return models
-
-
-CHUNK = 1 << 17  # elements: the combination steps run chunk by chunk, in cache
 
 
 def _chunks(n: int):
@@ -96,15 +94,26 @@ def sign_consensus_merge(
 ) -> torch.Tensor:
     """TIES sign election and disjoint mean over (already sparsified) task vectors.
 
-    With t_i = w_i s_i tau_i, the elected sign is that of sum_i t_i (ties: +). Only the
-    nonzero t_i of that sign are kept; with ``normalize`` their sum is divided by the
-    sum of their weights w_i. The kept sum is computed as E * sum_i relu(E t_i), with E
-    the elected sign, which needs no per-model boolean masks. The result is written
-    over ``taus[0]``.
+    With t_i = c_i tau_i and c_i = w_i s_i, the elected sign E is that of sum_i t_i
+    (ties: +). Only the nonzero t_i of sign E are kept; with ``normalize`` their sum is
+    divided by the sum of their weights w_i (0/0, where nothing is kept, gives 0).
+
+    Computed without per-model masks or per-model scaling passes: with a_i = |c_i| and
+    tau'_i = sign(c_i) tau_i (so t_i = a_i tau'_i), E = sign(tau'_0 + sum_i (a_i/a_0)
+    tau'_i) and the kept sum is a_0 E (relu(E tau'_0) + sum_i (a_i/a_0) relu(E tau'_i)).
+    Models with c_i = 0 contribute nothing and are skipped. The result is written over
+    the first contributing task vector (or ``base`` when none contributes).
     """
     scales = scales or [1.0] * len(taus)
     coefs = [w * s for w, s in zip(weights, scales, strict=True)]
-    flats = [t.view(-1) for t in taus]
+    live = [i for i, c in enumerate(coefs) if c != 0.0]
+    if not live:
+        return base
+    a0 = abs(coefs[live[0]])
+    flats = [taus[i].view(-1) for i in live]
+    ratios = [abs(coefs[i]) / a0 for i in live]
+    negative = [coefs[i] < 0 for i in live]
+    ws = [weights[i] for i in live]
     flat_base = base.view(-1)
     n = flats[0].numel()
     size = min(n, CHUNK)
@@ -113,33 +122,31 @@ def sign_consensus_merge(
     one = torch.ones((), dtype=flats[0].dtype)
     for a, b in _chunks(n):
         ts = [f[a:b] for f in flats]
-        for t, c in zip(ts, coefs, strict=True):
-            if c != 1.0:
-                t.mul_(c)
+        for t, neg in zip(ts, negative, strict=True):
+            if neg:
+                t.neg_()
         elected = elected_buf[: b - a]
-        elected.copy_(ts[0])
-        for t in ts[1:]:
-            elected.add_(t)
+        if len(ts) == 1:
+            elected.copy_(ts[0])
+        else:
+            torch.add(ts[0], ts[1], alpha=ratios[1], out=elected)
+            for t, r in zip(ts[2:], ratios[2:], strict=True):
+                elected.add_(t, alpha=r)
         torch.copysign(one, elected, out=elected)
         kept = ts[0].mul_(elected).relu_()
         divisor = None
         if divisor_buf is not None:
             divisor = divisor_buf[: b - a]
             torch.sign(kept, out=divisor)
-            if weights[0] != 1.0:
-                divisor.mul_(weights[0])
-        for t, w in zip(ts[1:], weights[1:], strict=True):
+            if ws[0] != 1.0:
+                divisor.mul_(ws[0])
+        for t, r, w in zip(ts[1:], ratios[1:], ws[1:], strict=True):
             t.mul_(elected).relu_()
-            kept.add_(t)
+            kept.add_(t, alpha=r)
             if divisor is not None:
                 divisor.add_(t.sign_(), alpha=w)
-        kept.mul_(elected)
         if divisor is not None:
             kept.div_(divisor)
-            # 0/0 where no model agrees (nothing kept there): the merged delta is 0, as
-            # with mergekit's divisor-of-1 rule.
             torch.nan_to_num_(kept, nan=0.0, posinf=math.inf, neginf=-math.inf)
-        if lam != 1.0:
-            kept.mul_(lam)
-        kept.add_(flat_base[a:b])
-    return taus[0]
+        torch.addcmul(flat_base[a:b], kept, elected, value=lam * a0, out=kept)
+    return taus[live[0]]

@@ -10,6 +10,8 @@ sign election. Masks are seeded per (seed, tensor, model): see ``sparsify.random
 
 from __future__ import annotations
 
+import numpy as np
+
 from model_glue.merge.methods._common import (
     DENSITY,
     LAMBDA,
@@ -21,7 +23,7 @@ from model_glue.merge.methods._common import (
 )
 from model_glue.merge.params import Param
 from model_glue.merge.registry import merge_method
-from model_glue.merge.sparsify import mask_seed, random_drop_
+from model_glue.merge.sparsify import Drop, RandomKeep, kept_l1, mask_seed, random_drop_
 
 RESCALE = Param(
     "rescale",
@@ -35,19 +37,58 @@ RESCALE = Param(
 SEED = Param("seed", int, per_model=False, default=0, help="seed of the random drop masks")
 
 
+def _keeps(params, ctx) -> list[RandomKeep]:
+    """Each model's RandomKeep for this tensor (kept in the memo across chunks)."""
+    memo = ctx.memo if ctx.memo is not None else {}
+    if "keep" not in memo:
+        memo["keep"] = [
+            RandomKeep(density, mask_seed(params["seed"], ctx.tensor_name, model))
+            for density, model in zip(params["density"], ctx.model_names, strict=True)
+        ]
+    return memo["keep"]
+
+
+def _l1_sums(base, models, params, ctx) -> list[float] | None:
+    """The ``reduce`` of both DARE methods: each task vector's L1 norm before and after
+    its drop, which the ``l1`` rescale needs over the whole tensor. The masks drawn here
+    are kept in the memo for the second pass."""
+    if params["rescale"] != "l1":
+        return None
+    taus = task_vectors_(base, models)
+    sums = []
+    for i, (tau, keep) in enumerate(zip(taus, _keeps(params, ctx), strict=True)):
+        values = tau.view(-1).numpy()
+        mask = keep.draw(ctx.offset, len(values))
+        ctx.memo[("mask", i, ctx.offset)] = mask
+        sums += kept_l1(values, mask, np.empty_like(values))
+    return sums
+
+
 def _drop_and_rescale(taus, params, ctx) -> list[float]:
-    scales = []
-    for tau, density, model in zip(taus, params["density"], ctx.model_names, strict=True):
-        l1_before = float(tau.abs().sum()) if params["rescale"] == "l1" else 0.0
-        p = random_drop_(tau, density, mask_seed(params["seed"], ctx.tensor_name, model))
-        if params["rescale"] == "inverse_density":
-            scales.append(1.0 / p if p > 0 else 1.0)
-        elif params["rescale"] == "l1":
-            l1_after = float(tau.abs().sum())
-            scales.append(l1_before / l1_after if l1_before >= 1e-7 and l1_after >= 1e-7 else 1.0)
+    """Drop in place; return each task vector's rescale factor."""
+    rescale = params["rescale"]
+    keeps = _keeps(params, ctx)
+    drops = []
+    for i, (tau, keep) in enumerate(zip(taus, keeps, strict=True)):
+        mask = ctx.memo.pop(("mask", i, ctx.offset), None) if ctx.memo is not None else None
+        if mask is not None:  # drawn by _l1_sums
+            values = tau.view(-1).numpy()
+            np.multiply(values, mask, out=values)
+            drops.append(Drop(keep.p))
         else:
-            scales.append(1.0)
-    return scales
+            measure = rescale == "l1" and ctx.totals is None
+            drops.append(
+                random_drop_(tau, keep.p, 0, offset=ctx.offset, measure_l1=measure, keep=keep)
+            )
+    if rescale == "inverse_density":
+        return [1.0 / d.p if d.p > 0 else 1.0 for d in drops]
+    if rescale == "none":
+        return [1.0] * len(drops)
+    if ctx.totals is None:  # a whole tensor: the drop measured it
+        sums = [(d.l1_before, d.l1_after) for d in drops]
+    else:  # a chunk: the engine summed _l1_sums over the whole tensor
+        sums = list(zip(ctx.totals[0::2], ctx.totals[1::2], strict=True))
+    return [before / after if before >= 1e-7 and after >= 1e-7 else 1.0 for before, after in sums]
 
 
 @merge_method(
@@ -56,6 +97,8 @@ def _drop_and_rescale(taus, params, ctx) -> list[float]:
     base="required",
     summary="randomly drop task-vector entries, rescale, add to the base",
     reference="https://arxiv.org/abs/2311.03099",
+    chunked=True,
+    reduce=_l1_sums,
 )
 def dare_linear_merge(base, models, params, ctx):
     taus = task_vectors_(base, models)
@@ -71,6 +114,8 @@ def dare_linear_merge(base, models, params, ctx):
     base="required",
     summary="randomly drop task-vector entries, rescale, TIES sign election and disjoint mean",
     reference="https://arxiv.org/abs/2311.03099",
+    chunked=True,
+    reduce=_l1_sums,
 )
 def dare_ties_merge(base, models, params, ctx):
     taus = task_vectors_(base, models)

@@ -12,7 +12,7 @@ from model_glue.merge.registry import merge_method
     base="none",
     summary="weighted average of the models (model soup)",
     reference="https://arxiv.org/abs/2203.05482",
-    elementwise=True,
+    chunked=True,
 )
 def linear_merge(base, models, params, ctx):
     weights = params["weight"]

@@ -18,7 +18,7 @@ from model_glue.merge.registry import merge_method
     base="required",
     summary="add the weighted task vectors to the base",
     reference="https://arxiv.org/abs/2212.04089",
-    elementwise=True,
+    chunked=True,
 )
 def task_arithmetic_merge(base, models, params, ctx):
     taus = task_vectors_(base, models)
