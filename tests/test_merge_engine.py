@@ -232,7 +232,7 @@ def test_chunked_and_parallel_merges_equal_the_in_memory_merge(tmp_path, method)
         method,
         [
             ModelInput(str(p), f"ft{i}", {"weight": w})
-            for i, (p, w) in enumerate(zip(paths, (0.6, 0.9)))
+            for i, (p, w) in enumerate(zip(paths, (0.6, 0.9), strict=True))
         ],
         base=str(bpath),
         params=params,

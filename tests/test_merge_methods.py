@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model_glue.merge import METHODS, MergeConfigError, Merger, merge_in_memory
-from model_glue.merge.params import Param, depth_position, resolve
 from model_glue.merge.methods._common import sign_consensus_merge
+from model_glue.merge.params import Param, depth_position, resolve
 from model_glue.merge.registry import CHUNK, merge_method
 from model_glue.merge.sparsify import (
     RandomKeep,

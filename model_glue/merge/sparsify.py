@@ -234,4 +234,6 @@ def blocks(n: int, offset: int):
 
 
 def _l1(values: np.ndarray, offset: int) -> float:
-    return math.fsum(float(np.add.reduce(np.abs(values[a:b]))) for a, b in blocks(len(values), offset))
+    return math.fsum(
+        float(np.add.reduce(np.abs(values[a:b]))) for a, b in blocks(len(values), offset)
+    )
