@@ -1,6 +1,6 @@
 """Merge benchmark: our engine against mergekit 0.1.5 on three ~188M-parameter Llamas.
 
-    .venv/bin/python bench/merge_bench.py [--methods linear,ties,dare_ties]
+    .venv/bin/python bench/merge_bench.py [--methods linear,ties,dare_ties] [--repeat 3]
 
 Inputs (a base and two fine-tunes, random, bfloat16; hidden 1024, 12 layers,
 intermediate 2816, 16 heads, vocabulary 16384) are generated once under
@@ -10,7 +10,8 @@ whole child (interpreter start and imports included, what a CLI user waits) is r
 too, split into start-up (interpreter start and imports, config read), merge and exit
 (interpreter shutdown). The "ours" child does what ``glue merge`` (``run_merge_file``)
 does, progress output aside. The "floor" child only reads the three inputs and writes one output. Ratios come
-from one script run, on one machine state: the load average is printed with them.
+from one script run, on one machine state: the load average is printed with them. With
+``--repeat N`` the tools run N times each, interleaved, and medians are reported.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -164,6 +166,13 @@ def timed_child(tool: str, config: Path, out: Path) -> dict:
     return {**res, **phases, "process_s": wall}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per-field medians of repeated runs (with the merge-time range when repeated)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["merge_range_s"] = (min(r["merge_s"] for r in runs), max(r["merge_s"] for r in runs))
+    return out
+
+
 def compare(a: Path, b: Path) -> dict:
     import torch
 
@@ -184,6 +193,7 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="linear,ties,dare_ties")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool; medians reported")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "CONFIG", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -200,9 +210,12 @@ def main() -> None:
             text = text.replace(key, str(INPUTS / name))
         cfg = work / f"{method}.yaml"
         cfg.write_text(text)
-        floor = timed_child("floor", Path("-"), work / "floor")  # per method: the load drifts
-        mk = timed_child("mergekit", cfg, work / f"{method}-mergekit")
-        ours = timed_child("ours", cfg, work / f"{method}-ours")
+        runs = {"floor": [], "mergekit": [], "ours": []}
+        for _ in range(args.repeat):  # interleaved, so that load drifts hit every tool
+            runs["floor"].append(timed_child("floor", Path("-"), work / "floor"))
+            runs["mergekit"].append(timed_child("mergekit", cfg, work / f"{method}-mergekit"))
+            runs["ours"].append(timed_child("ours", cfg, work / f"{method}-ours"))
+        floor, mk, ours = (median_run(runs[k]) for k in ("floor", "mergekit", "ours"))
         row = {
             "ours": ours,
             "mergekit": mk,
@@ -210,7 +223,12 @@ def main() -> None:
             "speedup_process": mk["process_s"] / ours["process_s"],
             "floor_s": floor["merge_s"],
             "floor_ratio": ours["merge_s"] / floor["merge_s"],
+            # what a merge doing no work beyond reading and writing, in a process that
+            # imports torch as ours does, could reach over mergekit's process
+            "bound_speedup_process": mk["process_s"]
+            / (ours["startup_s"] + floor["merge_s"] + ours["exit_s"]),
             "load": os.getloadavg(),
+            "runs": runs,
         }
         if method != "dare_ties":  # random masks differ between the tools by design
             row["diff"] = compare(work / f"{method}-ours", work / f"{method}-mergekit")
@@ -221,7 +239,14 @@ def main() -> None:
             f"speedup {row['speedup_merge']:4.1f}x merge, {row['speedup_process']:4.1f}x process | "
             f"{row['floor_ratio']:.2f}x floor ({floor['merge_s']:.2f} s) | diff {row.get('diff', '-')} | load {row['load'][0]:.1f}\n"
             f"{'':10s} start-up / exit: ours {ours['startup_s']:.2f} / {ours['exit_s']:.2f} s, "
-            f"mergekit {mk['startup_s']:.2f} / {mk['exit_s']:.2f} s",
+            f"mergekit {mk['startup_s']:.2f} / {mk['exit_s']:.2f} s | "
+            f"process speed-up bound (our start-up + floor + exit) {row['bound_speedup_process']:.1f}x"
+            + (
+                f" | merge range ours {ours['merge_range_s'][0]:.2f}-{ours['merge_range_s'][1]:.2f} s, "
+                f"mergekit {mk['merge_range_s'][0]:.2f}-{mk['merge_range_s'][1]:.2f} s"
+                if args.repeat > 1
+                else ""
+            ),
             flush=True,
         )
     (HOME / "results.json").write_text(json.dumps(results, indent=2))
