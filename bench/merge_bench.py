@@ -136,9 +136,22 @@ def child(tool: str, config: str, out: str) -> None:
     else:
         raise SystemExit(f"unknown tool {tool}")
     merge_s = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_resident_mb()
     stamps = {"child_start": CHILD_START, "ready": ready, "done": time.time()}
     print(json.dumps({"merge_s": merge_s, "peak_mb": peak_mb, **stamps}), flush=True)
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` rather than ``ru_maxrss``: on Linux
+    the latter carries the parent's peak across fork and exec, so a child started by a
+    bench that has loaded models would report at least the bench's own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed_child(tool: str, config: Path, out: Path) -> dict:

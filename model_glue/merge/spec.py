@@ -14,7 +14,9 @@ import torch
 from model_glue.merge.params import MergeConfigError, Param, check_setting
 from model_glue.merge.registry import MergeMethod, get_method
 
-ENGINE_VERSION = "merge-engine-1"
+# Part of every merged artifact's content key: bump it when outputs may change bits.
+# 2: sign election in fewer passes; DARE l1 sums over 256K-element blocks.
+ENGINE_VERSION = "merge-engine-2"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
