@@ -2,7 +2,7 @@
 
 The flow process is the single writer of the DuckDB file: tasks (possibly on other
 workers) only return small records, and this recorder turns each call into a ``runs``
-row (completed, cached or failed), its edges and its outputs.
+row (completed, cached, reused or failed), its edges and its outputs.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from prefect.states import State
 from rich.console import Console
 
 from storage import ArtifactStore, LineageDB
-from tasks._stage import for_call
+from tasks._stage import REUSED, for_call
 
 
 @dataclass
 class Outcome:
     label: str
-    status: str  # completed | cached | failed
+    status: str  # completed | cached | reused | failed
     seconds: float
     record: dict | None = None
     error: BaseException | None = None
@@ -67,8 +67,12 @@ class Recorder:
         except Exception:  # e.g. a missing directory: the task itself reports it
             key = None
         if state.is_completed():
-            status = "cached" if state.name == "Cached" else "completed"
             record, error = state.result(), None
+            reused = isinstance(record, dict) and record.pop(REUSED, False)
+            if state.name == "Cached":
+                status = "cached"
+            else:
+                status = "reused" if reused else "completed"
         else:
             status, record = "failed", None
             try:
@@ -91,7 +95,9 @@ class Recorder:
         )
         self.counts.setdefault(stage.name, {}).setdefault(status, 0)
         self.counts[stage.name][status] += 1
-        style = {"completed": "green", "cached": "cyan", "failed": "bold red"}[status]
+        style = {"completed": "green", "cached": "cyan", "reused": "blue", "failed": "bold red"}[
+            status
+        ]
         msg = f"  [{style}]{status:>9}[/] {stage.name:<11} {label}"
         if error is not None:
             msg += f"\n            [red]{error}[/]"

@@ -27,7 +27,7 @@ from model_glue.env import glue_home
 from storage.connection import check_read_only_sql, connect
 from storage.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, VIEWS
 
-RUN_END_STATUSES = ("completed", "cached", "failed")
+RUN_END_STATUSES = ("completed", "cached", "reused", "failed")
 FLOW_END_STATUSES = ("completed", "failed")
 
 
@@ -310,7 +310,8 @@ class LineageDB:
         outputs: Sequence[str] | None = None,
         finished_at: datetime | None = None,
     ) -> None:
-        """Close a stage run: 'completed', 'cached' (a cache hit) or 'failed' (with ``error``)."""
+        """Close a stage run: 'completed', 'cached' (a Prefect cache hit), 'reused' (the
+        output was already in the store) or 'failed' (with ``error``)."""
         if status not in RUN_END_STATUSES:
             raise LineageError(f"run status must be one of {RUN_END_STATUSES}, not {status!r}")
         with self._writer() as con:

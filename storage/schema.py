@@ -11,7 +11,27 @@ N under ``MIGRATIONS[N]``.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# A stage run's status: 'cached' is a Prefect cache hit, 'reused' a run whose stage found
+# its output already complete in the artifact store (Prefect's result was gone) and did
+# no work, 'completed' one that computed its output.
+RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY,
+        flow_run_id VARCHAR,
+        stage VARCHAR NOT NULL,
+        code_version VARCHAR,
+        cache_key VARCHAR,
+        params JSON,
+        inputs JSON,
+        outputs JSON,
+        status VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'cached', 'reused', 'failed')),
+        error VARCHAR,
+        host VARCHAR,
+        started_at TIMESTAMP NOT NULL,
+        finished_at TIMESTAMP,
+        seconds DOUBLE
+    )"""
 
 TABLES: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS schema_version (
@@ -28,22 +48,7 @@ TABLES: tuple[str, ...] = (
         started_at TIMESTAMP NOT NULL,
         finished_at TIMESTAMP
     )""",
-    """CREATE TABLE IF NOT EXISTS runs (
-        run_id VARCHAR PRIMARY KEY,
-        flow_run_id VARCHAR,
-        stage VARCHAR NOT NULL,
-        code_version VARCHAR,
-        cache_key VARCHAR,
-        params JSON,
-        inputs JSON,
-        outputs JSON,
-        status VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'cached', 'failed')),
-        error VARCHAR,
-        host VARCHAR,
-        started_at TIMESTAMP NOT NULL,
-        finished_at TIMESTAMP,
-        seconds DOUBLE
-    )""",
+    RUNS_TABLE,
     """CREATE TABLE IF NOT EXISTS models (
         fingerprint VARCHAR PRIMARY KEY,
         name VARCHAR,
@@ -162,4 +167,13 @@ VIEWS: tuple[str, ...] = (
 )
 
 # MIGRATIONS[n]: statements that bring a version n-1 database to version n.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2: runs.status admits 'reused'. DuckDB cannot alter a CHECK constraint, so the table
+    # is rebuilt (views bind by name when queried, and are recreated afterwards anyway).
+    2: (
+        "ALTER TABLE runs RENAME TO runs_v1",
+        RUNS_TABLE,
+        "INSERT INTO runs SELECT * FROM runs_v1",
+        "DROP TABLE runs_v1",
+    ),
+}

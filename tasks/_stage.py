@@ -24,6 +24,9 @@ from storage import ArtifactStore
 
 # Every stage's record is stored as JSON under this artifact kind prefix.
 RECORD_KIND = "record"
+# Set on a record that a stage found in the store instead of computing it (never stored):
+# the recorder counts such a run as 'reused' and removes the mark.
+REUSED = "_reused"
 
 
 def stable_hash(obj: Any) -> str:
@@ -83,9 +86,10 @@ def for_call(task: Any, params: dict[str, Any], store: ArtifactStore) -> Any:
 
 
 def load_record(store: ArtifactStore, key: str) -> dict | None:
-    """The stage record already in the store for ``key``, if complete (a reuse, not a run)."""
+    """The stage record already in the store for ``key``, if complete (a reuse, not a
+    run), marked with ``REUSED``."""
     if store.exists(RECORD_KIND, key, verify="hash"):
-        return store.get_json(RECORD_KIND, key)
+        return {**store.get_json(RECORD_KIND, key), REUSED: True}
     return None
 
 

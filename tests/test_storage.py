@@ -292,27 +292,67 @@ def _record_dag(db: LineageDB, ids: dict[str, str]) -> None:
 def test_schema_creation_is_idempotent_and_migrates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import storage.lineage as lineage
+
+    current = lineage.SCHEMA_VERSION
     path = tmp_path / "lineage.duckdb"
     db = LineageDB(path)
     db.record_artifact(KEY, kind="merged", name="m")
     again = LineageDB(path)
     again.record_artifact(KEY2, kind="merged", name="n")
-    assert again.schema_version() == 1
+    assert again.schema_version() == current
     assert again.query("SELECT count(*) AS n FROM schema_version")["n"][0] == 1
     assert again.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 2
 
-    import storage.lineage as lineage
-
-    monkeypatch.setattr(lineage, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(lineage, "MIGRATIONS", {2: ("ALTER TABLE runs ADD COLUMN note VARCHAR",)})
+    monkeypatch.setattr(lineage, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setattr(
+        lineage, "MIGRATIONS", {current + 1: ("ALTER TABLE runs ADD COLUMN note VARCHAR",)}
+    )
     migrated = LineageDB(path)
     migrated.record_artifact(_key("z"), kind="merged")
-    assert migrated.schema_version() == 2
+    assert migrated.schema_version() == current + 1
     assert "note" in migrated.query("SELECT * FROM runs").columns
 
-    monkeypatch.setattr(lineage, "SCHEMA_VERSION", 1)
-    with pytest.raises(LineageError, match="schema version 2 is newer"):
+    monkeypatch.setattr(lineage, "SCHEMA_VERSION", current)
+    with pytest.raises(LineageError, match=f"schema version {current + 1} is newer"):
         LineageDB(path).record_artifact(_key("y"), kind="merged")
+
+
+def test_version_1_database_migrates_to_admit_reused_runs(tmp_path: Path) -> None:
+    """A lineage database written before 'reused' existed keeps its runs and accepts the
+    new status after the migration (DuckDB cannot alter the CHECK: the table is rebuilt)."""
+    import duckdb
+
+    from storage.schema import RUNS_TABLE, TABLES
+
+    path = tmp_path / "v1.duckdb"
+    con = duckdb.connect(str(path))
+    for ddl in TABLES:
+        con.execute(ddl.replace("'cached', 'reused', 'failed'", "'cached', 'failed'"))
+    con.execute("INSERT INTO schema_version VALUES (1, now())")
+    con.execute(
+        "INSERT INTO runs (run_id, stage, status, started_at) VALUES ('r1', 'merge', 'cached', now())"
+    )
+    with pytest.raises(duckdb.ConstraintException):
+        con.execute(
+            "INSERT INTO runs (run_id, stage, status, started_at) VALUES ('r0', 'merge', 'reused', now())"
+        )
+    con.close()
+    assert "'reused'" in RUNS_TABLE
+
+    db = LineageDB(path)
+    run = db.start_run("merge")
+    db.finish_run(run, "reused")
+    assert db.schema_version() == 2
+    rows = db.query("SELECT run_id, status FROM v_runs ORDER BY status")
+    assert rows["status"].to_list() == ["cached", "reused"]
+    assert "r1" in rows["run_id"].to_list()
+    assert (
+        db.query(
+            "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'runs_v1'"
+        )["n"][0]
+        == 0
+    )
 
 
 def test_ancestors_and_descendants_exact_sets(tmp_path: Path) -> None:
