@@ -390,3 +390,23 @@ def test_docs_method_tables_are_generated_from_the_declarations():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "merging.md").read_text()
     section = doc.split("<!-- methods:begin -->\n", 1)[1].split("<!-- methods:end -->", 1)[0]
     assert section == methods_markdown(), "regenerate docs/merging.md with methods_markdown()"
+
+
+def test_merger_keeps_16_bit_inputs_16_bit_with_the_same_results():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(300, 50, generator=g).bfloat16()}
+    models = [
+        {"w": (base["w"].float() + 0.01 * torch.randn(300, 50, generator=g)).bfloat16()}
+        for _ in range(2)
+    ]
+    half = Merger("ties", models, base=base, params={"density": 0.5})
+    assert {t.dtype for t in half._inputs["w"]} == {torch.bfloat16}  # half the memory
+    full = Merger(
+        "ties",
+        [{"w": m["w"].float()} for m in models],
+        base={"w": base["w"].float()},
+        params={"density": 0.5},
+    )
+    out = half()["w"]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, full()["w"].bfloat16())
+    assert torch.equal(half()["w"], out)  # inputs untouched by a call

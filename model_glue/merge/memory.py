@@ -1,8 +1,9 @@
 """In-memory merging of resident state dicts, for the search loop (no disk).
 
-``Merger`` checks and plans once (names, shapes, vocabulary, dtypes) and keeps float32
-copies of the inputs; each call then only resolves the new coefficients and runs the
-method per tensor. On the ~1.1M-parameter demo models a call costs milliseconds, so a
+``Merger`` checks and plans once (names, shapes, vocabulary, dtypes) and keeps copies of
+the inputs (16-bit floats as they are, anything else as float32); each call then only
+resolves the new coefficients and runs the method per tensor, on float32 copies made one
+tensor at a time. On the ~1.1M-parameter demo models a call costs milliseconds, so a
 search can afford hundreds of them.
 
     merger = Merger("ties", [sd_a, sd_b], base=sd_base, params={"density": 0.5})
@@ -39,8 +40,9 @@ class Merger:
     (call-time values win, key by key). ``names`` label the models (DARE masks are seeded
     by name; default ``model0``, ``model1``...). ``tokenizer_source`` indexes the inputs
     with the base first: the reference for vocabulary alignment and integer buffers.
-    ``vocab_sizes`` (same order) lets ``vocab="truncate"/"pad"`` recognise vocabulary rows. The inputs are copied once to float32;
-    the caller may drop its own copies. ``threads``: torch threads during a call
+    ``vocab_sizes`` (same order) lets ``vocab="truncate"/"pad"`` recognise vocabulary rows. Inputs are kept as given when they are
+    bfloat16, float16 or float32 CPU tensors (16-bit ones stay 16-bit: half the resident
+    size of a float32 copy), otherwise converted once to float32; calls never modify them. ``threads``: torch threads during a call
     (default 1 when every tensor is under 4M elements, where threads only add
     synchronisation; otherwise torch's setting; see ``threads.py``).
     """
@@ -100,7 +102,9 @@ class Merger:
             fill = ref[job.name].float() if job.rows is not None else None
             tensors = []
             for sd in inputs:
-                t = sd[job.name].detach().to("cpu", torch.float32)
+                t = sd[job.name].detach()
+                dtype = t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32
+                t = t.to("cpu", dtype)  # shares the caller's tensor when nothing changes
                 if job.rows is not None:
                     t = align_rows(t, job.rows, fill)
                 tensors.append(t.contiguous())
@@ -156,7 +160,7 @@ class Merger:
                 out[job.name] = tensors[0].clone()
                 continue
             values = resolve_tensor_params(self.method, job, g, ms, self.plan.model_names)
-            scratch = [t.clone() for t in tensors]
+            scratch = [t.to(torch.float32, copy=True) for t in tensors]  # exact for 16-bit
             base = scratch[0] if has_base else None
             models = scratch[1:] if has_base else scratch
             merged = self.method.fn(base, models, values, self._ctx[job.name])
