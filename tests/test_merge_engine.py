@@ -147,6 +147,35 @@ def test_bad_inputs_name_model_and_tensor(tmp_path, tiny_zoo):
         merge_to_directory(MergeSpec("linear", [ModelInput(str(paths[0]))]), tmp_path)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_failures_mid_merge_leave_nothing_behind(tmp_path, workers):
+    """A truncated input (caught when opened, naming the file) and a method error (raised in
+    a worker thread, naming the tensor) leave no output and no temporary directory."""
+    import shutil
+
+    from model_glue.checkpoint import CheckpointError
+
+    base, fts, bpath, paths = zoo(tmp_path / "zoo", 2)
+    cut = tmp_path / "cut"
+    shutil.copytree(paths[1], cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) - 5000])
+    models = [ModelInput(str(paths[0]), "a"), ModelInput(str(cut), "cut")]
+    with pytest.raises(CheckpointError, match="truncated"):
+        merge_to_directory(
+            MergeSpec("ties", models, base=str(bpath), params={"density": 0.5}),
+            tmp_path / "out",
+            workers=workers,
+        )
+    zero_sum = [
+        ModelInput(str(paths[0]), "a", {"weight": 1.0}),
+        ModelInput(str(paths[1]), "b", {"weight": -1.0}),
+    ]
+    with pytest.raises(ValueError, match="weights sum to 0"):
+        merge_to_directory(MergeSpec("linear", zero_sum), tmp_path / "out", workers=workers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "zoo"]
+
+
 def test_yaml_configs_ours_and_mergekit(tmp_path, tiny_zoo):
     base, fts, bpath, paths = tiny_zoo
     ours = tmp_path / "ours.yaml"
