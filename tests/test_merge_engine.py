@@ -328,3 +328,26 @@ def test_glue_merge_command(tiny_zoo, tmp_path):
     bad = runner.invoke(app, ["merge", str(config), str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "densty" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_default_workers_shrink_when_memory_is_short(tiny_zoo, tmp_path, monkeypatch):
+    """Two workers by default; one when the largest tensors on two would need more than
+    half the available memory (a 70B TIES merge on a small machine, say)."""
+    import model_glue.merge.engine as engine
+    from model_glue.merge.engine import _plan, choose_workers, job_bytes
+
+    _, _, bpath, paths = tiny_zoo
+    spec = MergeSpec(
+        "ties", [ModelInput(str(p)) for p in paths], base=str(bpath), params={"density": 0.5}
+    )
+    checkpoints = [Checkpoint(uri) for _, uri in spec.inputs()]
+    plan = _plan(spec, checkpoints)
+    held = max(job_bytes(plan, checkpoints, j)[1] for j in plan.jobs)
+    read = max(job_bytes(plan, checkpoints, j)[0] for j in plan.jobs)
+    monkeypatch.setattr(engine, "default_workers", lambda: 2)
+    assert choose_workers(plan, checkpoints, available=10 * (2 * held + 2 * read)) == 2
+    assert choose_workers(plan, checkpoints, available=2 * held + 2 * read) == 1
+    monkeypatch.setattr(engine, "available_memory", lambda: held)
+    result = merge_to_directory(spec, tmp_path / "out")
+    assert result.workers == 1
+    assert merge_to_directory(spec, tmp_path / "out2", workers=3).workers == 3  # asked for

@@ -67,6 +67,7 @@ class MergeResult:
     dtype: str
     shards: tuple[str, ...]
     seconds: float
+    workers: int = 1
 
 
 def vocab_size(config: Mapping[str, Any]) -> int | None:
@@ -92,8 +93,10 @@ def merge_to_directory(
     key; ``progress(done, total)`` is called after each tensor; ``card_extra`` adds
     key/values to the card. An existing ``out_dir`` is an error unless ``overwrite``.
 
-    ``workers``: tensors merged at once (default: 2, or 1 on a single core); each one
-    in flight holds its inputs in float32, so this multiplies peak memory.
+    ``workers``: tensors merged at once. Each one in flight holds its inputs (and, for
+    methods that are not chunked, float32 copies of them), so this multiplies peak
+    memory; the default, :func:`choose_workers`, is 2 (1 on a single core) unless the
+    largest tensors would then need more than half the memory available.
     ``threads``: torch intra-op threads while the merge runs (restored after; see
     ``threads.py`` for why this matters). Default: torch's current setting less one
     (a core for I/O), shared among the workers.
@@ -118,7 +121,7 @@ def merge_to_directory(
         writer = ShardedWriter(
             tmp, [OutputTensor(j.name, j.out_dtype, j.shape) for j in plan.jobs], shard_size
         )
-        workers = workers or default_workers()
+        workers = workers or choose_workers(plan, checkpoints)
         threads = threads or max(1, (torch.get_num_threads() - 1) // workers)
         with torch_threads(threads):
             _stream(plan, checkpoints, values, writer, progress, workers)
@@ -141,11 +144,57 @@ def merge_to_directory(
         dtype=dtype_name(plan.out_dtype),
         shards=tuple(writer.names),
         seconds=time.perf_counter() - start,
+        workers=workers,
     )
 
 
 def default_workers() -> int:
     return min(2, os.cpu_count() or 1)
+
+
+def job_bytes(plan: MergePlan, checkpoints: list[Checkpoint], job) -> tuple[int, int]:
+    """Estimated (bytes read, bytes held while merging) of one tensor job."""
+    n = _numel(job.shape)
+    if not job.merge:
+        read = checkpoints[plan.reference].tensors[job.name].nbytes
+        return read, read
+    read = sum(ck.tensors[job.name].nbytes for ck in checkpoints)
+    out = n * job.out_dtype.itemsize
+    if plan.method.chunked and job.rows is None and n > CHUNK:
+        held = read + out + n * len(plan.model_names)  # + DARE's one-byte masks per model
+    else:  # float32 copies of every input, plus a magnitude and a selection copy (top-k)
+        held = read + out + 4 * n * (len(checkpoints) + 2)
+    return read, held
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def choose_workers(
+    plan: MergePlan, checkpoints: list[Checkpoint], available: int | None = None
+) -> int:
+    """The default worker count: :func:`default_workers`, fewer when the largest tensors
+    on that many workers (plus the reads in flight) would need over half of ``available``
+    memory (default: what the system reports)."""
+    workers = default_workers()
+    available = available_memory() if available is None else available
+    if available is None or not plan.jobs:
+        return workers
+    sizes = [job_bytes(plan, checkpoints, job) for job in plan.jobs]
+    read = max(r for r, _ in sizes)
+    held = max(h for _, h in sizes)
+    while workers > 1 and workers * held + PREFETCH * read > available // 2:
+        workers -= 1
+    return workers
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -47,7 +47,8 @@ def run_merge_file(
     )
     if progress:
         print(
-            f"wrote {result.out_dir} ({result.num_parameters:,} parameters, {result.seconds:.1f} s)",
+            f"wrote {result.out_dir} ({result.num_parameters:,} parameters, {result.seconds:.1f} s, "
+            f"{result.workers} worker{'s' if result.workers > 1 else ''})",
             file=sys.stderr,
         )
     return result.out_dir
