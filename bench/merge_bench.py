@@ -208,9 +208,13 @@ def main() -> None:
     ap.add_argument("--methods", default="linear,ties,dare_ties")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool; medians reported")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "CONFIG", "OUT"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of the last run")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.plot_only:
+        print(plot(json.loads((HOME / "results.json").read_text()), HOME / "merge_bench.png"))
         return
     make_inputs()
     work = HOME / "runs"
@@ -263,6 +267,48 @@ def main() -> None:
             flush=True,
         )
     (HOME / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"plot: {plot(results, HOME / 'merge_bench.png')}")
+
+
+def plot(results: dict, out: Path) -> Path:
+    """Stacked bars per method and tool: start-up, merge call and exit, with the speed-ups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in results if m != "load_before"]
+    fig, ax = plt.subplots(figsize=(8.0, 0.9 + 1.1 * len(methods)))
+    labels, y = [], 0.0
+    for method in methods:
+        row = results[method]
+        for tool, color in (("mergekit", "tab:orange"), ("ours", "tab:blue")):
+            r = row[tool]
+            left = 0.0  # start-up (grey), merge call, exit (light grey)
+            for width, c in ((r["startup_s"], "0.75"), (r["merge_s"], color), (r["exit_s"], "0.9")):
+                ax.barh(y, width, left=left, color=c, edgecolor="black", linewidth=0.4)
+                left += width
+            text = f"{r['process_s']:.1f} s"
+            if tool == "ours":
+                text += (
+                    f"  ({row['speedup_merge']:.1f}x merge, {row['speedup_process']:.1f}x process; "
+                    f"read-write floor {row['floor_s']:.2f} s)"
+                )
+            ax.text(left + 0.3, y, text, va="center", fontsize=8)
+            labels.append((y, f"{method} · {tool}"))
+            y += 1
+        y += 0.5
+    ax.set_yticks([p for p, _ in labels], [n for _, n in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (grey: interpreter start and imports; light: exit)")
+    ax.set_title("merge_bench: ours vs mergekit 0.1.5, three 188M bf16 Llamas")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
 
 
 if __name__ == "__main__":
