@@ -189,6 +189,13 @@ class ArtifactStore:
             )
         return json.loads(raw)
 
+    def published_path(self, kind: str, key: str) -> Path:
+        """Where an artifact of a local store lives once written, whether it exists yet or
+        not (for references computed before publication)."""
+        if not self.is_local:
+            raise StoreError(f"{self.url}: not a local store")
+        return Path(self._path(kind, key))
+
     def local_path(self, kind: str, key: str) -> Path:
         """A local directory holding the artifact's files (a verified copy for remote stores)."""
         m = self.verify(kind, key, full=False)

@@ -96,6 +96,9 @@ def _mixture(
             prompts=prompts,
             pooling=pooling,
             expert_names=[e["name"] for e in experts],
+            # experts that are store artifacts (merged models) travel with the store
+            relative_to=store.root if store.is_local else None,
+            location=store.published_path(MIXTURE_KIND, key) if store.is_local else None,
         )
         for f in (tmp / "mixture").iterdir():
             f.rename(tmp / f.name)

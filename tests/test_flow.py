@@ -183,3 +183,14 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(
         a["value"] is None or 0.0 <= a["value"] <= 1.0
         for a in summary["mixture"]["router_accuracy"]
     )
+    # merged experts live in the store and are referenced relative to the mixture (the
+    # store can move); zoo experts by absolute path
+    (mix_json,) = (tmp_path / "store" / "mixture").glob("*/mixture.json")
+    refs = {e["name"]: e["path"] for e in json.loads(mix_json.read_text())["experts"]}
+    assert set(refs) & set(summary["merged"]), (refs, summary["merged"])
+    for name, path in refs.items():
+        assert (
+            path.startswith("../../model/")
+            if name in summary["merged"]
+            else Path(path).is_absolute()
+        )

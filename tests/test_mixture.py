@@ -480,3 +480,35 @@ def test_router_accuracy_counts_answerable_samples():
     assert acc["t1"].accuracy == pytest.approx(2 / 3) and acc["t1"].coverage == 1.0
     assert acc["t2"].accuracy == 0.0 and acc["t2"].n_answerable == 1 and acc["t2"].coverage == 0.5
     assert acc["all"].accuracy == pytest.approx(2 / 4) and acc["all"].n_samples == 5
+
+
+def test_model_level_references_store_experts_relatively(zoo, tmp_path):
+    """Experts inside ``relative_to`` (an artifact store) are referenced relative to the
+    mixture's final location, so the store can move as a whole; others stay absolute."""
+    import shutil
+
+    store = tmp_path / "store"
+    inside = store / "model" / "k1"
+    shutil.copytree(zoo["e1"], inside)
+    final = store / "mixture" / "m1"
+    out = build_model_level_mixture(
+        [inside, zoo["e2"]],
+        tmp_path / "staging",  # built elsewhere, renamed into place, as the store does
+        router_backbone=inside,
+        layer=1,
+        prompts={"k1": PROMPTS["e1"], "e2": PROMPTS["e2"]},
+        expert_names=["k1", "e2"],
+        relative_to=store,
+        location=final,
+    )
+    final.parent.mkdir(parents=True)
+    out.rename(final)
+    record = json.loads((final / "mixture.json").read_text())
+    assert [e["path"] for e in record["experts"]] == [
+        "../../model/k1",
+        str(Path(zoo["e2"]).absolute()),
+    ]
+    assert record["router"]["backbone"] == "../../model/k1"
+    before = load_mixture(final).route(["1+2=", "last abc="])
+    moved = store.rename(tmp_path / "elsewhere")
+    assert load_mixture(moved / "mixture" / "m1").route(["1+2=", "last abc="]) == before

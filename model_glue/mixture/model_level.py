@@ -13,13 +13,16 @@ Directory format (``mixture.json`` + ``router.safetensors``)::
      "experts": [{"name": "add-a", "path": "/abs/or/relative/dir"}, ...],
      "router": {"backbone": "/dir", "layer": 2, "pooling": "last", "init": {"method": "hidden", ...}}}
 
-Relative paths are relative to the mixture directory (``copy_experts=True`` stores copies under
-``experts/<name>``); ``router.safetensors`` holds ``weight`` [E, H] and ``bias`` [E].
+Relative paths are relative to the mixture directory: ``copy_experts=True`` stores copies under
+``experts/<name>``, and ``relative_to`` (an artifact store's root) makes references to experts
+inside that directory relative, so the store can be moved or mounted elsewhere as a whole.
+``router.safetensors`` holds ``weight`` [E, H] and ``bias`` [E].
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -130,11 +133,16 @@ def build_model_level_mixture(
     pooling: Pooling = "last",
     expert_names: Sequence[str] | None = None,
     copy_experts: bool = False,
+    relative_to: str | Path | None = None,
+    location: str | Path | None = None,
 ) -> Path:
     """Write a model-level mixture directory (see module docstring) and return its path.
 
     ``router`` is a training-free :class:`RouterInit` (gates read at ``layer`` of
     ``router_backbone`` on the per-expert ``prompts``) or a fitted :class:`LinearGate`.
+    Experts and the backbone inside ``relative_to`` are referenced relative to
+    ``location``, where the directory will finally live (default ``out_dir``; a store
+    builds it elsewhere and renames it); others by absolute path.
     """
     router = router if router is not None else RouterInit()
     dirs = [local_dir(u, "expert") for u in expert_uris]
@@ -169,6 +177,13 @@ def build_model_level_mixture(
         tok = load_tokenizer(backbone_dir, "router backbone")
         weight = init_gates(router, backbone, tok, prompts, names, [layer], pooling=pooling)[0]
         bias, init = torch.zeros(len(dirs)), router.to_dict()
+    home = Path(location if location is not None else out_dir).absolute()
+    root = Path(relative_to).absolute() if relative_to is not None else None
+
+    def reference(d: Path) -> str:
+        d = d.absolute()
+        return os.path.relpath(d, home) if root is not None and d.is_relative_to(root) else str(d)
+
     with atomic_directory(out_dir) as tmp:
         experts = []
         for d, n in zip(dirs, names, strict=True):
@@ -176,7 +191,7 @@ def build_model_level_mixture(
                 shutil.copytree(d, tmp / "experts" / n)
                 experts.append({"name": n, "path": f"experts/{n}"})
             else:
-                experts.append({"name": n, "path": str(d.absolute())})
+                experts.append({"name": n, "path": reference(d)})
         save_file(
             {"weight": weight.contiguous(), "bias": bias.contiguous()}, str(tmp / ROUTER_FILE)
         )
@@ -186,7 +201,7 @@ def build_model_level_mixture(
             "kind": "model_level",
             "experts": experts,
             "router": {
-                "backbone": str(backbone_dir.absolute()),
+                "backbone": reference(backbone_dir),
                 "layer": layer,
                 "pooling": pooling,
                 "init": init,
