@@ -217,7 +217,8 @@ def merge(
         int | None,
         typer.Option(
             min=1,
-            help="Tensors merged at once (default 2; each multiplies the float32 working set).",
+            help="Tensors merged at once (default 2, or 1 when memory is short; each one "
+            "in flight multiplies the working set).",
         ),
     ] = None,
 ) -> None:

@@ -14,6 +14,7 @@ from model_glue.merge.registry import CHUNK, merge_method
 from model_glue.merge.sparsify import (
     RandomKeep,
     breadcrumbs_prune_,
+    drop_,
     kth_largest,
     magnitude_prune_,
     random_drop_,
@@ -205,7 +206,7 @@ def test_random_drop_in_chunks_equals_whole_with_the_same_l1_sums():
     # In order, sharing one RandomKeep (the engine's chunked path) ...
     parts, keep, before, after = x.clone(), RandomKeep(0.3, 99), [], []
     for a in range(0, n, CHUNK):
-        c = random_drop_(parts[a : a + CHUNK], 0.3, 99, offset=a, measure_l1=True, keep=keep)
+        c = drop_(parts[a : a + CHUNK], keep, offset=a, measure_l1=True)
         before.append(c.l1_before)
         after.append(c.l1_after)
     assert torch.equal(parts, whole)

@@ -3,9 +3,9 @@
 Tensors flow through three stages that overlap: a reader thread fetches the next
 tensors of every input, worker threads convert them to float32 and run the method (a few
 tensors at once), and the calling thread appends the results, in order, to their shard.
-Peak memory is a few tensors times the number of inputs, whatever the model size. The output is built in a temporary
-sibling directory and renamed when complete, so ``out_dir`` either holds a whole model or
-does not exist.
+Peak memory is a few tensors times the number of inputs, whatever the model size. The
+output is built in a temporary sibling directory and renamed when complete, so
+``out_dir`` either holds a whole model or does not exist.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ bfloat16 they are common).
 Random drop (DARE): the keep/drop decision of element ``i`` is the ``i``-th draw of a
 PCG64 stream seeded from (seed, tensor name, model name). A result therefore depends on
 neither processing order nor thread count, nor on whether the tensor is processed whole
-or in chunks (the stream is advanced to a chunk's offset). Draws are 16-bit, so the effective keep
-probability is ``round(density * 65536) / 65536``; rescaling uses that exact value.
+or in chunks (the stream is advanced to a chunk's offset). Draws are 16-bit, so the
+effective keep probability is ``round(density * 65536) / 65536``; rescaling uses that
+exact value.
 """
 
 from __future__ import annotations
@@ -173,26 +174,26 @@ class Drop:
 
 
 def random_drop_(
-    tau: torch.Tensor,
-    density: float,
-    seed: int,
-    *,
-    offset: int = 0,
-    measure_l1: bool = False,
-    keep: RandomKeep | None = None,
+    tau: torch.Tensor, density: float, seed: int, *, offset: int = 0, measure_l1: bool = False
 ) -> Drop:
-    """DARE drop in place: keep each entry with probability ~density (see RandomKeep).
+    """DARE drop in place with a fresh :class:`RandomKeep` (see :func:`drop_`)."""
+    return drop_(tau, RandomKeep(density, seed), offset=offset, measure_l1=measure_l1)
+
+
+def drop_(
+    tau: torch.Tensor, keep: RandomKeep, *, offset: int = 0, measure_l1: bool = False
+) -> Drop:
+    """DARE drop in place: keep each entry with probability ``keep.p``.
 
     ``tau`` is the flat range ``[offset, offset + numel)`` of a tensor (``offset`` a
-    multiple of 4; ``keep``, if given, is the tensor's RandomKeep, reused across chunks).
-    The work runs block by block (blocks of ``CHUNK`` aligned to the whole tensor), in
-    cache.
+    multiple of 4) and ``keep`` that tensor's RandomKeep, which may be reused from chunk to
+    chunk. The work runs block by block (blocks of ``CHUNK`` aligned to the whole tensor),
+    in cache.
 
     ``measure_l1``: also sum ``|tau|`` before and after the drop, in float32 per block
     and exactly (``math.fsum``) across blocks, so the sums depend neither on how the
     tensor was split nor on thread counts.
     """
-    keep = keep or RandomKeep(density, seed)
     flat = tau.view(-1)
     values = flat.numpy()
     n = flat.numel()

@@ -1,7 +1,7 @@
 """DARE (Yu et al. 2024): drop task-vector entries at random, rescale, then combine.
 
 ``dare_linear`` adds the rescaled task vectors; ``dare_ties`` combines them with the TIES
-sign election. Masks are seeded per (seed, tensor, model): see ``sparsify.random_drop_``.
+sign election. Masks are seeded per (seed, tensor, model): see ``sparsify.RandomKeep``.
 
 ``rescale``: ``inverse_density`` multiplies the kept entries by 1/p (the DARE paper);
 ``l1`` restores each task vector's L1 norm (what mergekit 0.1.5 does with
@@ -23,7 +23,7 @@ from model_glue.merge.methods._common import (
 )
 from model_glue.merge.params import Param
 from model_glue.merge.registry import merge_method
-from model_glue.merge.sparsify import Drop, RandomKeep, kept_l1, mask_seed, random_drop_
+from model_glue.merge.sparsify import Drop, RandomKeep, drop_, kept_l1, mask_seed
 
 RESCALE = Param(
     "rescale",
@@ -77,9 +77,7 @@ def _drop_and_rescale(taus, params, ctx) -> list[float]:
             drops.append(Drop(keep.p))
         else:
             measure = rescale == "l1" and ctx.totals is None
-            drops.append(
-                random_drop_(tau, keep.p, 0, offset=ctx.offset, measure_l1=measure, keep=keep)
-            )
+            drops.append(drop_(tau, keep, offset=ctx.offset, measure_l1=measure))
     if rescale == "inverse_density":
         return [1.0 / d.p if d.p > 0 else 1.0 for d in drops]
     if rescale == "none":
