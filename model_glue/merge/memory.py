@@ -40,10 +40,12 @@ class Merger:
     (call-time values win, key by key). ``names`` label the models (DARE masks are seeded
     by name; default ``model0``, ``model1``...). ``tokenizer_source`` indexes the inputs
     with the base first: the reference for vocabulary alignment and integer buffers.
-    ``vocab_sizes`` (same order) lets ``vocab="truncate"/"pad"`` recognise vocabulary rows. Inputs are kept as given when they are
-    bfloat16, float16 or float32 CPU tensors (16-bit ones stay 16-bit: half the resident
-    size of a float32 copy), otherwise converted once to float32; calls never modify them. ``threads``: torch threads during a call
-    (default 1 when every tensor is under 4M elements, where threads only add
+    ``vocab_sizes`` (same order) lets ``vocab="truncate"/"pad"`` recognise vocabulary rows.
+
+    Inputs are kept as given when they are bfloat16, float16 or float32 CPU tensors
+    (16-bit ones stay 16-bit: half the resident size of a float32 copy), otherwise
+    converted once to float32; calls never modify them. ``threads``: torch threads during
+    a call (default 1 when every tensor is under 4M elements, where threads only add
     synchronisation; otherwise torch's setting; see ``threads.py``).
     """
 
