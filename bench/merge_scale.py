@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from merge_bench import peak_resident_mb  # noqa: E402  (bench/ is the script's directory)
+
 from model_glue.env import configure_environment  # noqa: E402
 
 HOME = configure_environment() / "bench" / "scale"
@@ -98,10 +100,7 @@ def child(config: str, out: str) -> None:
     t0 = time.perf_counter()
     result = merge_to_directory(load_merge_config(config), out)
     seconds = time.perf_counter() - t0
-    peak = 0.0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) / 1024
+    peak = peak_resident_mb()
     print(json.dumps({"merge_s": seconds, "peak_mb": peak, "workers": result.workers}))
 
 

@@ -22,7 +22,7 @@ from model_glue.merge.methods._common import (
     weighted_sum_merge,
 )
 from model_glue.merge.params import Param
-from model_glue.merge.registry import merge_method
+from model_glue.merge.registry import CHUNK, merge_method
 from model_glue.merge.sparsify import Drop, RandomKeep, drop_, kept_l1, mask_seed
 
 RESCALE = Param(
@@ -55,12 +55,13 @@ def _l1_sums(base, models, params, ctx) -> list[float] | None:
     if params["rescale"] != "l1":
         return None
     taus = task_vectors_(base, models)
+    scratch = ctx.memo.setdefault("scratch", np.empty(CHUNK, dtype=np.float32))
     sums = []
     for i, (tau, keep) in enumerate(zip(taus, _keeps(params, ctx), strict=True)):
         values = tau.view(-1).numpy()
         mask = keep.draw(ctx.offset, len(values))
         ctx.memo[("mask", i, ctx.offset)] = mask
-        sums += kept_l1(values, mask, np.empty_like(values))
+        sums += kept_l1(values, mask, scratch[: len(values)])
     return sums
 
 
