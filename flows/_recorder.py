@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from prefect.exceptions import FailedRun
 from prefect.futures import PrefectFuture
 from prefect.states import State
 from rich.console import Console
+from rich.markup import escape
 
 from storage import ArtifactStore, LineageDB
 from tasks._stage import REUSED, for_call
@@ -26,8 +28,20 @@ class Outcome:
     status: str  # completed | cached | reused | failed
     seconds: float
     record: dict | None = None
-    error: BaseException | None = None
+    error: str | None = None  # one line: "CheckpointError: ..." (failed runs only)
     run_id: str | None = None
+    expected: bool = False  # the error is an InputError (bad input), not a bug
+
+
+@dataclass(frozen=True)
+class Failure:
+    stage: str
+    label: str
+    error: str
+    expected: bool
+
+    def __str__(self) -> str:
+        return f"{self.stage} {self.label}: {self.error}"
 
 
 @dataclass
@@ -37,6 +51,7 @@ class Recorder:
     flow_run_id: str
     console: Console = field(default_factory=Console)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
 
     def run(self, task: Any, label: str, /, **params: Any) -> Outcome:
         """Run one stage task now and record it; failures are returned, not raised."""
@@ -74,12 +89,15 @@ class Recorder:
             else:
                 status = "reused" if reused else "completed"
         else:
-            status, record = "failed", None
+            status, record, expected = "failed", None, False
             try:
                 state.result()
-                error = RuntimeError(state.message or state.name)
+                error = state.message or state.name
+            except FailedRun:  # a handled failure: the stage returned Failed(message=...)
+                error, expected = state.message or state.name, True
             except BaseException as e:  # the task's own exception, re-raised by result()
-                error = e
+                error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            self.failures.append(Failure(stage.name, label, error, expected))
         run_id = self.db.record_run(
             stage.name,
             status=status,
@@ -90,7 +108,7 @@ class Recorder:
             params=_small(params),
             inputs=_input_ids(params),
             outputs=[record["key"]] if isinstance(record, dict) and "key" in record else None,
-            error=None if error is None else f"{type(error).__name__}: {error}",
+            error=error,
             flow_run_id=self.flow_run_id,
         )
         self.counts.setdefault(stage.name, {}).setdefault(status, 0)
@@ -98,12 +116,18 @@ class Recorder:
         style = {"completed": "green", "cached": "cyan", "reused": "blue", "failed": "bold red"}[
             status
         ]
-        msg = f"  [{style}]{status:>9}[/] {stage.name:<11} {label}"
-        if error is not None:
-            msg += f"\n            [red]{error}[/]"
-        self.console.print(msg, highlight=False)
+        msg = f"  [{style}]{status:>9}[/] {stage.name:<11} {escape(label)}"
+        if error is not None:  # one line: the traceback of an unexpected error is Prefect's
+            msg += f": [red]{escape(error)}[/]"
+        self.console.print(msg, highlight=False, soft_wrap=True)
         return Outcome(
-            label, status, seconds, record if isinstance(record, dict) else None, error, run_id
+            label,
+            status,
+            seconds,
+            record if isinstance(record, dict) else None,
+            error,
+            run_id,
+            status == "failed" and expected,
         )
 
 

@@ -97,26 +97,52 @@ def run(
     ] = None,
     db: DbOption = None,
 ) -> None:
-    """Run the whole Model-GLUE recipe on the zoo in CONFIG and print the leaderboard."""
-    from model_glue.checkpoint import CheckpointError
-    from model_glue.config import ConfigError, load_config
+    """Run the whole Model-GLUE recipe on the zoo in CONFIG and print the leaderboard.
+
+    Exit codes: 0 the run completed (unreadable zoo models may have been left out, as
+    listed); 1 some stage failed (what could run still ran and was recorded); 2 the config
+    is invalid (nothing ran)."""
+    from model_glue.config import ConfigError, load_config, validate_tasks
 
     try:
-        load_config(config)  # fail fast, before starting Prefect
+        validate_tasks(load_config(config), str(config))  # fail fast, before starting Prefect
     except ConfigError as e:
         _fail(str(e))
+    from flows._logging import RunFailed
     from flows.glue_recipe import run_config
 
     try:
-        summary = run_config(config, store=store, lineage_db=db)
-    except (ConfigError, CheckpointError, RuntimeError) as e:
-        _fail(str(e), 1)
+        summary, failed = run_config(config, store=store, lineage_db=db), None
+    except RunFailed as e:
+        summary, failed = e.summary, e
+    if summary.get("excluded"):
+        err.print(
+            f"[yellow]left out (unreadable, see above):[/] {', '.join(summary['excluded'])}",
+            highlight=False,
+        )
+    _print_summary(summary)
+    if failed is not None:
+        for line in summary.get("failures") or [str(failed)]:
+            err.print(f"[bold red]failed:[/] {escape(line)}", highlight=False)
+        if "flow_run_id" in summary:
+            err.print(f"flow run {summary['flow_run_id']} failed", highlight=False)
+        raise typer.Exit(1)
+    console.print(
+        f"flow run {summary['flow_run_id']} finished in {summary['seconds']:.1f} s ({_counts(summary)})"
+    )
+
+
+def _counts(summary: dict) -> str:
+    return ", ".join(
+        f"{s}: " + "/".join(f"{n} {k}" for k, n in sorted(c.items()))
+        for s, c in summary.get("counts", {}).items()
+    )
+
+
+def _print_summary(summary: dict) -> None:
     import polars as pl
 
-    board = pl.DataFrame(summary["leaderboard"])
-    if summary["excluded"]:
-        for name, why in summary["excluded"].items():
-            err.print(f"[yellow]left out {name}:[/] {why}", highlight=False)
+    board = pl.DataFrame(summary.get("leaderboard") or [])
     if board.height:
         from model_glue.report import leaderboard_plot
 
@@ -128,13 +154,6 @@ def run(
             title=f"Model-GLUE leaderboard ({summary['config']})",
         )
         console.print(f"plot: {png}")
-    counts = ", ".join(
-        f"{s}: " + "/".join(f"{n} {k}" for k, n in sorted(c.items()))
-        for s, c in summary["counts"].items()
-    )
-    console.print(
-        f"flow run {summary['flow_run_id']} finished in {summary['seconds']:.1f} s ({counts})"
-    )
 
 
 @app.command("leaderboard")
@@ -142,20 +161,30 @@ def leaderboard(
     db: DbOption = None,
     flow_run: Annotated[str | None, typer.Option(help="A flow run id (default: latest).")] = None,
 ) -> None:
-    """Print the leaderboard of a flow run (default: the latest completed one)."""
+    """Print the leaderboard of a flow run (default: the latest finished one) and, for a
+    failed run, which stages failed."""
     from storage import LineageDB
 
     ldb = LineageDB(_db_path(db), read_only=True)
-    if flow_run is None:
-        latest = ldb.query(
-            "SELECT flow_run_id FROM flow_runs WHERE status = 'completed' ORDER BY started_at DESC LIMIT 1"
-        )
-        if latest.height == 0:
-            _fail("no completed flow run recorded yet")
-        flow_run = latest.item()
-    print_leaderboard(
-        ldb.leaderboard(flow_run_id=flow_run), title=f"Leaderboard (flow run {flow_run})"
+    where = "status <> 'running'" if flow_run is None else "flow_run_id = ?"
+    run = ldb.query(
+        f"SELECT flow_run_id, status, error FROM flow_runs WHERE {where} "
+        "ORDER BY started_at DESC LIMIT 1",
+        [] if flow_run is None else [flow_run],
     )
+    if run.height == 0:
+        _fail(
+            "no finished flow run recorded yet" if flow_run is None else f"no flow run {flow_run!r}"
+        )
+    flow_run, status, error = run.row(0)
+    board = ldb.leaderboard(flow_run_id=flow_run)
+    if board.height:
+        print_leaderboard(board, title=f"Leaderboard (flow run {flow_run}, {status})")
+    else:
+        console.print(f"flow run {flow_run} ({status}) recorded no scores")
+    for line in (error or "").splitlines():
+        style = "bold red" if status == "failed" and not line.startswith("left out") else "yellow"
+        console.print(f"  [{style}]{escape(line)}[/]", highlight=False)
 
 
 @app.command("lineage")

@@ -1,9 +1,16 @@
 """The Model-GLUE recipe as one Prefect flow.
 
 Reads top to bottom like the paper's figure: fingerprint the zoo -> weight similarity ->
-cluster -> merge each cluster -> evaluate every zoo and merged model -> leaderboard.
-Every stage is a cached task keyed on content, so a rerun with nothing changed executes
-no stage, and a refresh that changes one model reruns only what depends on it.
+cluster -> filter and merge each cluster -> evaluate every zoo and merged model ->
+mixture -> leaderboard. Every stage is a cached task keyed on content, so a rerun with
+nothing changed executes no stage, and a refresh that changes one model reruns only what
+depends on it.
+
+Outcome: the flow completes what it can. A zoo model that cannot be read is left out and
+listed (``on_model_error: skip``, the default) or fails the run (``fail``); any other
+failed stage (similarity, clustering, search, merge, evaluation, mixture) fails the run.
+A failed run still records what it made, then raises :class:`RunFailed`, so Prefect marks
+the flow run Failed and ``glue run`` exits 1; ``flow_runs.error`` holds the reasons.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from prefect import flow
 from prefect.runtime import flow_run
 from rich.console import Console
 
+from flows._logging import RunFailed, quiet_handled_failures
 from flows._recorder import Recorder
-from model_glue.config import RunConfig, load_config
+from model_glue.config import RunConfig, load_config, validate_tasks
 from model_glue.env import glue_home
+from model_glue.errors import InputError
 from model_glue.merge import METHODS
 from storage import ArtifactStore, LineageDB
 from tasks._stage import stable_hash
@@ -44,8 +53,13 @@ def default_db_path(cfg: RunConfig) -> str:
 def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | None = None) -> dict:
     """Run the whole recipe for the zoo described by ``config_path``; return a summary."""
     t0 = time.perf_counter()
+    quiet_handled_failures()
     console = Console(width=None if sys.stdout.isatty() else 160)
-    cfg = load_config(config_path)
+    try:
+        cfg = load_config(config_path)
+        validate_tasks(cfg, config_path)  # unknown tasks fail before any stage runs
+    except InputError as e:
+        raise RunFailed(str(e)) from None
     store_url = store or default_store_url(cfg)
     ArtifactStore(store_url).sweep_tmp()  # leftovers of killed runs
     db = LineageDB(lineage_db or default_db_path(cfg))
@@ -54,16 +68,42 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
         run_id, flow="model-glue-recipe", config_hash=stable_hash(cfg.model_dump(mode="json"))
     )
     rec = Recorder(db, store_url, run_id, console)
-    status = "failed"
+    summary: dict = {"config": cfg.name, "excluded": {}, "failures": []}
     try:
         summary = _recipe(cfg, rec, db, store_url, console)
-        status = "completed"
-    finally:
-        db.finish_flow_run(run_id, status)
+    except RunFailed as e:  # a stage every later one needs failed: report what there is
+        summary["failures"] = [*_failures(cfg, rec), str(e)]
+        summary["excluded"] = _excluded(rec)
+    except BaseException as e:
+        db.finish_flow_run(run_id, "failed", f"{type(e).__name__}: {e}")
+        raise
     summary.update(
         flow_run_id=run_id, seconds=round(time.perf_counter() - t0, 2), counts=rec.counts
     )
+    failures = summary["failures"]
+    notes = [f"left out {n}: {why}" for n, why in summary["excluded"].items()]
+    db.finish_flow_run(
+        run_id, "failed" if failures else "completed", "\n".join(failures + notes) or None
+    )
+    if failures:
+        raise RunFailed(
+            f"{len(failures)} failure(s): "
+            + "; ".join(failures[:3])
+            + ("; ..." if len(failures) > 3 else ""),
+            summary,
+        )
     return summary
+
+
+def _failures(cfg: RunConfig, rec: Recorder) -> list[str]:
+    """The failed stage runs that fail the run (unreadable zoo models only with ``fail``)."""
+    return [
+        str(f) for f in rec.failures if f.stage != "fingerprint" or cfg.on_model_error == "fail"
+    ]
+
+
+def _excluded(rec: Recorder) -> dict[str, str]:
+    return {f.label: f.error for f in rec.failures if f.stage == "fingerprint"}
 
 
 def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, console: Console) -> dict:
@@ -76,9 +116,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     with db.transaction():
         _record_models(db, outcomes, models, excluded)
     if not models:
-        raise RuntimeError(
-            "no usable model in the zoo: " + "; ".join(f"{k}: {v}" for k, v in excluded.items())
-        )
+        raise RunFailed("no usable model in the zoo")
     by_fp = {m["fingerprint"]: m for m in models}
     name_of = {fp: m["name"] for fp, m in by_fp.items()}
 
@@ -108,28 +146,31 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
                 base=_refs([base])[0] if base else None,
             )
             if o.record is None:
-                raise RuntimeError(f"similarity failed: {o.error}")
+                raise RunFailed(f"similarity {label} failed")
             if base is None:
                 sim_keys.append(o.record["key"])
             name = f"similarity:{arch[:8]}" + (f":vs-{base['name']}" if base else "")
-            if db.record_artifact(
-                o.record["key"],
-                kind="similarity",
-                name=name,
-                uri=ArtifactStore(store_url).uri("record", o.record["key"]),
-                stage="similarity",
-                run_id=o.run_id,
-                parents=[m["fingerprint"] for m in group],
-            ):
-                tensor_set = ",".join(sorted(groups))
-                rows = (
-                    o.record["pairs"]
-                    if base is None
-                    else [r for r in o.record["pairs"] if r["metric"] == "task_vector_cosine"]
-                )
-                db.record_similarities([{**r, "tensor_set": tensor_set} for r in rows], o.run_id)
-                if base is None:
-                    db.record_tensor_similarities(o.record["tensor_pairs"], o.run_id)
+            with db.transaction():  # the artifact and its details, or neither
+                if db.record_artifact(
+                    o.record["key"],
+                    kind="similarity",
+                    name=name,
+                    uri=ArtifactStore(store_url).uri("record", o.record["key"]),
+                    stage="similarity",
+                    run_id=o.run_id,
+                    parents=[m["fingerprint"] for m in group],
+                ):
+                    tensor_set = ",".join(sorted(groups))
+                    rows = (
+                        o.record["pairs"]
+                        if base is None
+                        else [r for r in o.record["pairs"] if r["metric"] == "task_vector_cosine"]
+                    )
+                    db.record_similarities(
+                        [{**r, "tensor_set": tensor_set} for r in rows], o.run_id
+                    )
+                    if base is None:
+                        db.record_tensor_similarities(o.record["tensor_pairs"], o.run_id)
 
     # 2. Clustering: architecture first, then complete linkage at the threshold.
     console.rule("[bold]cluster")
@@ -141,24 +182,37 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         similarity_keys=sim_keys,
         metric=sc.metric,
         threshold=sc.threshold,
+        related=_related_pairs(models, cfg),
     )
     if o.record is None:
-        raise RuntimeError(f"clustering failed: {o.error}")
+        raise RunFailed("clustering failed")
     clusters = o.record["clusters"]
-    if db.record_artifact(
-        o.record["key"],
-        kind="clustering",
-        name="clustering",
-        stage="cluster",
-        uri=ArtifactStore(store_url).uri("record", o.record["key"]),
-        run_id=o.run_id,
-        parents=sim_keys or [m["fingerprint"] for m in models],
-    ):
-        db.record_clusters(
+    with db.transaction():
+        if db.record_artifact(
             o.record["key"],
-            [[mm["fingerprint"] for mm in c["members"]] for c in clusters],
-            o.run_id,
-        )
+            kind="clustering",
+            name="clustering",
+            stage="cluster",
+            uri=ArtifactStore(store_url).uri("record", o.record["key"]),
+            run_id=o.run_id,
+            parents=sim_keys or [m["fingerprint"] for m in models],
+        ):
+            db.record_clusters(
+                o.record["key"],
+                [[mm["fingerprint"] for mm in c["members"]] for c in clusters],
+                o.run_id,
+            )
+            db.record_thresholds(
+                o.record["key"], sc.metric, o.record.get("thresholds", []), o.run_id
+            )
+    for t in o.record.get("thresholds", []):
+        if t["rule"] == "widest-gap":
+            console.print(
+                f"  threshold {t['threshold']:.3f} on {sc.metric} (auto: widest gap "
+                f"{t['gap_low']:.3f}..{t['gap_high']:.3f} among {len(t['values'])} pairs, "
+                f"arch {t['arch_signature'][:8]})",
+                highlight=False,
+            )
     for i, c in enumerate(clusters):
         names = ", ".join(name_of[mm["fingerprint"]] for mm in c["members"])
         low = (
@@ -172,6 +226,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     console.rule("[bold]merge")
     store = ArtifactStore(store_url)
     outputs, merged = [], []  # outputs: one model per cluster, the mixture's experts
+    failed_clusters: list[str] = []  # failures that are not a stage run
     for c in clusters:
         members = [by_fp[mm["fingerprint"]] for mm in c["members"]]
         if len(members) == 1:
@@ -182,9 +237,10 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
         if METHODS[cfg.merge.method].base != "none":  # task vectors: the cluster's declared base
             base = next((m for m in members if m["name"] == anchor), None)
             if base is None:
-                rec.console.print(
-                    f"  [red]{cfg.merge.method} needs a base; no declared base in cluster of {anchor}[/]"
+                failed_clusters.append(
+                    f"merge cluster of {anchor}: {cfg.merge.method} needs a base; no declared base in it"
                 )
+                rec.console.print(f"  [red]{failed_clusters[-1]}[/]", highlight=False)
                 continue
             members = [m for m in members if m is not base]
         members = _refs(members)
@@ -209,8 +265,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             base=_refs([base])[0] if base else None,
         )
         if o.record is None:
-            console.print(f"  [red]merge {label} failed; continuing without it[/]")
-            continue
+            continue  # the recorder printed why; the run will be marked failed
         r = o.record
         merged.append(label)
         outputs.append(
@@ -251,6 +306,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     board = db.leaderboard(flow_run_id=rec.flow_run_id)
     return {
         "config": cfg.name,
+        "failures": _failures(cfg, rec) + failed_clusters,
         "models": [m["name"] for m in models],
         "excluded": excluded,
         "clusters": [[name_of[mm["fingerprint"]] for mm in c["members"]] for c in clusters],
@@ -283,10 +339,10 @@ def _select(
         proxy_tasks=list(fc.proxy_tasks or cfg.evaluation.tasks),
         proxy_limit=fc.proxy_limit,
         include_paths=list(cfg.evaluation.include_paths),
+        proxy_metric=fc.proxy_metric,
     )
     if o.record is None:
-        rec.console.print(f"  [red]search failed in cluster of {anchor}; cluster left out[/]")
-        return None
+        return None  # the recorder printed why; the run will be marked failed
     r = o.record
     with db.transaction():
         if db.record_artifact(
@@ -392,10 +448,11 @@ def _mixture(
         prompts=prompts or {},
         accuracy_tasks=list(cfg.evaluation.tasks) if mc.router_accuracy else [],
         accuracy_limit=cfg.evaluation.limit,
+        include_paths=list(cfg.evaluation.include_paths),
+        accuracy_metric=cfg.filter.proxy_metric,
     )
     if o.record is None:
-        rec.console.print("  [red]mixture failed; continuing without it[/]")
-        return None
+        return None  # the recorder printed why; the run will be marked failed
     r = o.record
     db.record_artifact(
         r["artifact_id"],
@@ -434,7 +491,7 @@ def _record_models(
 ) -> None:
     for o in outcomes:
         if o.record is None:
-            excluded[o.label] = str(o.error)
+            excluded[o.label] = o.error or "failed"
             continue
         models.append(o.record)
         db.record_model(
@@ -476,6 +533,21 @@ def _base_families(members: list[dict], cfg: RunConfig) -> list[tuple[dict, list
         if base_name in by_name and len(tunes) >= 2:
             out.append((by_name[base_name], [by_name[base_name], *tunes]))
     return out
+
+
+def _related_pairs(models: list[dict], cfg: RunConfig) -> list[list[str]]:
+    """Fingerprint pairs that declared ``base:`` relations put in one family: each fine-tune
+    with its base, and fine-tunes of one base with each other."""
+    fp = {m["name"]: m["fingerprint"] for m in models}
+    family: dict[str, list[str]] = defaultdict(list)
+    for z in cfg.zoo:
+        if z.base is not None and z.name in fp:
+            family[z.base].append(fp[z.name])
+    pairs = set()
+    for base, tunes in family.items():
+        members = tunes + ([fp[base]] if base in fp else [])
+        pairs |= {tuple(sorted((a, b))) for a in members for b in members if a != b}
+    return [list(p) for p in sorted(pairs)]
 
 
 def _anchor(members: list[dict], cfg: RunConfig) -> str:

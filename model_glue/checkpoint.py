@@ -21,6 +21,8 @@ from functools import cached_property
 import fsspec
 import torch
 
+from model_glue.errors import InputError
+
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -43,7 +45,7 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is missing, truncated or not a safetensors Hugging Face directory."""
 
 

@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model_glue.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A run configuration file is missing, malformed or invalid."""
 
 
@@ -33,9 +35,20 @@ class ZooModel(_Strict):
 class SimilarityConfig(_Strict):
     groups: list[Literal["attn", "mlp", "embed"]] = Field(default=["attn", "mlp"], alias="tensors")
     metric: Literal["sim_all", "sim_attn", "sim_mlp", "flat_cosine"] = "sim_all"
-    threshold: float = Field(default=0.95, ge=0.0, le=1.0)
+    # "auto": the widest gap in each architecture group's measured similarities (see
+    # model_glue.clustering.auto_threshold); a number is used as is (the paper: 0.95)
+    threshold: float | Literal["auto"] = "auto"
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be a number in [0, 1] or 'auto', got {v!r}")
+        return float(v)
 
 
 class MergeSettings(_Strict):
@@ -49,6 +62,9 @@ class FilterSettings(_Strict):
 
     strategy: Literal["none", "average", "coefficient", "similarity", "evolutionary"] = "none"
     proxy_tasks: list[str] | None = None  # default: the evaluation tasks
+    # the metric a proxy task is scored on, for tasks that report several (default: the
+    # task's only metric; a task with several and no proxy_metric fails the search)
+    proxy_metric: str | None = None
     proxy_limit: int | None = Field(
         default=100, gt=0
     )  # documents per proxy task and trial (paper: ~100)
@@ -88,6 +104,8 @@ class EvaluationConfig(_Strict):
     tasks: list[str] = Field(min_length=1)
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=32, gt=0)
+    # folders of lm-eval task files (relative to the config file); every stage that runs
+    # lm-eval sees them (evaluation, the search's proxy, the mixture's router accuracy)
     include_paths: list[str] = Field(default_factory=list)
 
 
@@ -101,6 +119,14 @@ class RunConfig(_Strict):
     merge: MergeSettings = MergeSettings()
     mixture: MixtureSettings = MixtureSettings(variant="none")
     evaluation: EvaluationConfig
+    # a zoo model that cannot be read (missing, truncated, pickle-only, ...): "skip" leaves it
+    # out and says so (the run can still succeed); "fail" fails the run after the rest ran
+    on_model_error: Literal["skip", "fail"] = "skip"
+
+    @property
+    def task_names(self) -> list[str]:
+        """Every lm-eval task the run uses: evaluation and proxy tasks, in order, once."""
+        return list(dict.fromkeys([*self.evaluation.tasks, *(self.filter.proxy_tasks or [])]))
 
     @field_validator("zoo")
     @classmethod
@@ -157,7 +183,8 @@ def _format_error(source: str, err: ValidationError, model: type[BaseModel]) -> 
                 f"{source}: {loc}: unknown key" + (f" (allowed: {allowed})" if allowed else "")
             )
         else:
-            lines.append(f"{source}: {loc}: {e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {msg}" if loc == "<root>" else f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 
 
@@ -191,20 +218,37 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     except ValidationError as e:
         raise ConfigError(_format_error(source, e, RunConfig)) from None
     if base_dir is not None:
-        cfg = cfg.model_copy(
-            update={
-                "zoo": [
-                    m.model_copy(update={"path": resolve_path(m.path, base_dir)}) for m in cfg.zoo
-                ]
-            }
-        )
+        cfg = resolve_paths(cfg, base_dir)
     return cfg
 
 
+def resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    """Every path of the run config, relative to ``base_dir`` (the config file's folder).
+
+    The one place that knows which fields are paths: zoo models, the store and the lineage
+    database, and the lm-eval task folders. URLs and absolute paths are kept as written;
+    ``~`` is expanded.
+    """
+    ev = cfg.evaluation
+    return cfg.model_copy(
+        update={
+            "zoo": [m.model_copy(update={"path": resolve_path(m.path, base_dir)}) for m in cfg.zoo],
+            "store": None if cfg.store is None else resolve_path(cfg.store, base_dir),
+            "lineage_db": None
+            if cfg.lineage_db is None
+            else resolve_path(cfg.lineage_db, base_dir),
+            "evaluation": ev.model_copy(
+                update={"include_paths": [resolve_path(p, base_dir) for p in ev.include_paths]}
+            ),
+        }
+    )
+
+
 def resolve_path(path: str, base_dir: Path) -> str:
-    if "://" in path or Path(path).is_absolute():
+    if "://" in path:
         return path
-    return str((base_dir / path).resolve())
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -216,3 +260,26 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {e}") from None
     return parse_config(data, str(path), path.parent.resolve())
+
+
+def validate_tasks(cfg: RunConfig, source: str = "<config>") -> None:
+    """Every lm-eval task the run names exists, before any stage runs (imports lm-eval).
+
+    Raises a :class:`ConfigError` naming the key, the task and the folders searched."""
+    from model_glue.evaluate import TaskError, task_folders, unknown_tasks
+
+    paths = list(cfg.evaluation.include_paths)
+    try:
+        unknown = set(unknown_tasks(cfg.task_names, paths))
+    except TaskError as e:
+        raise ConfigError(f"{source}: evaluation.include_paths: {e}") from None
+    for key, names in (
+        ("evaluation.tasks", cfg.evaluation.tasks),
+        ("filter.proxy_tasks", cfg.filter.proxy_tasks or []),
+    ):
+        bad = [t for t in names if t in unknown]
+        if bad:
+            raise ConfigError(
+                f"{source}: {key}: unknown lm-eval task {', '.join(repr(t) for t in bad)} "
+                f"(searched {', '.join(task_folders(paths))} and lm-eval's built-in tasks)"
+            )

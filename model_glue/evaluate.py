@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_glue.checkpoint import Checkpoint
+from model_glue.errors import InputError
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 DEMO_TASKS_DIR = Path(__file__).resolve().parent / "zoo" / "lm_tasks"
 BOOTSTRAP_ITERS = 1000  # only metrics without a closed-form stderr bootstrap; `mean` does not
 _QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate")
+
+
+class TaskError(InputError):
+    """An lm-eval task that cannot be found, or whose metric cannot be chosen."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,8 @@ def evaluate(
     import lm_eval
     from lm_eval.api.model import LM
 
+    manager = manager_for(tasks, include_paths or ())
     lm = model if isinstance(model, LM) else _hf_lm(model, tokenizer, batch_size)
-    manager = task_manager(tuple(include_paths or ()), builtin=False)
-    if not all(manager.match_tasks([t]) for t in tasks):  # e.g. arc_challenge: lm-eval's own tasks
-        manager = task_manager(tuple(include_paths or ()), builtin=True)
     with quiet_lm_eval():
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -125,12 +128,96 @@ def task_manager(include_paths: tuple[str, ...] = (), builtin: bool = True) -> T
     """
     from lm_eval.tasks import TaskManager
 
-    paths = [str(DEMO_TASKS_DIR)] + [str(Path(p).resolve()) for p in include_paths]
+    paths = task_folders(include_paths)
     missing = [p for p in paths if not Path(p).is_dir()]
     if missing:
-        raise FileNotFoundError(f"evaluate: task include path(s) not found: {missing}")
+        raise TaskError(f"task folder not found: {missing[0]}")
     with quiet_lm_eval():
-        return TaskManager(include_path=sorted(set(paths)), include_defaults=builtin)
+        manager = TaskManager(include_path=sorted(set(paths)), include_defaults=builtin)
+    _resolve_data_files_beside_yaml(manager)
+    return manager
+
+
+_DATA_KEYS = ("data_files", "data_dir")
+
+
+def _resolve_data_files_beside_yaml(manager: TaskManager) -> None:
+    """Relative ``dataset_kwargs.data_files`` / ``data_dir`` of a task file are read
+    relative to that file's folder, like every other path of a run.
+
+    lm-eval hands them to ``datasets.load_dataset``, which resolves them against the working
+    directory: a task folder next to the run config then works only when ``glue run`` is
+    started from that folder. A path is rewritten only when it exists beside the YAML;
+    anything else (absolute paths, URLs, globs, hub names) is passed through unchanged.
+    """
+    factory = getattr(manager, "_factory", None)
+    load = getattr(factory, "_load_full_config", None)
+    if load is None or getattr(load, "_glue_resolves_data", False):
+        return  # another lm-eval layout: paths keep lm-eval's own (cwd) rule
+
+    def load_full_config(entry, overrides=None):
+        cfg = load(entry, overrides)
+        yaml_path = getattr(entry, "yaml_path", None)
+        kwargs = cfg.get("dataset_kwargs")
+        if yaml_path and isinstance(kwargs, dict):
+            folder = Path(yaml_path).parent
+            cfg["dataset_kwargs"] = {
+                k: _beside(v, folder) if k in _DATA_KEYS else v for k, v in kwargs.items()
+            }
+        return cfg
+
+    load_full_config._glue_resolves_data = True  # type: ignore[attr-defined]
+    factory._load_full_config = load_full_config
+
+
+def _beside(value: Any, folder: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _beside(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_beside(v, folder) for v in value]
+    if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+        candidate = folder / value
+        if candidate.exists():
+            return str(candidate)
+    return value
+
+
+def task_folders(include_paths: Sequence[str] = ()) -> list[str]:
+    """The folders whose task files a run sees: the demo tasks, then ``include_paths``."""
+    return [str(DEMO_TASKS_DIR), *(str(Path(p).resolve()) for p in include_paths)]
+
+
+def unknown_tasks(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> list[str]:
+    """The names in ``tasks`` that neither the task folders nor lm-eval's own tasks define.
+
+    Local folders are indexed first (fast); lm-eval's built-in index (tens of seconds) is
+    only read when some name is not local. A missing folder raises :class:`TaskError`.
+    """
+    missing = [p for p in include_paths if not Path(p).is_dir()]
+    if missing:
+        raise TaskError(f"task folder not found: {missing[0]}")
+    paths = tuple(include_paths)
+    local = task_manager(paths, builtin=False)
+    unknown = [t for t in tasks if not local.match_tasks([t])]
+    if unknown:
+        everything = task_manager(paths, builtin=True)
+        unknown = [t for t in unknown if not everything.match_tasks([t])]
+    return unknown
+
+
+def manager_for(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> TaskManager:
+    """The cheapest TaskManager that knows every one of ``tasks`` (a clear error if none does)."""
+    paths = tuple(include_paths)
+    local = task_manager(paths, builtin=False)
+    if all(local.match_tasks([t]) for t in tasks):
+        return local
+    unknown = unknown_tasks(tasks, include_paths)
+    if unknown:
+        raise TaskError(
+            f"unknown lm-eval task(s) {', '.join(unknown)} (searched {', '.join(task_folders(include_paths))} "
+            "and lm-eval's built-in tasks)"
+        )
+    return task_manager(paths, builtin=True)
 
 
 def _hf_lm(
@@ -177,18 +264,43 @@ def quiet_lm_eval() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), _no_environment_probe():
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_environment_probe() -> Iterator[None]:
+    """``simple_evaluate`` runs ``git describe`` (which prints "fatal: not a git repository"
+    on the terminal outside a repository) and torch's environment report (``pip``
+    subprocesses) for its result header, which the pipeline never reads."""
+    try:
+        import lm_eval.evaluator as evaluator
+    except ImportError:
+        evaluator = None
+    if not hasattr(evaluator, "add_env_info") or not hasattr(evaluator, "get_git_commit_hash"):
+        yield
+        return
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash = lambda: None
+    evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
+
+
 __all__: Sequence[str] = (
     "DEMO_TASKS_DIR",
     "Score",
+    "TaskError",
     "evaluate",
+    "manager_for",
     "quiet_lm_eval",
     "scores_from_results",
+    "task_folders",
     "task_manager",
+    "unknown_tasks",
 )

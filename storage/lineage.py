@@ -587,6 +587,53 @@ class LineageDB:
         )
         return self._insert_frame("clusters", df, cols)
 
+    def record_thresholds(
+        self,
+        clustering_id: str,
+        metric: str,
+        thresholds: Iterable[Mapping[str, Any]],
+        run_id: str | None = None,
+    ) -> int:
+        """One row per architecture group: ``arch_signature``, ``threshold``, ``rule`` and,
+        for ``auto``, the gap and the pairwise values it was chosen from (idempotent)."""
+        rows = [
+            {
+                "arch_signature": t["arch_signature"],
+                "rule": t["rule"],
+                "threshold": float(t["threshold"]),
+                "gap_low": t.get("gap_low"),
+                "gap_high": t.get("gap_high"),
+                "n_pairs": len(t.get("values", ())),
+                "pair_values": list(t.get("values", ())),
+            }
+            for t in thresholds
+        ]
+        if not rows:
+            return 0
+        cols = (
+            "clustering_id",
+            "arch_signature",
+            "metric",
+            "rule",
+            "threshold",
+            "gap_low",
+            "gap_high",
+            "n_pairs",
+            "pair_values",
+            "run_id",
+        )
+        frame = self._frame(
+            "cluster_thresholds",
+            rows,
+            ("arch_signature", "rule", "threshold", "n_pairs"),
+            ("gap_low", "gap_high", "pair_values"),
+            {"clustering_id": clustering_id, "metric": metric, "run_id": run_id},
+            json_columns=("pair_values",),
+        )
+        return self._insert_frame(
+            "cluster_thresholds", frame, cols, on_conflict="ON CONFLICT DO NOTHING"
+        )
+
     def record_trials(
         self, df: pl.DataFrame | Iterable[Mapping[str, Any]], run_id: str | None = None
     ) -> int:

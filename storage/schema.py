@@ -11,7 +11,7 @@ N under ``MIGRATIONS[N]``.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # A stage run's status: 'cached' is a Prefect cache hit, 'reused' a run whose stage found
 # its output already complete in the artifact store (Prefect's result was gone) and did
@@ -120,6 +120,21 @@ TABLES: tuple[str, ...] = (
         model_fingerprint VARCHAR NOT NULL,
         run_id VARCHAR
     )""",
+    # the similarity threshold of each architecture group of a clustering: given, or chosen
+    # by ``auto`` (the midpoint of the widest gap, gap_low..gap_high, among pair_values)
+    """CREATE TABLE IF NOT EXISTS cluster_thresholds (
+        clustering_id VARCHAR NOT NULL,
+        arch_signature VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        rule VARCHAR NOT NULL,
+        threshold DOUBLE NOT NULL,
+        gap_low DOUBLE,
+        gap_high DOUBLE,
+        n_pairs INTEGER NOT NULL,
+        pair_values JSON,
+        run_id VARCHAR,
+        PRIMARY KEY (clustering_id, arch_signature)
+    )""",
     """CREATE TABLE IF NOT EXISTS trials (
         search_id VARCHAR NOT NULL,
         trial INTEGER NOT NULL,
@@ -176,4 +191,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "INSERT INTO runs SELECT * FROM runs_v1",
         "DROP TABLE runs_v1",
     ),
+    # 3: cluster_thresholds (created by the TABLES pass that follows every migration)
+    3: (),
 }

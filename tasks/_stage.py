@@ -12,6 +12,7 @@ record it produces is identical to the cached one because both derive from the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
+from prefect.states import Failed
 
+from model_glue.errors import InputError
 from storage import ArtifactStore
 
 # Every stage's record is stored as JSON under this artifact kind prefix.
@@ -55,7 +58,12 @@ class Stage:
         )
 
     def task(self, fn: Callable, **task_options: Any):
-        """Wrap ``fn(store_url=..., **params) -> dict`` as a cached Prefect task."""
+        """Wrap ``fn(store_url=..., **params) -> dict`` as a cached Prefect task.
+
+        An :class:`~model_glue.errors.InputError` (a truncated checkpoint, an unknown task)
+        ends the task in a handled ``Failed`` state whose message is the error's one line,
+        so no traceback is logged for it; any other exception fails the task with its
+        traceback, as Prefect does."""
         stage = self
 
         def cache_key_fn(_ctx, params: dict[str, Any]) -> str:
@@ -68,9 +76,22 @@ class Stage:
             "result_serializer": "json",
             **task_options,
         }
-        wrapped = task(**options)(fn)
+
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except InputError as e:
+                return Failed(message=input_error_message(e))
+
+        wrapped = task(**options)(body)
         wrapped.stage = stage  # type: ignore[attr-defined]
         return wrapped
+
+
+def input_error_message(e: InputError) -> str:
+    """The one line that reports an expected input error: ``CheckpointError: <message>``."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def for_call(task: Any, params: dict[str, Any], store: ArtifactStore) -> Any:

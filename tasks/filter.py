@@ -9,6 +9,9 @@ trial for the lineage ``trials`` table.
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
+from model_glue.merge.spec import ENGINE_VERSION
 from storage import ArtifactStore
 from tasks._stage import Stage, load_record, save_record
 from tasks.evaluate import task_files_hash
@@ -17,14 +20,16 @@ SEARCH_VERSION = "1"
 
 STAGE = Stage(
     name="filter",
-    code_version=f"filter-{SEARCH_VERSION}",
-    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths: {
+    # the search merges through the engine and scores through lm-eval: both change numbers
+    code_version=f"filter-{SEARCH_VERSION}-{ENGINE_VERSION}-lm_eval-{version('lm-eval')}",
+    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None: {
         "members": sorted((m["name"], m["fingerprint"]) for m in members),
         "base": base["fingerprint"] if base else None,
         "method": method,
         "params": params,
         "settings": settings,
-        "proxy": [sorted(proxy_tasks), proxy_limit, task_files_hash(include_paths)],
+        "proxy": [sorted(proxy_tasks), proxy_limit, task_files_hash(include_paths)]
+        + ([proxy_metric] if proxy_metric else []),
     },
 )
 
@@ -39,6 +44,7 @@ def _filter(
     proxy_tasks: list[str],
     proxy_limit: int | None,
     include_paths: list[str],
+    proxy_metric: str | None = None,
 ) -> dict:
     """``settings``: strategy plus its options (grid; budget, sigma0, seed, layer_groups,
     search_density). ``members`` never include ``base`` (it enters as the task-vector origin)."""
@@ -53,6 +59,7 @@ def _filter(
             "proxy_tasks": proxy_tasks,
             "proxy_limit": proxy_limit,
             "include_paths": include_paths,
+            "proxy_metric": proxy_metric,
         }
     )
     if (record := load_record(store, key)) is not None:
@@ -71,6 +78,8 @@ def _filter(
             limit=proxy_limit,
             base=base["uri"] if base else None,
             method_params={method: params} if params else None,
+            metric=proxy_metric,
+            include_paths=include_paths,
         )
         strategy = settings["strategy"]
         if strategy == "evolutionary":

@@ -9,23 +9,27 @@ path; it is content-addressed by the experts' fingerprints, the router settings 
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from storage import ArtifactStore
 from tasks._stage import Stage, load_record, save_record
+from tasks.evaluate import task_files_hash
 
 MIXTURE_VERSION = "1"
 MIXTURE_KIND = "mixture"
 
 STAGE = Stage(
     name="mixture",
-    code_version=f"mixture-{MIXTURE_VERSION}",
-    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit: {
+    code_version=f"mixture-{MIXTURE_VERSION}-lm_eval-{version('lm-eval')}",
+    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None: {
         "experts": [(e["name"], e["fingerprint"]) for e in experts],
         "backbone": backbone["fingerprint"],
         "router": router,
         "layer": layer,
         "pooling": pooling,
         "prompts": prompts,
-        "accuracy": [sorted(accuracy_tasks), accuracy_limit],
+        "accuracy": [sorted(accuracy_tasks), accuracy_limit]
+        + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
     },
 )
 
@@ -60,6 +64,8 @@ def _mixture(
     prompts: dict[str, dict[str, list[str]]],
     accuracy_tasks: list[str],
     accuracy_limit: int | None,
+    include_paths: list[str] = (),  # type: ignore[assignment]
+    accuracy_metric: str | None = None,
 ) -> dict:
     """``experts``: records with name, fingerprint and a local ``path``; ``backbone`` one of them."""
     store = ArtifactStore(store_url)
@@ -72,6 +78,8 @@ def _mixture(
         "prompts": prompts,
         "accuracy_tasks": accuracy_tasks,
         "accuracy_limit": accuracy_limit,
+        "include_paths": include_paths,
+        "accuracy_metric": accuracy_metric,
     }
     key = STAGE.key(params)
     if (record := load_record(store, key)) is not None and store.exists(MIXTURE_KIND, key):
@@ -108,7 +116,13 @@ def _mixture(
     if accuracy_tasks:
         mixture = load_mixture(path)
         with quiet_lm_eval():
-            labels = expert_correctness(mixture, accuracy_tasks, limit=accuracy_limit)
+            labels = expert_correctness(
+                mixture,
+                accuracy_tasks,
+                limit=accuracy_limit,
+                metric=accuracy_metric,
+                include_paths=include_paths,
+            )
         accuracy = [
             {
                 "task": a.task,

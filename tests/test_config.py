@@ -45,7 +45,7 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
         (GOOD.replace("name: ft", "name: base"), r"model name 'base' appears twice"),
         (
             GOOD.replace("threshold: 0.9", "threshold: 1.9"),
-            r"similarity.threshold: Input should be less than or equal to 1",
+            r"glue.yaml: similarity.threshold: must be a number in \[0, 1\] or 'auto', got 1.9$",
         ),
         (
             GOOD.replace("tensors: [attn, mlp]", "tensors: [attn, norms]"),
@@ -73,4 +73,4 @@ def test_missing_file(tmp_path):
 
 def test_parse_without_file():
     cfg = parse_config({"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"]}})
-    assert cfg.merge.method == "linear" and cfg.similarity.threshold == 0.95
+    assert cfg.merge.method == "linear" and cfg.similarity.threshold == "auto"

@@ -188,7 +188,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_model):
         evaluate(model, ["demo_add"])
     with pytest.raises(ValueError, match="no tasks"):
         evaluate(model, [])
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    from model_glue.evaluate import TaskError
+
+    with pytest.raises(TaskError, match="task folder not found: .*nowhere"):
         evaluate(model, ["demo_add"], tokenizer=_, include_paths=[str(tmp_path / "nowhere")])
 
 

@@ -98,7 +98,9 @@ def test_only_requested_pairs_read_only_involved_models(tiny_llama, monkeypatch)
     res = pairwise_similarity(ckpts, pairs=[("d", "a"), ("b", "d")])
     assert set(res.summary) == {("a", "d"), ("b", "d")}
     assert reads["c"] == 0 and reads["d"] == reads["a"] == reads["b"] == 14
-    assert res.summary[("a", "d")] == pytest.approx(full.summary[("a", "d")])
+    # float32 Gram over a different batch of models: equal to float32 rounding (values near
+    # 0 make a relative tolerance meaningless)
+    assert res.summary[("a", "d")] == pytest.approx(full.summary[("a", "d")], abs=1e-6)
 
 
 def test_clustering_is_order_independent_and_complete_linkage():

@@ -343,7 +343,9 @@ def test_version_1_database_migrates_to_admit_reused_runs(tmp_path: Path) -> Non
     db = LineageDB(path)
     run = db.start_run("merge")
     db.finish_run(run, "reused")
-    assert db.schema_version() == 2
+    from storage.schema import SCHEMA_VERSION
+
+    assert db.schema_version() == SCHEMA_VERSION
     rows = db.query("SELECT run_id, status FROM v_runs ORDER BY status")
     assert rows["status"].to_list() == ["cached", "reused"]
     assert "r1" in rows["run_id"].to_list()

@@ -107,12 +107,14 @@ def test_glue_yaml_lists_the_zoo_and_validates(tiny_zoo):
     assert data["similarity"]["tensors"] == ["attn", "mlp"]
     assert data["merge"] == {"method": "linear"}
     assert data["evaluation"] == {"tasks": ["demo_add", "demo_next", "demo_last"], "limit": None}
-    # the threshold lies between the families' measured similarities (recorded in the comment)
+    # threshold auto: the gap it finds lies between the families' measured similarities
+    from model_glue.clustering import auto_threshold
     from model_glue.zoo.config_file import measured_similarity
 
+    assert data["similarity"]["threshold"] == "auto"
     within, across = measured_similarity(tiny_zoo, TINY)
     assert len(within) == 1 and len(across) == 2
-    assert max(across) < data["similarity"]["threshold"] < min(within)
+    assert max(across) < auto_threshold(within + across).threshold < min(within)
     from model_glue.config import load_config
 
     assert [m.name for m in load_config(tiny_zoo / "glue.yaml").zoo] == [

@@ -23,12 +23,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model_glue.errors import InputError
+
 REQUIRED: Any = object()  # sentinel: the parameter has no default
 
 Setting = Any  # scalar | list[scalar] | list[{"filter": str, "value": Setting}]
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(InputError):
     """A merge configuration names an unknown method, parameter or value."""
 
 

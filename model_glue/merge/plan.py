@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from model_glue.errors import InputError
 from model_glue.merge.params import depth_position, layer_index, resolve
 from model_glue.merge.registry import MergeMethod
 
 
-class MergeInputError(ValueError):
+class MergeInputError(InputError):
     """The inputs cannot be merged: missing tensors, shape or vocabulary mismatch."""
 
 

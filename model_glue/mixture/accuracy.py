@@ -55,18 +55,20 @@ def expert_correctness(
     mixture: ModelLevelMixture,
     tasks: Sequence[str],
     *,
-    metric: str = "exact_match",
+    metric: str | None = None,
     limit: int | None = None,
     samples: dict[str, list[int]] | None = None,
     include_paths: Sequence[str] = (),
     batch_size: int = 32,
 ) -> ExpertCorrectness:
-    """Run every expert on ``tasks`` through lm-eval and keep each sample's ``metric``."""
+    """Run every expert on ``tasks`` through lm-eval and keep each sample's ``metric``
+    (default: each task's only metric; a task with several needs ``metric``)."""
     import lm_eval
 
-    from model_glue.evaluate import task_manager
+    from model_glue.evaluate import TaskError, manager_for
     from model_glue.mixture.lm import MixtureLM
 
+    manager = manager_for(tasks, include_paths)
     helper = MixtureLM(mixture, batch_size=batch_size)
     per_expert = []
     for e in range(len(mixture.names)):
@@ -75,7 +77,7 @@ def expert_correctness(
             tasks=list(tasks),
             limit=limit,
             samples=samples,
-            task_manager=task_manager(tuple(include_paths)),
+            task_manager=manager,
             log_samples=True,
             bootstrap_iters=0,
         )
@@ -85,13 +87,17 @@ def expert_correctness(
         rows = sorted(per_expert[0][task], key=lambda s: s["doc_id"])
         by_expert = [{s["doc_id"]: s for s in logged[task]} for logged in per_expert]
         for row in rows:
-            if metric not in row:
-                raise KeyError(
-                    f"task {task}: metric {metric!r} not logged (have {', '.join(row['metrics'])})"
+            logged = list(row.get("metrics", ()))
+            name = metric if metric is not None else (logged[0] if len(logged) == 1 else None)
+            if name is None or name not in row:
+                raise TaskError(
+                    f"router accuracy on task {task!r}: "
+                    + (f"metric {metric!r} not logged" if metric else "several metrics")
+                    + f" (logged: {', '.join(logged)}); set filter.proxy_metric"
                 )
             keys.append((task, row["doc_id"]))
             contexts.append(row["arguments"][0][0])
-            values.append([float(b[row["doc_id"]][metric]) for b in by_expert])
+            values.append([float(b[row["doc_id"]][name]) for b in by_expert])
     return ExpertCorrectness(
         [k[0] for k in keys],
         [k[1] for k in keys],

@@ -21,8 +21,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from model_glue.errors import InputError
 
-class MixtureError(ValueError):
+
+class MixtureError(InputError):
     """A mixture cannot be built or loaded from the given models, prompts or directory."""
 
 

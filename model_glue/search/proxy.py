@@ -100,8 +100,10 @@ class ProxyScorer:
         base: str | Path | None = None,
         metric: str | None = None,
         method_params: Mapping[str, Mapping[str, Any]] | None = None,
+        include_paths: Sequence[str] = (),
     ) -> ProxyScorer:
-        """Reads each checkpoint once and scores merges with lm-eval on ``tasks``.
+        """Reads each checkpoint once and scores merges with lm-eval on ``tasks`` (found in
+        the demo task folder, ``include_paths`` or lm-eval's own tasks).
 
         The model object and tokenizer come from the first checkpoint (by name); all models
         of a cluster share architecture and tokenizer.
@@ -117,7 +119,9 @@ class ProxyScorer:
         )
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(first)
-        proxy = LmEvalProxy(tasks, tokenizer, limit=limit, metric=metric)
+        proxy = LmEvalProxy(
+            tasks, tokenizer, limit=limit, metric=metric, include_paths=include_paths
+        )
         base_state = load_state_dict(base) if base is not None else None
         return cls(states, model, proxy, base=base_state, method_params=method_params)
 
@@ -219,10 +223,12 @@ class LmEvalProxy:
         metric: str | None = None,
         batch_size: int = 32,
         seed: int = 0,
+        include_paths: Sequence[str] = (),
     ) -> None:
         if not tasks:
             raise ValueError("LmEvalProxy: no proxy tasks given")
         self.tasks = list(tasks)
+        self.include_paths = tuple(include_paths)
         self.tokenizer = tokenizer
         self.limit = limit
         self.metric = metric
@@ -253,12 +259,13 @@ class LmEvalProxy:
     def _prepare(self, model: PreTrainedModel) -> None:
         from lm_eval.models.huggingface import HFLM
 
-        from model_glue.evaluate import task_manager
+        from model_glue.evaluate import manager_for
 
         model.eval()
+        manager = manager_for(self.tasks, self.include_paths)
         with _quiet_lm_eval():
             self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
-            self._loaded = task_manager(()).load(self.tasks)
+            self._loaded = manager.load(self.tasks)
         for task in self._loaded["tasks"].values():
             # What simple_evaluate does before evaluating: 0-shot unless the task says
             # otherwise, and a fixed few-shot sampler seed.
@@ -274,9 +281,13 @@ class LmEvalProxy:
             if self.metric is not None:
                 mine = [s for s in mine if s.metric == self.metric]
             if len(mine) != 1:
-                available = sorted(s.metric for s in scores if s.task == task)
-                raise ValueError(
-                    f"proxy task {task!r}: cannot pick one metric (asked {self.metric!r}, available {available})"
+                from model_glue.evaluate import TaskError
+
+                available = ", ".join(sorted(s.metric for s in scores if s.task == task))
+                asked = "" if self.metric is None else f"{self.metric!r} is not one of them; "
+                raise TaskError(
+                    f"proxy task {task!r} reports several metrics ({available}): {asked}"
+                    "set filter.proxy_metric to the one to search on"
                 )
             per_task[task] = mine[0].value
         self.last = per_task
