@@ -24,7 +24,7 @@ zoo_app = typer.Typer(help="The embedded demo zoo.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 # piped output (CI logs, `| tee`) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
 
 DbOption = Annotated[
     str | None,

@@ -15,6 +15,7 @@ small base measured 0.951-0.99 among themselves).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -68,11 +69,12 @@ def auto_threshold(values: Iterable[float], must_join: Iterable[float] = ()) -> 
     of them are admissible, so declared families are never split by the choice. Ties go to
     the higher gap (the stricter threshold). Values outside [0, 1] are clipped.
     """
-    vals = sorted(min(1.0, max(0.0, float(v))) for v in values)
+    raw = [float(v) for v in values]
+    if any(math.isnan(v) for v in raw):
+        raise ValueError("auto threshold: a similarity is NaN")
+    vals = sorted(min(1.0, max(0.0, v)) for v in raw)
     if not vals:
         return ThresholdChoice(1.0, "single-model")
-    if any(v != v for v in vals):  # NaN
-        raise ValueError("auto threshold: a similarity is NaN")
     cap = min((min(1.0, max(0.0, float(v))) for v in must_join), default=1.0)
     points = sorted({0.0, 1.0, *vals})
     best: tuple[float, float, float] | None = None  # (width, low, high)

@@ -101,7 +101,7 @@ def _mixture(
             router_backbone=backbone["path"],
             layer=layer,
             router=RouterInit(method=router),
-            prompts=prompts,
+            prompts=prompts or None,  # prompt-free routers (random) take none
             pooling=pooling,
             expert_names=[e["name"] for e in experts],
             # experts that are store artifacts (merged models) travel with the store

@@ -1,0 +1,251 @@
+"""First contact: a user's own zoo and lm-eval task files, outside the repository.
+
+Everything a stranger would do from the README: a folder with the zoo, a task folder
+beside the config whose YAMLs name their data files relative to themselves, relative
+paths everywhere, one broken checkpoint, and ``glue run CONFIG`` in a subprocess started
+from another working directory. The demo zoo's trained models are copied in under the
+user's own names; the tasks are the user's, not the demo's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow]
+
+GLUE = str(Path(sys.executable).with_name("glue"))
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: {output_type}
+doc_to_text: "{{{{q}}}}"
+target_delimiter: ""
+"""
+GENERATE = """doc_to_target: "{{a}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 3, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+"""
+# two metrics: a search on it must be told which one (filter.proxy_metric)
+CHOICE = """doc_to_choice: ["0", "1", "2", "3", "4", "5", "6", "7", "8"]
+doc_to_target: "{{a | int}}"
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+"""
+
+
+def _write_tasks(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    data = folder / "data"
+    data.mkdir()
+    rng = random.Random(3)
+    with (data / "sums.jsonl").open("w") as f:
+        for _ in range(40):
+            a, b = rng.randint(0, 4), rng.randint(0, 4)
+            f.write(json.dumps({"q": f"{a}+{b}=", "a": str(a + b)}) + "\n")
+    words = ["hello", "world", "model", "merge", "tensor", "zebra", "apple", "river"]
+    with (data / "words.jsonl").open("w") as f:
+        for _ in range(40):
+            w = rng.choice(words) + rng.choice("abcdefgh")
+            f.write(json.dumps({"q": f"last {w}=", "a": w[-1]}) + "\n")
+    for name, data_file, kind, body in (
+        ("my_sums", "data/sums.jsonl", "generate_until", GENERATE),
+        ("my_last_letter", "data/words.jsonl", "generate_until", GENERATE),
+        ("my_sums_choice", "data/sums.jsonl", "multiple_choice", CHOICE),
+    ):
+        text = TASK.format(name=name, data=data_file, output_type=kind) + body
+        (folder / f"{name}.yaml").write_text(text)
+
+
+@pytest.fixture(scope="module")
+def user_dir(demo_zoo, tmp_path_factory) -> Path:
+    """``project/`` with ``glue.yaml``, ``models/`` (one truncated) and ``tasks/``."""
+    root = tmp_path_factory.mktemp("stranger") / "project"
+    src = demo_zoo / "models"
+    for mine, theirs in (
+        ("llama-base", "base-a"),
+        ("llama-sums", "add-a"),
+        ("llama-last", "last-a"),
+        ("other-base", "base-b"),
+        ("other-sums", "add-b"),
+        ("broken", "next-a"),
+    ):
+        shutil.copytree(src / theirs, root / "models" / mine)
+    weights = root / "models" / "broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    _write_tasks(root / "tasks")
+    config = {
+        "name": "mine",
+        "store": "state/store",
+        "lineage_db": "state/lineage.duckdb",
+        "zoo": [
+            {"name": "llama-base", "path": "models/llama-base"},
+            {"name": "llama-sums", "path": "models/llama-sums", "base": "llama-base"},
+            {"name": "llama-last", "path": "models/llama-last", "base": "llama-base"},
+            {"name": "other-base", "path": "models/other-base"},
+            {"name": "other-sums", "path": "models/other-sums", "base": "other-base"},
+            {"name": "broken", "path": "models/broken", "base": "llama-base"},
+        ],
+        # CMA-ES always merges every member: the search and the merge both run
+        "filter": {"strategy": "evolutionary", "budget": 3, "proxy_limit": 10},
+        "merge": {"method": "linear"},
+        "evaluation": {
+            "tasks": ["my_sums", "my_last_letter"],
+            "limit": 15,
+            "include_paths": ["tasks"],
+        },
+        "mixture": {"variant": "model_level", "router": "random", "layer": 2},
+    }
+    (root / "glue.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def _variant(user_dir: Path, name: str, **changes) -> Path:
+    config = yaml.safe_load((user_dir / "glue.yaml").read_text())
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            config[section] = {**config[section], key: value}
+        else:
+            config[section] = value
+    path = user_dir / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _glue_run(config: Path, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    """``glue run`` as a new user's shell would start it: nothing of this test's
+    environment (Prefect's test server, the project's GLUE_HOME or caches) is inherited."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "HF_", "GLUE_", "TRANSFORMERS_"))
+    }
+    env |= {"GLUE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(
+        [GLUE, "run", os.path.relpath(config, cwd)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _db(path: Path):
+    from storage import LineageDB
+
+    return LineageDB(str(path), read_only=True)
+
+
+def test_a_users_zoo_and_tasks_run_the_whole_recipe(user_dir, tmp_path):
+    proc = _glue_run(user_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    # the broken model: its reason printed once, on one line, and no traceback anywhere
+    reason = [line for line in out.splitlines() if "truncated safetensors file" in line]
+    assert len(reason) == 1 and "broken" in reason[0], out[-4000:]
+    assert "Traceback" not in out and "fatal:" not in out, out[-4000:]
+    assert "left out (unreadable, see above): broken" in out
+
+    db = _db(user_dir / "state" / "lineage.duckdb")  # relative to the config, not the cwd
+    done = dict(
+        db.query(
+            "SELECT stage, count(*) FROM runs WHERE status = 'completed' GROUP BY stage"
+        ).iter_rows()
+    )
+    assert done["filter"] == 2 and done["merge"] == 2 and done["mixture"] == 1, done
+    assert done["evaluate"] == 5 + 2 + 1  # zoo models, merged models, the mixture
+    scored = db.query("SELECT DISTINCT task FROM scores ORDER BY task")["task"].to_list()
+    assert scored == ["my_last_letter", "my_sums"]
+    # the search scored on the user's task and the mixture's router accuracy too
+    trials = db.query("SELECT count(*) FROM trials").item()
+    assert trials >= 2 * 3
+    (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'mixture'")["meta"].to_list()
+    accuracy = {a["task"] for a in json.loads(meta)["router_accuracy"]}
+    assert {"my_sums", "my_last_letter"} <= accuracy
+    status, error = db.query("SELECT status, error FROM flow_runs").row(0)
+    assert status == "completed" and error.startswith("left out broken: CheckpointError")
+    # threshold auto: the two families apart, recorded with the gap it was chosen from
+    t = db.query("SELECT rule, threshold, gap_low, gap_high, n_pairs FROM cluster_thresholds")
+    rule, threshold, low, high, n_pairs = t.row(0)
+    assert rule == "widest-gap" and n_pairs == 10 and low < threshold < high
+
+    # nothing changed: a rerun computes nothing
+    again = _glue_run(user_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
+    assert again.returncode == 0, again.stderr[-3000:]
+    flow = db.query("SELECT flow_run_id FROM flow_runs ORDER BY started_at DESC LIMIT 1").item()
+    computed = db.query(
+        "SELECT count(*) FROM runs WHERE flow_run_id = ? AND status = 'completed'", [flow]
+    ).item()
+    assert computed == 0
+
+
+def test_an_unknown_task_fails_before_any_stage(user_dir, tmp_path):
+    config = _variant(
+        user_dir,
+        "typo.yaml",
+        evaluation__tasks=["my_sums", "my_lastletter"],
+        lineage_db="typo/lineage.duckdb",
+    )
+    proc = _glue_run(config, cwd=tmp_path, home=tmp_path / "home")
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "evaluation.tasks: unknown lm-eval task 'my_lastletter'" in err
+    assert str((user_dir / "tasks").resolve()) in " ".join(err.split())
+    assert "Traceback" not in err
+    assert not (user_dir / "typo").exists()  # no stage ran, nothing was recorded
+
+
+def test_a_run_whose_searches_fail_exits_non_zero(user_dir, tmp_path):
+    config = _variant(
+        user_dir,
+        "failing.yaml",
+        filter__proxy_tasks=["my_sums_choice"],  # two metrics, no proxy_metric: fails
+        lineage_db="failing/lineage.duckdb",
+    )
+    proc = _glue_run(config, cwd=tmp_path, home=tmp_path / "home")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 2 and all("set filter.proxy_metric" in line for line in failed)
+    db = _db(user_dir / "failing" / "lineage.duckdb")
+    status, error = db.query("SELECT status, error FROM flow_runs").row(0)
+    assert status == "failed"
+    assert "several metrics (acc, acc_norm)" in error and "left out broken" in error
+    # what could run still ran: every readable zoo model was evaluated
+    assert db.query("SELECT count(DISTINCT artifact_id) FROM scores").item() == 5
+
+
+def test_a_failed_run_is_failed_in_prefect(user_dir, prefect_harness, tmp_path):
+    from flows._logging import RunFailed
+    from flows.glue_recipe import glue_recipe
+
+    config = _variant(
+        user_dir,
+        "failing-prefect.yaml",
+        filter__proxy_tasks=["my_sums_choice"],
+        lineage_db=str(tmp_path / "lineage.duckdb"),
+        store=str(tmp_path / "store"),
+        mixture={"variant": "none"},
+    )
+    state = glue_recipe(str(config), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RunFailed) as info:
+        state.result()
+    summary = info.value.summary
+    assert len(summary["failures"]) == 2 and summary["excluded"].keys() == {"broken"}
+    assert {row["name"] for row in summary["leaderboard"]} >= {"llama-base", "other-sums"}
