@@ -176,6 +176,11 @@ def test_a_users_zoo_and_tasks_run_the_whole_recipe(user_dir, tmp_path):
     (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'mixture'")["meta"].to_list()
     accuracy = {a["task"] for a in json.loads(meta)["router_accuracy"]}
     assert {"my_sums", "my_last_letter"} <= accuracy
+    # the mixture's experts are the two merged models, referenced inside the store
+    # relative to the mixture (the store can move)
+    (mix_json,) = (user_dir / "state" / "store" / "mixture").glob("*/mixture.json")
+    refs = [e["path"] for e in json.loads(mix_json.read_text())["experts"]]
+    assert len(refs) == 2 and all(p.startswith("../../model/") for p in refs), refs
     status, error = db.query("SELECT status, error FROM flow_runs").row(0)
     assert status == "completed" and error.startswith("left out broken: CheckpointError")
     # threshold auto: the two families apart, recorded with the gap it was chosen from
