@@ -27,6 +27,7 @@ from rich.console import Console
 from flows._logging import RunFailed, quiet_handled_failures
 from flows._recorder import Recorder
 from model_glue.config import RunConfig, load_config, validate_tasks
+from model_glue.devices import dtype_label, resolve_device, resolve_dtype
 from model_glue.env import glue_home
 from model_glue.errors import InputError
 from model_glue.merge import METHODS
@@ -58,6 +59,7 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
     try:
         cfg = load_config(config_path)
         validate_tasks(cfg, config_path)  # unknown tasks fail before any stage runs
+        resolve_device(cfg.evaluation.device)  # a GPU named in the config must be there
     except InputError as e:
         raise RunFailed(str(e)) from None
     store_url = store or default_store_url(cfg)
@@ -274,6 +276,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
                 "artifact_id": r["artifact_id"],
                 "fingerprint": r["fingerprint"],
                 "path": str(store.local_path(MODEL_KIND, r["artifact_id"])),
+                "dtype": cfg.merge.dtype or members[0].get("dtype"),
             }
         )
         db.record_artifact(
@@ -340,6 +343,8 @@ def _select(
         proxy_limit=fc.proxy_limit,
         include_paths=list(cfg.evaluation.include_paths),
         proxy_metric=fc.proxy_metric,
+        batch_size=cfg.evaluation.batch_size,
+        **_placement(cfg, members[0].get("dtype")),
     )
     if o.record is None:
         return None  # the recorder printed why; the run will be marked failed
@@ -394,6 +399,8 @@ def _evaluate_all(
             limit=ev.limit,
             batch_size=ev.batch_size,
             include_paths=list(ev.include_paths),
+            backend=ev.backend,
+            **_placement(cfg, t.get("dtype"), mixture=t.get("loader") == "mixture"),
         )
         if o.record is None:
             continue
@@ -514,13 +521,27 @@ def _zoo_target(m: dict) -> dict:
         "artifact_id": m["fingerprint"],
         "fingerprint": m["fingerprint"],
         "path": m["uri"],
+        "dtype": m.get("dtype"),
     }
+
+
+def _placement(cfg: RunConfig, stored: str | None, mixture: bool = False) -> dict:
+    """Device, batch size and the resolved evaluation dtype (what cache keys hold) for a
+    model stored in ``stored``. Mixtures run on the CPU in float32 (their own loader)."""
+    ev = cfg.evaluation
+    if mixture:
+        return {"device": "cpu", "dtype": "float32"}
+    device = resolve_device(ev.device)
+    return {"device": device, "dtype": dtype_label(resolve_dtype(ev.dtype, device, stored))}
 
 
 def _refs(models: list[dict], arch: bool = False) -> list[dict]:
     """The small part of fingerprint records that later stages need (and key on)."""
     keys = ("name", "uri", "fingerprint") + (("arch_signature",) if arch else ())
-    return [{k: m[k] for k in keys} for m in sorted(models, key=lambda m: m["fingerprint"])]
+    return [
+        {k: m[k] for k in keys} | ({"dtype": m["dtype"]} if "dtype" in m else {})
+        for m in sorted(models, key=lambda m: m["fingerprint"])
+    ]
 
 
 def _base_families(members: list[dict], cfg: RunConfig) -> list[tuple[dict, list[dict]]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -207,16 +207,29 @@ class Checkpoint:
         return data
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        """Read one tensor (a fresh CPU tensor in its stored dtype).
+
+        Local files are read with ``readinto`` straight into the new tensor's memory, not
+        memory-mapped: mapped pages would stay in this process's resident set after the
+        tensor is dropped, so reading a whole cluster tensor by tensor would look (and, under
+        memory pressure, act) as if every model were resident."""
         info = self._info(name)
         if self.is_local:
-            from safetensors import safe_open
-
-            path = os.path.join(self.root, info.file)
-            h = self._handles.get(path)
-            if h is None:
-                h = self._handles[path] = safe_open(path, framework="pt")
-            return h.get_tensor(name)
+            out = torch.empty(info.shape, dtype=info.torch_dtype)
+            if info.nbytes == 0:
+                return out
+            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+            got = 0
+            with open(os.path.join(self.root, info.file), "rb", buffering=0) as f:
+                f.seek(info.begin)
+                while got < info.nbytes:  # one read returns at most ~2 GiB on Linux
+                    n = f.readinto(buf[got:])
+                    if not n:
+                        break
+                    got += n
+            if got != info.nbytes:
+                raise CheckpointError(f"{self.uri}/{info.file}: truncated while reading {name!r}")
+            return out
         data = self.read_bytes(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
@@ -246,3 +259,36 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors as a read-only mapping that reads each tensor when asked.
+
+    Nothing is resident: every lookup reads a fresh CPU tensor in its stored dtype (from the
+    page cache after the first read), which the caller drops when done. Shapes and dtypes
+    come from the safetensors headers, so planning a merge over many large checkpoints
+    reads no weights. This is how the search keeps one model resident however large the
+    cluster is.
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str) -> None:
+        self.checkpoint = (
+            checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        )
+        infos = self.checkpoint.tensors
+        self.shapes: dict[str, tuple[int, ...]] = {n: tuple(i.shape) for n, i in infos.items()}
+        self.dtypes: dict[str, torch.dtype] = {n: i.torch_dtype for n, i in infos.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self.checkpoint.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __repr__(self) -> str:
+        return f"LazyTensors({self.checkpoint.uri!r}, {len(self)} tensors)"

@@ -103,7 +103,14 @@ class MixtureSettings(_Strict):
 class EvaluationConfig(_Strict):
     tasks: list[str] = Field(min_length=1)
     limit: int | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 32  # auto: lm-eval's search
+    # where models are evaluated (evaluation, the search's proxy): auto = CUDA when torch
+    # sees a GPU; dtype auto = the checkpoint's on a GPU, float32 on a CPU
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # full evaluations of model directories through lm-eval's vllm model (pip install
+    # 'model-glue[vllm]'); mixtures and the search always use hf
+    backend: Literal["hf", "vllm"] = "hf"
     # folders of lm-eval task files (relative to the config file); every stage that runs
     # lm-eval sees them (evaluation, the search's proxy, the mixture's router accuracy)
     include_paths: list[str] = Field(default_factory=list)
@@ -155,6 +162,18 @@ class RunConfig(_Strict):
                     f"mixture.prompts: {sorted(unknown)} are not evaluation tasks (allowed: {', '.join(self.evaluation.tasks)})"
                 )
         return self
+
+    @field_validator("evaluation")
+    @classmethod
+    def _backend_installed(cls, ev: EvaluationConfig) -> EvaluationConfig:
+        import importlib.util
+
+        if ev.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "backend 'vllm' needs the vllm package: pip install 'model-glue[vllm]' "
+                "(or use backend: hf)"
+            )
+        return ev
 
     @field_validator("merge")
     @classmethod

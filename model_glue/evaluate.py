@@ -54,8 +54,11 @@ def evaluate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     limit: int | None = None,
     include_paths: list[str] | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    backend: str = "hf",
 ) -> list[Score]:
     """Runs ``tasks`` on ``model`` with ``lm_eval.simple_evaluate``; one Score per (task, metric).
 
@@ -63,6 +66,9 @@ def evaluate(
     ``tokenizer``; used by search trials so that no checkpoint is written), or a built lm-eval
     ``LM`` (mixtures). ``limit`` caps the documents per task. Greedy tasks give the same
     scores on every call; ``seed`` fixes lm-eval's samplers (few-shot, sampling tasks).
+    A directory is loaded on ``device`` (``auto``, ``cpu``, ``cuda[:N]``) in ``dtype``
+    (default: see :mod:`model_glue.devices`), through lm-eval's ``hf`` model or, with
+    ``backend="vllm"``, its ``vllm`` model. ``batch_size`` may be ``"auto"``.
     """
     if not tasks:
         raise ValueError("evaluate: no tasks given")
@@ -70,7 +76,12 @@ def evaluate(
     from lm_eval.api.model import LM
 
     manager = manager_for(tasks, include_paths or ())
-    lm = model if isinstance(model, LM) else _hf_lm(model, tokenizer, batch_size)
+    if isinstance(model, LM):
+        lm = model
+    elif backend == "vllm" and isinstance(model, str | Path):
+        lm = _vllm_lm(model, batch_size, device, dtype)
+    else:
+        lm = _hf_lm(model, tokenizer, batch_size, device, dtype)
     with quiet_lm_eval():
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -221,17 +232,29 @@ def manager_for(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> Task
 
 
 def _hf_lm(
-    model: str | Path | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, batch_size: int
+    model: str | Path | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    batch_size: int | str,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> LM:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+    from model_glue.devices import resolve_device, resolve_dtype
+
     if isinstance(model, str | Path):
         directory = Path(model)
-        Checkpoint(str(directory))  # clear errors for a missing dir, no config, pickled weights
+        # clear errors for a missing dir, no config, pickled weights
+        ckpt = Checkpoint(str(directory))
+        device = resolve_device(device)
+        stored = next(iter(ckpt.tensors.values())).torch_dtype
         model = AutoModelForCausalLM.from_pretrained(
-            directory, use_safetensors=True, trust_remote_code=False, dtype="auto"
-        )
+            directory,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=resolve_dtype(dtype, device, stored),
+        ).to(device)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     elif not isinstance(model, PreTrainedModel):
@@ -244,6 +267,26 @@ def _hf_lm(
     with quiet_lm_eval():
         return HFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=False
+        )
+
+
+def _vllm_lm(model: str | Path, batch_size: int | str, device: str, dtype: str | None) -> LM:
+    """lm-eval's vllm model on a model directory (GPU machines with the vllm extra)."""
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    except ImportError as e:  # checked at config time too
+        raise TaskError(f"backend vllm: {e}; pip install 'model-glue[vllm]'") from None
+    from model_glue.devices import dtype_label, resolve_device, resolve_dtype
+
+    ckpt = Checkpoint(str(model))
+    device = resolve_device(device)
+    stored = next(iter(ckpt.tensors.values())).torch_dtype
+    with quiet_lm_eval():
+        return VLLM(
+            pretrained=str(model),
+            dtype=dtype_label(resolve_dtype(dtype, device, stored)),
+            batch_size=batch_size,
+            trust_remote_code=False,
         )
 
 

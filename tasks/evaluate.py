@@ -31,11 +31,13 @@ def task_files_hash(include_paths: list[str]) -> str:
 STAGE = Stage(
     name="evaluate",
     code_version=f"evaluate-{EVAL_VERSION}-lm_eval-{version('lm-eval')}",
-    key_parts=lambda model, tasks, limit, batch_size, include_paths: {
+    # what changes the numbers: dtype and backend; not the device index or the batch size
+    key_parts=lambda model, tasks, limit, batch_size, include_paths, device="cpu", dtype="float32", backend="hf": {
         "model": model["fingerprint"],
         "tasks": sorted(tasks),
         "limit": limit,
         "task_files": task_files_hash(include_paths),
+        "numerics": [dtype, backend],
     },
 )
 
@@ -45,8 +47,11 @@ def _evaluate(
     model: dict,
     tasks: list[str],
     limit: int | None,
-    batch_size: int,
+    batch_size: int | str,
     include_paths: list[str],
+    device: str = "cpu",
+    dtype: str = "float32",
+    backend: str = "hf",
 ) -> dict:
     """``model``: a record with name, fingerprint, a local directory ``path`` and optionally
     ``loader: mixture`` for mixture directories."""
@@ -58,6 +63,9 @@ def _evaluate(
             "limit": limit,
             "batch_size": batch_size,
             "include_paths": include_paths,
+            "device": device,
+            "dtype": dtype,
+            "backend": backend,
         }
     )
     if (record := load_record(store, key)) is not None:
@@ -69,9 +77,16 @@ def _evaluate(
     if model.get("loader") == "mixture":
         from model_glue.mixture import MixtureLM
 
-        target = MixtureLM(pretrained=model["path"], batch_size=batch_size)
+        target = MixtureLM(pretrained=model["path"], batch_size=batch_size)  # CPU, float32
     scores = evaluate(
-        target, tasks, limit=limit, batch_size=batch_size, include_paths=include_paths
+        target,
+        tasks,
+        limit=limit,
+        batch_size=batch_size,
+        include_paths=include_paths,
+        device=device,
+        dtype=dtype,
+        backend="hf" if model.get("loader") == "mixture" else backend,
     )
     record = {
         "fingerprint": model["fingerprint"],

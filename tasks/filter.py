@@ -22,7 +22,7 @@ STAGE = Stage(
     name="filter",
     # the search merges through the engine and scores through lm-eval: both change numbers
     code_version=f"filter-{SEARCH_VERSION}-{ENGINE_VERSION}-lm_eval-{version('lm-eval')}",
-    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None: {
+    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None, device="cpu", dtype="float32", batch_size=32: {
         "members": sorted((m["name"], m["fingerprint"]) for m in members),
         "base": base["fingerprint"] if base else None,
         "method": method,
@@ -30,6 +30,7 @@ STAGE = Stage(
         "settings": settings,
         "proxy": [sorted(proxy_tasks), proxy_limit, task_files_hash(include_paths)]
         + ([proxy_metric] if proxy_metric else []),
+        "dtype": dtype,  # the device and batch size do not change the scores
     },
 )
 
@@ -45,6 +46,9 @@ def _filter(
     proxy_limit: int | None,
     include_paths: list[str],
     proxy_metric: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int | str = 32,
 ) -> dict:
     """``settings``: strategy plus its options (grid; budget, sigma0, seed, layer_groups,
     search_density). ``members`` never include ``base`` (it enters as the task-vector origin)."""
@@ -60,6 +64,9 @@ def _filter(
             "proxy_limit": proxy_limit,
             "include_paths": include_paths,
             "proxy_metric": proxy_metric,
+            "device": device,
+            "dtype": dtype,
+            "batch_size": batch_size,
         }
     )
     if (record := load_record(store, key)) is not None:
@@ -80,6 +87,9 @@ def _filter(
             method_params={method: params} if params else None,
             metric=proxy_metric,
             include_paths=include_paths,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
         )
         strategy = settings["strategy"]
         if strategy == "evolutionary":

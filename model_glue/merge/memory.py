@@ -9,15 +9,22 @@ search can afford hundreds of them.
     merger = Merger("ties", [sd_a, sd_b], base=sd_base, params={"density": 0.5})
     merged = merger(model_params=[{"weight": 0.7}, {"weight": 0.3}])
     merged = merger(params={"density": 0.3})  # same inputs, new coefficients
+
+Inputs that are :class:`~model_glue.checkpoint.LazyTensors` are not kept: each call reads
+the tensors it merges from disk (the page cache) one tensor at a time, and
+:meth:`Merger.merge_into` writes each merged tensor straight into a model's own weights, so
+a search over a cluster of N models holds one model plus N copies of one tensor, whatever N.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from model_glue.checkpoint import LazyTensors
 from model_glue.merge.params import MergeConfigError, check_setting
 from model_glue.merge.plan import (
     InputLayout,
@@ -74,12 +81,7 @@ class Merger:
         labels = (["base"] if base is not None else []) + names
         sizes = list(vocab_sizes) if vocab_sizes is not None else [None] * len(inputs)
         layouts = [
-            InputLayout(
-                label,
-                {k: tuple(v.shape) for k, v in sd.items()},
-                {k: v.dtype for k, v in sd.items()},
-                size,
-            )
+            InputLayout(label, _shapes(sd), _dtypes(sd), size)
             for label, sd, size in zip(labels, inputs, sizes, strict=True)
         ]
         out = DTYPES[dtype_name(dtype)] if dtype is not None else None
@@ -95,25 +97,34 @@ class Merger:
         self._defaults = self._checked(
             dict(params or {}), [dict(m) for m in (model_params or [{}] * len(models))]
         )
-        ref = inputs[self.plan.reference]
+        # lazy inputs are read per call; resident ones are prepared once and kept
+        self.streaming = any(isinstance(sd, LazyTensors) for sd in inputs)
+        self._sources = list(inputs)
         self._inputs: dict[str, list[torch.Tensor]] = {}
-        for job in self.plan.jobs:
-            if not job.merge:
-                self._inputs[job.name] = [ref[job.name]]
-                continue
-            fill = ref[job.name].float() if job.rows is not None else None
-            tensors = []
-            for sd in inputs:
-                t = sd[job.name].detach()
-                dtype = t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32
-                t = t.to("cpu", dtype)  # shares the caller's tensor when nothing changes
-                if job.rows is not None:
-                    t = align_rows(t, job.rows, fill)
-                tensors.append(t.contiguous())
-            self._inputs[job.name] = tensors
+        if not self.streaming:
+            for job in self.plan.jobs:
+                self._inputs[job.name] = self._read(job)
         self._ctx = {job.name: TensorContext(job.name, tuple(names)) for job in self.plan.jobs}
-        largest = max((t[0].numel() for t in self._inputs.values()), default=0)
+        ref_shapes = layouts[self.plan.reference].shapes
+        largest = max((math.prod(ref_shapes[j.name]) for j in self.plan.jobs), default=0)
         self.threads = threads or (1 if largest < 4 * 1024 * 1024 else torch.get_num_threads())
+
+    def _read(self, job) -> list[torch.Tensor]:
+        """One job's inputs: the reference tensor alone (copied jobs), or every input as a
+        CPU tensor, 16-bit kept 16-bit, anything else float32, rows aligned."""
+        ref = self._sources[self.plan.reference]
+        if not job.merge:
+            return [ref[job.name]]
+        fill = ref[job.name].float() if job.rows is not None else None
+        tensors = []
+        for sd in self._sources:
+            t = sd[job.name].detach()
+            dtype = t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32
+            t = t.to("cpu", dtype)  # shares the caller's tensor when nothing changes
+            if job.rows is not None:
+                t = align_rows(t, job.rows, fill)
+            tensors.append(t.contiguous())
+        return tensors
 
     def _checked(self, params: dict, model_params: list[dict]) -> tuple[dict, list[dict]]:
         if len(model_params) != len(self.plan.model_names):
@@ -137,6 +148,29 @@ class Merger:
         params: Mapping[str, Any] | None = None,
         model_params: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, torch.Tensor]:
+        with torch_threads(self.threads):
+            return dict(self._merge(*self._settings(params, model_params)))
+
+    def merge_into(
+        self,
+        targets: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any] | None = None,
+        model_params: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Merge and copy each tensor into ``targets[name]`` (e.g. a model's own weights,
+        on any device and in any dtype) as soon as it is merged; nothing else is kept."""
+        missing = [job.name for job in self.plan.jobs if job.name not in targets]
+        if missing:
+            raise MergeConfigError(f"merge_into: no target tensor for {missing[:3]}")
+        with torch_threads(self.threads), torch.no_grad():
+            for name, merged in self._merge(*self._settings(params, model_params)):
+                targets[name].copy_(merged)
+
+    def _settings(
+        self,
+        params: Mapping[str, Any] | None,
+        model_params: Sequence[Mapping[str, Any]] | None,
+    ) -> tuple[dict, list]:
         g, ms = self._defaults
         if params:
             g = {**g, **params}
@@ -148,26 +182,37 @@ class Merger:
             ms = [{**a, **b} for a, b in zip(ms, model_params, strict=True)]
         if params or model_params is not None:
             self._checked(dict(params or {}), [dict(m) for m in (model_params or [{}] * len(ms))])
-        with torch_threads(self.threads):
-            return self._merge(g, ms)
+        return g, ms
 
     def _merge(
         self, g: Mapping[str, Any], ms: Sequence[Mapping[str, Any]]
-    ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         has_base = self.plan.has_base
         for job in self.plan.jobs:
-            tensors = self._inputs[job.name]
+            tensors = self._read(job) if self.streaming else self._inputs[job.name]
             if not job.merge:
-                out[job.name] = tensors[0].clone()
+                yield job.name, (tensors[0] if self.streaming else tensors[0].clone())
                 continue
             values = resolve_tensor_params(self.method, job, g, ms, self.plan.model_names)
             scratch = [t.to(torch.float32, copy=True) for t in tensors]  # exact for 16-bit
+            del tensors
             base = scratch[0] if has_base else None
             models = scratch[1:] if has_base else scratch
             merged = self.method.fn(base, models, values, self._ctx[job.name])
-            out[job.name] = merged.to(job.out_dtype)
-        return out
+            del scratch, base, models
+            yield job.name, merged.to(job.out_dtype)
+
+
+def _shapes(sd: StateDict) -> dict[str, tuple[int, ...]]:
+    if isinstance(sd, LazyTensors):
+        return dict(sd.shapes)
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _dtypes(sd: StateDict) -> dict[str, torch.dtype]:
+    if isinstance(sd, LazyTensors):
+        return dict(sd.dtypes)
+    return {k: v.dtype for k, v in sd.items()}
 
 
 def merge_in_memory(

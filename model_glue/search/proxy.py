@@ -6,8 +6,12 @@ model object is built once and each trial's merge is copied into its weights in 
 lm-eval runs in-process on the proxy tasks with a ``limit``. No checkpoint is written for a
 trial; only the chosen merge is materialised afterwards, by the merge engine.
 
-Memory: every model of the cluster stays resident (fine for the demo zoo and for small
-models; a 7B cluster would need the streaming engine per trial instead).
+Memory: :meth:`ProxyScorer.from_checkpoints` keeps no member resident. The members are
+:class:`~model_glue.checkpoint.LazyTensors` (headers only); each trial reads the tensors it
+merges one at a time and the merger writes each merged tensor straight into the one model
+object, in the evaluation dtype on the evaluation device. A trial's resident memory is that
+model plus the members' copies of one tensor (float32 while merging), independent of the
+cluster's size. Resident state dicts (the constructor) still work, for tests and small models.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import model_glue.merge.methods  # noqa: F401  (registers the merge methods)
-from model_glue.checkpoint import Checkpoint, CheckpointError
+from model_glue.checkpoint import Checkpoint, CheckpointError, LazyTensors
 from model_glue.merge.memory import Merger
 from model_glue.merge.registry import get_method
 from model_glue.search.engine_params import engine_model_params
@@ -101,37 +105,53 @@ class ProxyScorer:
         metric: str | None = None,
         method_params: Mapping[str, Mapping[str, Any]] | None = None,
         include_paths: Sequence[str] = (),
+        device: str = "cpu",
+        dtype: str | None = None,
+        batch_size: int | str = 32,
     ) -> ProxyScorer:
         """Reads each checkpoint once and scores merges with lm-eval on ``tasks`` (found in
         the demo task folder, ``include_paths`` or lm-eval's own tasks).
 
         The model object and tokenizer come from the first checkpoint (by name); all models
-        of a cluster share architecture and tokenizer.
+        of a cluster share architecture and tokenizer. ``device`` (``auto``, ``cpu``,
+        ``cuda[:N]``) and ``dtype`` (default: the checkpoint's on a GPU, float32 on a CPU)
+        place that model; merging itself runs in float32 on the CPU, one tensor at a time.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from model_glue.devices import resolve_device, resolve_dtype
+
         if not checkpoints:
             raise ValueError("ProxyScorer.from_checkpoints: no checkpoints given")
-        states = {name: load_state_dict(uri) for name, uri in sorted(checkpoints.items())}
-        first = str(checkpoints[min(checkpoints)])
+        states = {name: LazyTensors(str(uri)) for name, uri in sorted(checkpoints.items())}
+        first = states[min(states)]
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device, stored=next(iter(first.dtypes.values()), None))
         model = AutoModelForCausalLM.from_pretrained(
-            first, dtype=torch.float32, use_safetensors=True
-        )
+            str(checkpoints[min(checkpoints)]),
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=False,
+        ).to(device)
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(first)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoints[min(checkpoints)]))
         proxy = LmEvalProxy(
-            tasks, tokenizer, limit=limit, metric=metric, include_paths=include_paths
+            tasks,
+            tokenizer,
+            limit=limit,
+            metric=metric,
+            include_paths=include_paths,
+            batch_size=batch_size,
         )
-        base_state = load_state_dict(base) if base is not None else None
+        base_state = LazyTensors(str(base)) if base is not None else None
         return cls(states, model, proxy, base=base_state, method_params=method_params)
 
     # -- the scoring function -------------------------------------------------------------
 
     def __call__(self, spec: TrialSpec) -> float:
         start = time.perf_counter()
-        merged = self.merge(spec)
+        self.merge_into_model(spec)
         merged_at = time.perf_counter()
-        self.load_into_model(merged)
         score = float(self.proxy(self.model))
         self.costs.append(
             TrialCost(
@@ -142,12 +162,7 @@ class ProxyScorer:
 
     def merge(self, spec: TrialSpec) -> dict[str, torch.Tensor]:
         """The merged state dict of ``spec``, computed by the merge engine in memory."""
-        unknown = [n for n in spec.models if n not in self.states]
-        if unknown:
-            raise KeyError(
-                f"TrialSpec names model(s) not loaded in this scorer: {unknown}; "
-                f"loaded: {sorted(self.states)}"
-            )
+        self._check_known(spec)
         if len(spec.models) == 1 and spec.method == "linear":
             return dict(self.states[spec.models[0]])  # a one-model average is the model
         merger = self._merger(spec.method, tuple(spec.models))
@@ -157,11 +172,33 @@ class ProxyScorer:
             model_params=[per_model[name] for name in spec.models],
         )
 
+    def merge_into_model(self, spec: TrialSpec) -> None:
+        """Merge ``spec`` straight into the reused model's weights, tensor by tensor."""
+        self._check_known(spec)
+        if len(spec.models) == 1 and spec.method == "linear":
+            self.load_into_model(self.states[spec.models[0]])  # one tensor read at a time
+            return
+        merger = self._merger(spec.method, tuple(spec.models))
+        per_model = engine_model_params(spec, self.num_layers)
+        merger.merge_into(
+            self._target,
+            params=self.method_params.get(spec.method),
+            model_params=[per_model[name] for name in spec.models],
+        )
+
     def load_into_model(self, merged: StateDict) -> None:
         """Copies a merged state dict into the reused model's weights, in place."""
         with torch.no_grad():
             for name, target in self._target.items():
                 target.copy_(merged[name])
+
+    def _check_known(self, spec: TrialSpec) -> None:
+        unknown = [n for n in spec.models if n not in self.states]
+        if unknown:
+            raise KeyError(
+                f"TrialSpec names model(s) not loaded in this scorer: {unknown}; "
+                f"loaded: {sorted(self.states)}"
+            )
 
     # -- the "similarity" heuristic ---------------------------------------------------------
 
@@ -320,18 +357,25 @@ def _check_same_layout(states: Mapping[str, StateDict], base: StateDict | None) 
     ref_name = min(states)
     ref = states[ref_name]
     others = dict(states) | ({"<base>": base} if base is not None else {})
+    ref_shapes = _shapes(ref)
     for name, sd in others.items():
         if sd.keys() != ref.keys():
             diff = sorted(set(sd) ^ set(ref))
             raise CheckpointError(
                 f"model {name!r} and {ref_name!r} differ in tensors, e.g. {diff[:3]}"
             )
-        for key, t in sd.items():
-            if t.shape != ref[key].shape:
+        for key, shape in _shapes(sd).items():
+            if shape != ref_shapes[key]:
                 raise CheckpointError(
-                    f"model {name!r}: tensor {key!r} has shape {tuple(t.shape)}, {ref_name!r} has {tuple(ref[key].shape)}"
+                    f"model {name!r}: tensor {key!r} has shape {shape}, {ref_name!r} has {ref_shapes[key]}"
                 )
     return sorted(ref)
+
+
+def _shapes(sd: StateDict) -> dict[str, tuple[int, ...]]:
+    if isinstance(sd, LazyTensors):
+        return dict(sd.shapes)
+    return {k: tuple(t.shape) for k, t in sd.items()}
 
 
 def _check_model_accepts(model: PreTrainedModel, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,156 @@
+"""Real zoos: device and dtype settings reach every lm-eval call, and the search keeps one
+model resident (lazy members, merged tensor by tensor into the model) with the same results."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from model_glue.checkpoint import Checkpoint, LazyTensors
+from model_glue.devices import DeviceError, resolve_device, resolve_dtype
+from model_glue.search import TrialSpec
+from model_glue.search.proxy import ProxyScorer, load_state_dict
+
+
+def test_device_choice_is_explicit_and_checked():
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("cpu", cuda_available=True) == "cpu"
+    assert resolve_device("cuda:1", cuda_available=True) == "cuda:1"
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        resolve_device("cuda", cuda_available=False)
+    with pytest.raises(DeviceError, match="expected auto, cpu"):
+        resolve_device("tpu")
+
+
+def test_dtype_defaults_follow_the_device():
+    assert resolve_dtype("auto", "cpu", torch.bfloat16) is torch.float32
+    assert resolve_dtype("auto", "cuda", torch.bfloat16) is torch.bfloat16
+    assert resolve_dtype(None, "cuda:0", "BF16") is torch.bfloat16  # fingerprint codes
+    assert resolve_dtype("auto", "cuda", "F16") is torch.float16
+    assert resolve_dtype("auto", "cuda", torch.int64) is torch.float32
+    assert resolve_dtype("bfloat16", "cpu", torch.float32) is torch.bfloat16
+    with pytest.raises(DeviceError, match="dtype 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_vllm_backend_without_the_package_is_a_config_error():
+    import importlib.util
+
+    from model_glue.config import ConfigError, parse_config
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    data = {"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"], "backend": "vllm"}}
+    with pytest.raises(ConfigError, match=r"evaluation: .*pip install 'model-glue\[vllm\]'"):
+        parse_config(data, "glue.yaml")
+    data["evaluation"] |= {"backend": "hf", "device": "gpu0"}
+    with pytest.raises(ConfigError, match="evaluation.device"):
+        parse_config(data, "glue.yaml")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_device_and_dtype_reach_the_evaluation_model(demo_zoo, monkeypatch):
+    """A spy in place of lm-eval's HFLM sees the model on the asked device and dtype."""
+    import lm_eval.models.huggingface as hf
+
+    from model_glue.evaluate import evaluate
+
+    seen = []
+
+    def spy(pretrained, **kw):
+        seen.append((pretrained.device.type, pretrained.dtype, kw["batch_size"]))
+        raise _Stop
+
+    monkeypatch.setattr(hf, "HFLM", spy)
+    path = demo_zoo / "models" / "add-a"
+    for dtype in ("bfloat16", None):
+        with pytest.raises(_Stop):
+            evaluate(path, ["demo_add"], device="cpu", dtype=dtype, batch_size="auto")
+    assert seen == [("cpu", torch.bfloat16, "auto"), ("cpu", torch.float32, "auto")]
+
+
+def test_the_search_model_takes_the_evaluation_dtype(demo_zoo):
+    models = demo_zoo / "models"
+    scorer = ProxyScorer.from_checkpoints(
+        {"add-a": models / "add-a", "last-a": models / "last-a"},
+        ["demo_add"],
+        limit=2,
+        device="cpu",
+        dtype="bfloat16",
+        batch_size=4,
+    )
+    assert scorer.model.dtype is torch.bfloat16 and scorer.model.device.type == "cpu"
+    assert scorer.proxy.batch_size == 4
+    assert all(isinstance(s, LazyTensors) for s in scorer.states.values())
+
+
+def test_a_trial_holds_one_tensor_per_member_not_their_state_dicts(demo_zoo, monkeypatch):
+    """Tensors read from the members are counted while alive: during a merge of four
+    models at most one tensor per model (plus the reference) lives at a time, and none
+    survives the trial."""
+    models = demo_zoo / "models"
+    names = ["add-a", "add-a2", "last-a", "next-a"]
+    scorer = ProxyScorer.from_checkpoints(
+        {n: models / n for n in names},
+        ["demo_add"],
+        limit=2,
+        base=models / "base-a",
+        method_params={"ties": {"density": 0.5}},
+    )
+    scorer.proxy = lambda model: 0.0  # count the merge, not lm-eval
+    alive: set[int] = set()
+    peak = [0]
+    read = Checkpoint.tensor
+
+    def counted(self, name):
+        t = read(self, name)
+        key = id(t)
+        alive.add(key)
+        peak[0] = max(peak[0], len(alive))
+        weakref.finalize(t, alive.discard, key)
+        return t
+
+    monkeypatch.setattr(Checkpoint, "tensor", counted)
+    n_tensors = len(scorer.tensor_names)
+    for spec in (
+        TrialSpec(dict.fromkeys(names, 0.25), "linear"),
+        TrialSpec(dict.fromkeys(names, 0.5), "ties"),
+    ):
+        scorer(spec)
+        gc.collect()
+        assert not alive, "a member tensor outlived the trial"
+    assert 0 < peak[0] <= len(names) + 2 < n_tensors
+    assert peak[0] < n_tensors * len(names)  # a resident cluster would hold all of them
+
+
+def test_lazy_members_give_the_same_merges_as_resident_ones(demo_zoo):
+    models = demo_zoo / "models"
+    paths = {n: models / n for n in ("add-a", "add-a2", "last-a")}
+    fixed = {"ties": {"density": 0.5}}
+    lazy = ProxyScorer.from_checkpoints(
+        paths, ["demo_add"], limit=2, base=models / "base-a", method_params=fixed
+    )
+    resident = ProxyScorer(
+        {n: load_state_dict(p) for n, p in paths.items()},
+        lazy.model,
+        lazy.proxy,
+        base=load_state_dict(models / "base-a"),
+        method_params=fixed,
+    )
+    for spec in (
+        TrialSpec({"add-a": 0.6, "last-a": 0.4}, "linear"),
+        TrialSpec({"add-a": 1.0, "add-a2": 1.0, "last-a": 1.0}, "ties"),
+        TrialSpec({"add-a": 0.5, "last-a": 0.5}, "task_arithmetic"),
+    ):
+        a, b = lazy.merge(spec), resident.merge(spec)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), spec
+        lazy.merge_into_model(spec)
+        assert all(torch.equal(lazy._target[k], a[k]) for k in a)
