@@ -284,6 +284,32 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             raise KeyError(name)
         return self.checkpoint.tensor(name)
 
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor, read from disk alone (local
+        files; other filesystems read the tensor and slice it)."""
+        info = self.checkpoint._info(name)
+        if not self.checkpoint.is_local:
+            return self.checkpoint.tensor(name).view(-1)[start:stop].clone()
+        dtype = info.torch_dtype
+        out = torch.empty(stop - start, dtype=dtype)
+        size = (stop - start) * dtype.itemsize
+        if size == 0:
+            return out
+        buf = memoryview(out.view(torch.uint8).numpy())
+        got = 0
+        with open(os.path.join(self.checkpoint.root, info.file), "rb", buffering=0) as f:
+            f.seek(info.begin + start * dtype.itemsize)
+            while got < size:
+                n = f.readinto(buf[got:])
+                if not n:
+                    break
+                got += n
+        if got != size:
+            raise CheckpointError(
+                f"{self.checkpoint.uri}/{info.file}: truncated while reading {name!r}"
+            )
+        return out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 

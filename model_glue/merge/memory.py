@@ -33,7 +33,7 @@ from model_glue.merge.plan import (
     plan_merge,
     resolve_tensor_params,
 )
-from model_glue.merge.registry import MergeMethod, TensorContext, get_method
+from model_glue.merge.registry import CHUNK, MergeMethod, TensorContext, get_method
 from model_glue.merge.spec import DTYPES, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
 
@@ -189,6 +189,10 @@ class Merger:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         has_base = self.plan.has_base
         for job in self.plan.jobs:
+            if self.streaming and job.merge and self._chunkable(job):
+                values = resolve_tensor_params(self.method, job, g, ms, self.plan.model_names)
+                yield job.name, self._merge_chunks(job, values)
+                continue
             tensors = self._read(job) if self.streaming else self._inputs[job.name]
             if not job.merge:
                 yield job.name, (tensors[0] if self.streaming else tensors[0].clone())
@@ -201,6 +205,47 @@ class Merger:
             merged = self.method.fn(base, models, values, self._ctx[job.name])
             del scratch, base, models
             yield job.name, merged.to(job.out_dtype)
+
+    def _chunkable(self, job) -> bool:
+        return self.method.chunked and job.rows is None and math.prod(job.shape) > CHUNK
+
+    def _merge_chunks(self, job, values: Mapping[str, Any]) -> torch.Tensor:
+        """A chunked method on lazy inputs: each CHUNK of every input is read from disk,
+        converted to float32 and merged, as the streaming engine does (same blocks, same
+        bits), so a tensor never has more than one chunk per input resident."""
+        n = math.prod(job.shape)
+        method, has_base = self.method, self.plan.has_base
+        out = torch.empty(n, dtype=job.out_dtype)
+
+        def chunk(start: int, stop: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            scratch = [_flat(sd, job.name, start, stop) for sd in self._sources]
+            return (scratch[0], scratch[1:]) if has_base else (None, scratch)
+
+        bounds = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
+        totals, memo = None, {}
+        if method.reduce is not None:
+            parts = []
+            for start, stop in bounds:
+                ctx = TensorContext(job.name, self.plan.model_names, offset=start, memo=memo)
+                part = method.reduce(*chunk(start, stop), values, ctx)
+                if part is None:  # these parameters need no totals
+                    break
+                parts.append(part)
+            else:
+                totals = tuple(math.fsum(column) for column in zip(*parts, strict=True))
+        for start, stop in bounds:
+            ctx = TensorContext(
+                job.name, self.plan.model_names, offset=start, totals=totals, memo=memo
+            )
+            out[start:stop].copy_(method.fn(*chunk(start, stop), values, ctx))
+        return out.view(job.shape)
+
+
+def _flat(sd: StateDict, name: str, start: int, stop: int) -> torch.Tensor:
+    """Flat elements ``start:stop`` of ``sd[name]`` as a float32 tensor the caller owns."""
+    if isinstance(sd, LazyTensors):
+        return sd.read_flat(name, start, stop).to(torch.float32)
+    return sd[name].detach().reshape(-1)[start:stop].to("cpu", torch.float32, copy=True)
 
 
 def _shapes(sd: StateDict) -> dict[str, tuple[int, ...]]:
