@@ -62,9 +62,29 @@ class FilterSettings(_Strict):
 
     strategy: Literal["none", "average", "coefficient", "similarity", "evolutionary"] = "none"
     proxy_tasks: list[str] | None = None  # default: the evaluation tasks
-    # the metric a proxy task is scored on, for tasks that report several (default: the
-    # task's only metric; a task with several and no proxy_metric fails the search)
-    proxy_metric: str | None = None
+    # a preset's tasks as the proxy (model-glue-paper-tiny: tinyBenchmarks), with its metrics
+    proxy_preset: Literal["model-glue-paper", "model-glue-paper-tiny"] | None = None
+    # the metric a proxy task is scored on, for tasks that report several: one name for
+    # every task or one per task (default: evaluation.metrics, else the task's only metric;
+    # a task with several and none chosen fails the search)
+    proxy_metric: str | dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _expand_preset(self) -> FilterSettings:
+        if self.proxy_preset is None:
+            return self
+        from model_glue.presets import preset_tasks
+
+        metrics = preset_tasks(self.proxy_preset)
+        chosen = self.proxy_metric if isinstance(self.proxy_metric, dict) else {}
+        return self.model_copy(
+            update={
+                "proxy_tasks": list(dict.fromkeys([*metrics, *(self.proxy_tasks or [])])),
+                "proxy_metric": self.proxy_metric
+                if isinstance(self.proxy_metric, str)
+                else metrics | chosen,
+            }
+        )
     proxy_limit: int | None = Field(
         default=100, gt=0
     )  # documents per proxy task and trial (paper: ~100)
@@ -101,7 +121,13 @@ class MixtureSettings(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    tasks: list[str] = Field(min_length=1)
+    # lm-eval task names (a preset adds its own before these)
+    tasks: list[str] = Field(default_factory=list)
+    preset: Literal["model-glue-paper", "model-glue-paper-tiny"] | None = None
+    # the metric that stands for a task where it reports several (filled by the preset)
+    metrics: dict[str, str] = Field(default_factory=dict)
+    # lm-eval's opt-in for tasks that execute the model's code (MBPP, HumanEval)
+    allow_code_execution: bool = False
     limit: int | None = Field(default=None, gt=0)
     batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 32  # auto: lm-eval's search
     # where models are evaluated (evaluation, the search's proxy): auto = CUDA when torch
@@ -111,6 +137,23 @@ class EvaluationConfig(_Strict):
     # full evaluations of model directories through lm-eval's vllm model (pip install
     # 'model-glue[vllm]'); mixtures and the search always use hf
     backend: Literal["hf", "vllm"] = "hf"
+
+    @model_validator(mode="after")
+    def _expand_preset(self) -> EvaluationConfig:
+        ev = self
+        if ev.preset is not None:
+            from model_glue.presets import preset_tasks
+
+            metrics = preset_tasks(ev.preset)
+            ev = ev.model_copy(
+                update={
+                    "tasks": list(dict.fromkeys([*metrics, *ev.tasks])),
+                    "metrics": metrics | ev.metrics,
+                }
+            )
+        if not ev.tasks:
+            raise ValueError("tasks: give at least one lm-eval task, or a preset")
+        return ev
     # folders of lm-eval task files (relative to the config file); every stage that runs
     # lm-eval sees them (evaluation, the search's proxy, the mixture's router accuracy)
     include_paths: list[str] = Field(default_factory=list)
@@ -129,6 +172,27 @@ class RunConfig(_Strict):
     # a zoo model that cannot be read (missing, truncated, pickle-only, ...): "skip" leaves it
     # out and says so (the run can still succeed); "fail" fails the run after the rest ran
     on_model_error: Literal["skip", "fail"] = "skip"
+
+    @model_validator(mode="after")
+    def _code_execution_opt_in(self) -> RunConfig:
+        from model_glue.presets import CODE_TASKS
+
+        code = [t for t in self.task_names if t in CODE_TASKS]
+        if code and not self.evaluation.allow_code_execution:
+            raise ValueError(
+                f"{', '.join(code)} execute the model's generated code: set "
+                "evaluation.allow_code_execution: true to run them (lm-eval's own opt-in)"
+            )
+        return self
+
+    def proxy_metrics(self) -> str | dict[str, str] | None:
+        """The metric per proxy task: filter.proxy_metric, else evaluation.metrics."""
+        fc, ev = self.filter, self.evaluation
+        if isinstance(fc.proxy_metric, str):
+            return fc.proxy_metric
+        tasks = fc.proxy_tasks or ev.tasks
+        merged = {t: m for t, m in ev.metrics.items() if t in tasks} | (fc.proxy_metric or {})
+        return merged or None
 
     @property
     def task_names(self) -> list[str]:
