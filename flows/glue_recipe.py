@@ -342,8 +342,9 @@ def _select(
         proxy_tasks=list(fc.proxy_tasks or cfg.evaluation.tasks),
         proxy_limit=fc.proxy_limit,
         include_paths=list(cfg.evaluation.include_paths),
-        proxy_metric=fc.proxy_metric,
+        proxy_metric=cfg.metrics_for(list(fc.proxy_tasks or cfg.evaluation.tasks)),
         batch_size=cfg.evaluation.batch_size,
+        allow_code_execution=cfg.evaluation.allow_code_execution,
         **_placement(cfg, members[0].get("dtype")),
     )
     if o.record is None:
@@ -400,6 +401,7 @@ def _evaluate_all(
             batch_size=ev.batch_size,
             include_paths=list(ev.include_paths),
             backend=ev.backend,
+            allow_code_execution=ev.allow_code_execution,
             **_placement(cfg, t.get("dtype"), mixture=t.get("loader") == "mixture"),
         )
         if o.record is None:
@@ -456,7 +458,7 @@ def _mixture(
         accuracy_tasks=list(cfg.evaluation.tasks) if mc.router_accuracy else [],
         accuracy_limit=cfg.evaluation.limit,
         include_paths=list(cfg.evaluation.include_paths),
-        accuracy_metric=cfg.filter.proxy_metric,
+        accuracy_metric=cfg.metrics_for(list(cfg.evaluation.tasks)),
     )
     if o.record is None:
         return None  # the recorder printed why; the run will be marked failed

@@ -85,6 +85,7 @@ class FilterSettings(_Strict):
                 else metrics | chosen,
             }
         )
+
     proxy_limit: int | None = Field(
         default=100, gt=0
     )  # documents per proxy task and trial (paper: ~100)
@@ -154,6 +155,7 @@ class EvaluationConfig(_Strict):
         if not ev.tasks:
             raise ValueError("tasks: give at least one lm-eval task, or a preset")
         return ev
+
     # folders of lm-eval task files (relative to the config file); every stage that runs
     # lm-eval sees them (evaluation, the search's proxy, the mixture's router accuracy)
     include_paths: list[str] = Field(default_factory=list)
@@ -185,13 +187,13 @@ class RunConfig(_Strict):
             )
         return self
 
-    def proxy_metrics(self) -> str | dict[str, str] | None:
-        """The metric per proxy task: filter.proxy_metric, else evaluation.metrics."""
+    def metrics_for(self, tasks: list[str]) -> str | dict[str, str] | None:
+        """The metric that selection reads on each of ``tasks`` (proxy trials, router
+        accuracy): filter.proxy_metric, else evaluation.metrics; None: the task's only one."""
         fc, ev = self.filter, self.evaluation
         if isinstance(fc.proxy_metric, str):
             return fc.proxy_metric
-        tasks = fc.proxy_tasks or ev.tasks
-        merged = {t: m for t, m in ev.metrics.items() if t in tasks} | (fc.proxy_metric or {})
+        merged = {t: m for t, m in (ev.metrics | (fc.proxy_metric or {})).items() if t in tasks}
         return merged or None
 
     @property

@@ -59,6 +59,7 @@ def evaluate(
     device: str = "cpu",
     dtype: str | None = None,
     backend: str = "hf",
+    allow_code_execution: bool = False,
 ) -> list[Score]:
     """Runs ``tasks`` on ``model`` with ``lm_eval.simple_evaluate``; one Score per (task, metric).
 
@@ -69,6 +70,7 @@ def evaluate(
     A directory is loaded on ``device`` (``auto``, ``cpu``, ``cuda[:N]``) in ``dtype``
     (default: see :mod:`model_glue.devices`), through lm-eval's ``hf`` model or, with
     ``backend="vllm"``, its ``vllm`` model. ``batch_size`` may be ``"auto"``.
+    ``allow_code_execution`` is lm-eval's opt-in for tasks that run generated code.
     """
     if not tasks:
         raise ValueError("evaluate: no tasks given")
@@ -82,10 +84,11 @@ def evaluate(
         lm = _vllm_lm(model, batch_size, device, dtype)
     else:
         lm = _hf_lm(model, tokenizer, batch_size, device, dtype)
-    with quiet_lm_eval():
+    with quiet_lm_eval(), code_execution(allow_code_execution):
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(tasks),
+            confirm_run_unsafe_code=allow_code_execution,
             limit=limit,
             task_manager=manager,
             log_samples=False,
@@ -191,6 +194,26 @@ def _beside(value: Any, folder: Path) -> Any:
         if candidate.exists():
             return str(candidate)
     return value
+
+
+@contextlib.contextmanager
+def code_execution(allowed: bool) -> Iterator[None]:
+    """``HF_ALLOW_CODE_EVAL=1`` for the call when the user opted in (the code metrics of
+    ``evaluate`` refuse to run without it); otherwise the environment is left alone."""
+    import os
+
+    if not allowed:
+        yield
+        return
+    saved = os.environ.get("HF_ALLOW_CODE_EVAL")
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = saved
 
 
 def task_folders(include_paths: Sequence[str] = ()) -> list[str]:

@@ -32,7 +32,7 @@ STAGE = Stage(
     name="evaluate",
     code_version=f"evaluate-{EVAL_VERSION}-lm_eval-{version('lm-eval')}",
     # what changes the numbers: dtype and backend; not the device index or the batch size
-    key_parts=lambda model, tasks, limit, batch_size, include_paths, device="cpu", dtype="float32", backend="hf": {
+    key_parts=lambda model, tasks, limit, batch_size, include_paths, device="cpu", dtype="float32", backend="hf", allow_code_execution=False: {
         "model": model["fingerprint"],
         "tasks": sorted(tasks),
         "limit": limit,
@@ -52,6 +52,7 @@ def _evaluate(
     device: str = "cpu",
     dtype: str = "float32",
     backend: str = "hf",
+    allow_code_execution: bool = False,
 ) -> dict:
     """``model``: a record with name, fingerprint, a local directory ``path`` and optionally
     ``loader: mixture`` for mixture directories."""
@@ -66,6 +67,7 @@ def _evaluate(
             "device": device,
             "dtype": dtype,
             "backend": backend,
+            "allow_code_execution": allow_code_execution,
         }
     )
     if (record := load_record(store, key)) is not None:
@@ -87,6 +89,7 @@ def _evaluate(
         device=device,
         dtype=dtype,
         backend="hf" if model.get("loader") == "mixture" else backend,
+        allow_code_execution=allow_code_execution,
     )
     record = {
         "fingerprint": model["fingerprint"],

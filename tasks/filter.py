@@ -22,7 +22,7 @@ STAGE = Stage(
     name="filter",
     # the search merges through the engine and scores through lm-eval: both change numbers
     code_version=f"filter-{SEARCH_VERSION}-{ENGINE_VERSION}-lm_eval-{version('lm-eval')}",
-    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None, device="cpu", dtype="float32", batch_size=32: {
+    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None, device="cpu", dtype="float32", batch_size=32, allow_code_execution=False: {
         "members": sorted((m["name"], m["fingerprint"]) for m in members),
         "base": base["fingerprint"] if base else None,
         "method": method,
@@ -45,10 +45,11 @@ def _filter(
     proxy_tasks: list[str],
     proxy_limit: int | None,
     include_paths: list[str],
-    proxy_metric: str | None = None,
+    proxy_metric: str | dict[str, str] | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int | str = 32,
+    allow_code_execution: bool = False,
 ) -> dict:
     """``settings``: strategy plus its options (grid; budget, sigma0, seed, layer_groups,
     search_density). ``members`` never include ``base`` (it enters as the task-vector origin)."""
@@ -67,6 +68,7 @@ def _filter(
             "device": device,
             "dtype": dtype,
             "batch_size": batch_size,
+            "allow_code_execution": allow_code_execution,
         }
     )
     if (record := load_record(store, key)) is not None:
@@ -90,6 +92,7 @@ def _filter(
             device=device,
             dtype=dtype,
             batch_size=batch_size,
+            allow_code_execution=allow_code_execution,
         )
         strategy = settings["strategy"]
         if strategy == "evolutionary":

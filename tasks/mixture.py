@@ -65,7 +65,7 @@ def _mixture(
     accuracy_tasks: list[str],
     accuracy_limit: int | None,
     include_paths: list[str] = (),  # type: ignore[assignment]
-    accuracy_metric: str | None = None,
+    accuracy_metric: str | dict[str, str] | None = None,
 ) -> dict:
     """``experts``: records with name, fingerprint and a local ``path``; ``backbone`` one of them."""
     store = ArtifactStore(store_url)

@@ -186,3 +186,70 @@ def test_lazy_chunked_merges_equal_resident_ones_bit_for_bit(tiny_llama, dtype):
         assert a.streaming and not b.streaming
         got, want = a(), b()
         assert all(torch.equal(got[k], want[k]) for k in want), method
+
+
+def test_paper_presets_name_lm_evals_own_tasks():
+    """Resolved with lm-eval's task index (no data is downloaded)."""
+    from model_glue.evaluate import unknown_tasks
+    from model_glue.presets import PRESETS
+
+    for name, metrics in PRESETS.items():
+        assert unknown_tasks(list(metrics)) == [], name
+
+
+def test_presets_expand_in_the_config_with_their_metrics():
+    from model_glue.config import ConfigError, parse_config
+
+    zoo = [{"name": "a", "path": "/x"}]
+    with pytest.raises(ConfigError, match="mbpp, humaneval execute the model's generated code"):
+        parse_config({"zoo": zoo, "evaluation": {"preset": "model-glue-paper"}}, "g.yaml")
+    cfg = parse_config(
+        {
+            "zoo": zoo,
+            "evaluation": {"preset": "model-glue-paper", "allow_code_execution": True},
+            "filter": {"proxy_preset": "model-glue-paper-tiny", "proxy_metric": {"tinyArc": "acc"}},
+        }
+    )
+    assert cfg.evaluation.tasks[:3] == ["arc_challenge", "winogrande", "mmlu"]
+    assert cfg.evaluation.metrics["gsm8k"] == "exact_match,strict-match"
+    proxy = cfg.metrics_for(cfg.filter.proxy_tasks)
+    assert proxy["tinyArc"] == "acc" and proxy["tinyGSM8k"] == "exact_match,strict-match"
+    assert "arc_challenge" not in proxy
+
+
+def test_proxy_reads_each_tasks_own_metric():
+    from model_glue.evaluate import Score, TaskError
+    from model_glue.search.proxy import LmEvalProxy
+
+    scores = [
+        Score("a", "acc", 0.2, None, 10),
+        Score("a", "acc_norm", 0.4, None, 10),
+        Score("b", "exact_match,strict-match", 0.6, None, 10),
+        Score("b", "exact_match,flexible-extract", 0.9, None, 10),
+    ]
+    proxy = LmEvalProxy(
+        ["a", "b"], None, limit=1, metric={"a": "acc_norm", "b": "exact_match,strict-match"}
+    )
+    assert proxy._mean(scores) == pytest.approx(0.5)
+    with pytest.raises(TaskError, match="proxy task 'b' reports several metrics"):
+        LmEvalProxy(["a", "b"], None, limit=1, metric={"a": "acc"})._mean(scores)
+
+
+def test_the_flow_places_stages_by_the_config(monkeypatch):
+    """What the recipe hands the evaluate and filter stages: the resolved device and the
+    dtype that their keys hold (mixtures stay float32 on the CPU)."""
+    from flows.glue_recipe import _placement
+    from model_glue.config import parse_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    base = {"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"]}}
+    cfg = parse_config(base)
+    assert _placement(cfg, "BF16") == {"device": "cuda", "dtype": "bfloat16"}
+    assert _placement(cfg, "BF16", mixture=True) == {"device": "cpu", "dtype": "float32"}
+    cfg = parse_config(
+        base | {"evaluation": {"tasks": ["t"], "device": "cuda:1", "dtype": "float16"}}
+    )
+    assert _placement(cfg, "BF16") == {"device": "cuda:1", "dtype": "float16"}
+    cfg = parse_config(base | {"evaluation": {"tasks": ["t"], "device": "cpu"}})
+    assert _placement(cfg, "BF16") == {"device": "cpu", "dtype": "float32"}

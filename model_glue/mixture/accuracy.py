@@ -12,7 +12,7 @@ neither has an "expert that answers the sample".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +55,7 @@ def expert_correctness(
     mixture: ModelLevelMixture,
     tasks: Sequence[str],
     *,
-    metric: str | None = None,
+    metric: str | Mapping[str, str] | None = None,
     limit: int | None = None,
     samples: dict[str, list[int]] | None = None,
     include_paths: Sequence[str] = (),
@@ -88,11 +88,12 @@ def expert_correctness(
         by_expert = [{s["doc_id"]: s for s in logged[task]} for logged in per_expert]
         for row in rows:
             logged = list(row.get("metrics", ()))
-            name = metric if metric is not None else (logged[0] if len(logged) == 1 else None)
+            wanted = metric.get(task) if isinstance(metric, Mapping) else metric
+            name = wanted if wanted is not None else (logged[0] if len(logged) == 1 else None)
             if name is None or name not in row:
                 raise TaskError(
                     f"router accuracy on task {task!r}: "
-                    + (f"metric {metric!r} not logged" if metric else "several metrics")
+                    + (f"metric {wanted!r} not logged" if wanted else "several metrics")
                     + f" (logged: {', '.join(logged)}); set filter.proxy_metric"
                 )
             keys.append((task, row["doc_id"]))

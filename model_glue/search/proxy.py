@@ -102,12 +102,13 @@ class ProxyScorer:
         *,
         limit: int | None,
         base: str | Path | None = None,
-        metric: str | None = None,
+        metric: str | Mapping[str, str] | None = None,
         method_params: Mapping[str, Mapping[str, Any]] | None = None,
         include_paths: Sequence[str] = (),
         device: str = "cpu",
         dtype: str | None = None,
         batch_size: int | str = 32,
+        allow_code_execution: bool = False,
     ) -> ProxyScorer:
         """Reads each checkpoint once and scores merges with lm-eval on ``tasks`` (found in
         the demo task folder, ``include_paths`` or lm-eval's own tasks).
@@ -142,6 +143,7 @@ class ProxyScorer:
             metric=metric,
             include_paths=include_paths,
             batch_size=batch_size,
+            allow_code_execution=allow_code_execution,
         )
         base_state = LazyTensors(str(base)) if base is not None else None
         return cls(states, model, proxy, base=base_state, method_params=method_params)
@@ -257,10 +259,11 @@ class LmEvalProxy:
         tokenizer: PreTrainedTokenizerBase,
         *,
         limit: int | None,
-        metric: str | None = None,
-        batch_size: int = 32,
+        metric: str | Mapping[str, str] | None = None,
+        batch_size: int | str = 32,
         seed: int = 0,
         include_paths: Sequence[str] = (),
+        allow_code_execution: bool = False,
     ) -> None:
         if not tasks:
             raise ValueError("LmEvalProxy: no proxy tasks given")
@@ -268,7 +271,8 @@ class LmEvalProxy:
         self.include_paths = tuple(include_paths)
         self.tokenizer = tokenizer
         self.limit = limit
-        self.metric = metric
+        self.metric = metric  # one name for every task, or task -> name
+        self.allow_code_execution = allow_code_execution
         self.batch_size = batch_size
         self.seed = seed
         self.last: dict[str, float] = {}
@@ -279,17 +283,18 @@ class LmEvalProxy:
     def __call__(self, model: PreTrainedModel) -> float:
         import lm_eval.evaluator
 
-        from model_glue.evaluate import BOOTSTRAP_ITERS, scores_from_results
+        from model_glue.evaluate import BOOTSTRAP_ITERS, code_execution, scores_from_results
 
         if model is not self._model:
             self._prepare(model)
-        with _quiet_lm_eval():
+        with _quiet_lm_eval(), code_execution(self.allow_code_execution):
             results = lm_eval.evaluator.evaluate(
                 lm=self._lm,
                 task_dict=self._loaded,
                 limit=self.limit,
                 log_samples=False,
                 bootstrap_iters=BOOTSTRAP_ITERS,
+                confirm_run_unsafe_code=self.allow_code_execution,
             )
         return self._mean(scores_from_results(results))
 
@@ -315,13 +320,14 @@ class LmEvalProxy:
         per_task: dict[str, float] = {}
         for task in self.tasks:
             mine = [s for s in scores if s.task == task]
-            if self.metric is not None:
-                mine = [s for s in mine if s.metric == self.metric]
+            wanted = self.metric.get(task) if isinstance(self.metric, Mapping) else self.metric
+            if wanted is not None:
+                mine = [s for s in mine if s.metric == wanted]
             if len(mine) != 1:
                 from model_glue.evaluate import TaskError
 
                 available = ", ".join(sorted(s.metric for s in scores if s.task == task))
-                asked = "" if self.metric is None else f"{self.metric!r} is not one of them; "
+                asked = "" if wanted is None else f"{wanted!r} is not one of them; "
                 raise TaskError(
                     f"proxy task {task!r} reports several metrics ({available}): {asked}"
                     "set filter.proxy_metric to the one to search on"
