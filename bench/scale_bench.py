@@ -95,21 +95,23 @@ def make_inputs(n: int, hidden: int, layers: int, intermediate: int, vocab: int)
     return paths
 
 
-def child(kind: str, paths: list[str], trials: int, limit: int) -> dict:
+def child(kind: str, paths: list[str], trials: int, limit: int, device: str = "cpu") -> dict:
     import random
+
+    import torch
 
     t0 = time.perf_counter()
     out: dict = {}
     if kind == "eval":
         from model_glue.evaluate import evaluate
 
-        evaluate(paths[0], [TASK], limit=limit, device="cpu")
+        evaluate(paths[0], [TASK], limit=limit, device=device)
     elif kind in ("search", "search-resident"):
         from model_glue.search import TrialSpec
         from model_glue.search.proxy import ProxyScorer, load_state_dict
 
         names = {f"m{i}": p for i, p in enumerate(paths)}
-        scorer = ProxyScorer.from_checkpoints(names, [TASK], limit=limit, device="cpu")
+        scorer = ProxyScorer.from_checkpoints(names, [TASK], limit=limit, device=device)
         if kind == "search-resident":  # the previous scorer: members resident in float32
             scorer = ProxyScorer(
                 {n: load_state_dict(p) for n, p in names.items()}, scorer.model, scorer.proxy
@@ -150,12 +152,15 @@ def child(kind: str, paths: list[str], trials: int, limit: int) -> dict:
         shutil.rmtree(dest)
     else:
         raise SystemExit(f"unknown child {kind!r}")
+    if device.startswith("cuda"):
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out | {"seconds": time.perf_counter() - t0, "peak_mb": peak_resident_mb()}
 
 
-def run_child(kind: str, paths: list[Path], trials: int, limit: int) -> dict:
+def run_child(kind: str, paths: list[Path], trials: int, limit: int, device: str = "cpu") -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--trials", str(trials), "--limit", str(limit)]
+        + ["--device", device]
         + [str(p) for p in paths],
         capture_output=True,
         text=True,
@@ -175,11 +180,12 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--kinds", default="eval,search,search-resident,similarity,engine")
+    ap.add_argument("--device", default="cpu", help="evaluation device of eval and search")
     ap.add_argument("--child", metavar="KIND")
     ap.add_argument("paths", nargs="*")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.paths, args.trials, args.limit)))
+        print(json.dumps(child(args.child, args.paths, args.trials, args.limit, args.device)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     paths = make_inputs(max(sizes), args.hidden, args.layers, args.intermediate, args.vocab)
@@ -187,7 +193,11 @@ def main() -> None:
     kinds = args.kinds.split(",")
     results = {"model_mb": model_mb, "trials": args.trials, "limit": args.limit, "rows": {}}
     print(f"one model {model_mb:.0f} MB on disk (bf16); {args.trials} trials, limit {args.limit}")
-    evaluation = run_child("eval", paths[:1], args.trials, args.limit) if "eval" in kinds else None
+    evaluation = (
+        run_child("eval", paths[:1], args.trials, args.limit, args.device)
+        if "eval" in kinds
+        else None
+    )
     if evaluation:
         print(
             f"eval            peak {evaluation['peak_mb']:6.0f} MB  {evaluation['seconds']:5.1f} s"
@@ -197,10 +207,10 @@ def main() -> None:
         for kind in kinds:
             if kind == "eval":
                 continue
-            r = row[kind] = run_child(kind, paths[:n], args.trials, args.limit)
-            extra = ""
+            r = row[kind] = run_child(kind, paths[:n], args.trials, args.limit, args.device)
+            extra = f"  GPU peak {r['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in r else ""
             if "merge_s_per_trial" in r:
-                extra = f"  trial: merge {r['merge_s_per_trial']:.2f} s, eval {r['eval_s_per_trial']:.2f} s"
+                extra += f"  trial: merge {r['merge_s_per_trial']:.2f} s, eval {r['eval_s_per_trial']:.2f} s"
             print(
                 f"{kind:16s} n={n}  peak {r['peak_mb']:6.0f} MB  {r['seconds']:5.1f} s{extra}",
                 flush=True,

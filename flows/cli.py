@@ -225,12 +225,21 @@ def sql(
         str, typer.Argument(help="A read-only SQL query (SELECT/WITH/DESCRIBE/SHOW).")
     ],
     db: DbOption = None,
+    allow_files: Annotated[
+        bool,
+        typer.Option(
+            "--allow-files",
+            help="Let the query read files, globs and URLs too (read_csv, glob, ...).",
+        ),
+    ] = False,
 ) -> None:
-    """Run a read-only SQL query against the lineage database and print the result."""
+    """Run a read-only SQL query against the lineage database and print the result.
+
+    The query reads the lineage database only, unless --allow-files is given."""
     from storage import LineageDB, LineageError
 
     try:
-        df = LineageDB(_db_path(db), read_only=True).query(query)
+        df = LineageDB(_db_path(db), read_only=True, external_access=allow_files).query(query)
     except LineageError as e:
         _fail(str(e))
     except Exception as e:  # DuckDB parser/binder errors: show them plainly

@@ -69,13 +69,15 @@ def auto_threshold(values: Iterable[float], must_join: Iterable[float] = ()) -> 
     of them are admissible, so declared families are never split by the choice. Ties go to
     the higher gap (the stricter threshold). Values outside [0, 1] are clipped.
     """
-    raw = [float(v) for v in values]
-    if any(math.isnan(v) for v in raw):
-        raise ValueError("auto threshold: a similarity is NaN")
-    vals = sorted(min(1.0, max(0.0, v)) for v in raw)
+    # a NaN similarity (non-finite weights, kept with allow_nonfinite) says nothing about
+    # the gap, and never links its pair (see cluster_models)
+    vals = sorted(min(1.0, max(0.0, v)) for v in map(float, values) if not math.isnan(v))
     if not vals:
         return ThresholdChoice(1.0, "single-model")
-    cap = min((min(1.0, max(0.0, float(v))) for v in must_join), default=1.0)
+    cap = min(
+        (min(1.0, max(0.0, float(v))) for v in must_join if not math.isnan(float(v))),
+        default=1.0,
+    )
     points = sorted({0.0, 1.0, *vals})
     best: tuple[float, float, float] | None = None  # (width, low, high)
     for low, high in zip(points, points[1:], strict=False):
@@ -119,7 +121,8 @@ def cluster_models(
             best: tuple[float, tuple[str, ...], tuple[str, ...]] | None = None
             for i, gi in enumerate(groups):
                 for gj in groups[i + 1 :]:
-                    link = min(s(a, b) for a in gi for b in gj)  # complete linkage
+                    pairs = [s(a, b) for a in gi for b in gj]
+                    link = math.nan if any(map(math.isnan, pairs)) else min(pairs)  # complete
                     if not link >= cut:  # NaN never links
                         continue
                     cand = (link, tuple(gi), tuple(gj))

@@ -48,15 +48,18 @@ def _is_lock_conflict(e: Exception) -> bool:
 
 @contextmanager
 def connect(
-    path: Path, *, read_only: bool, lock_timeout_s: float
+    path: Path, *, read_only: bool, lock_timeout_s: float, external_access: bool = True
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open ``path``, retrying while another process holds its lock."""
+    """Open ``path``, retrying while another process holds its lock. Without
+    ``external_access`` the connection reads this database only: DuckDB refuses files,
+    globs, URLs and extensions (``read_csv('/etc/passwd')``, ``glob('/root/*')``)."""
+    config = {} if external_access else {"enable_external_access": False}
     with _process_lock(path):
         deadline = time.monotonic() + lock_timeout_s
         delay = 0.05
         while True:
             try:
-                con = duckdb.connect(str(path), read_only=read_only)
+                con = duckdb.connect(str(path), read_only=read_only, config=config)
                 break
             except duckdb.IOException as e:
                 if not _is_lock_conflict(e):

@@ -78,9 +78,12 @@ class LineageDB:
         *,
         read_only: bool = False,
         lock_timeout_s: float = 30.0,
+        external_access: bool = True,
     ) -> None:
         self.path = Path(path if path is not None else glue_home() / "lineage.duckdb").absolute()
         self.read_only = read_only
+        # False: queries read this database only (no files, globs, URLs); what glue sql uses
+        self.external_access = external_access
         self.lock_timeout_s = lock_timeout_s
         self._schema_checked = False
         self._local = threading.local()
@@ -134,7 +137,12 @@ class LineageDB:
                 raise LineageError(f"no lineage database at {self.path} (nothing recorded yet)")
             with self._writer():  # creates the file with its schema, so queries see the tables
                 pass
-        with connect(self.path, read_only=True, lock_timeout_s=self.lock_timeout_s) as con:
+        with connect(
+            self.path,
+            read_only=True,
+            lock_timeout_s=self.lock_timeout_s,
+            external_access=self.external_access,
+        ) as con:
             self._local.read_con = con
             try:
                 yield con

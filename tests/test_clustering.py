@@ -77,8 +77,10 @@ def test_edge_cases():
     tie = auto_threshold([0.5])  # equal gaps: the stricter threshold
     assert tie.threshold == 0.75
     assert auto_threshold([1.2, -0.4]).values == (0.0, 1.0)  # clipped
-    with pytest.raises(ValueError, match="NaN"):
-        auto_threshold([0.9, float("nan")])
+    nan = float("nan")
+    assert auto_threshold([0.9, nan]).values == (0.9,)  # NaN says nothing about the gap
+    values = {("a", "b"): 0.99, ("a", "c"): nan, ("b", "c"): 0.98}
+    assert _cluster(values, 0.5) == [("a", "b"), ("c",)]  # and never links
 
 
 def test_per_architecture_thresholds():
