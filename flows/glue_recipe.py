@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from rich.console import Console
 
 from flows._logging import RunFailed, quiet_handled_failures
-from flows._recorder import Recorder
+from flows._recorder import Failure, Recorder
 from model_glue.config import RunConfig, load_config, validate_tasks
 from model_glue.devices import dtype_label, resolve_device, resolve_dtype
 from model_glue.env import glue_home
@@ -117,6 +117,23 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     models, excluded = [], {}
     with db.transaction():
         _record_models(db, outcomes, models, excluded)
+    for m in [m for m in models if m.get("nonfinite")]:
+        bad = m["nonfinite"]
+        what = f"tensor {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+        why = f"CheckpointError: {m['uri']}: {what} holds NaN or Inf values"
+        if cfg.allow_nonfinite:
+            console.print(
+                f"  [yellow]kept {m['name']} (allow_nonfinite): {why}[/]", highlight=False
+            )
+            continue
+        console.print(
+            f"  [yellow]left out {m['name']}: {why}; allow_nonfinite: true keeps it[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        excluded[m["name"]] = why
+        rec.failures.append(Failure("fingerprint", m["name"], why, True))
+        models.remove(m)
     if not models:
         raise RunFailed("no usable model in the zoo")
     by_fp = {m["fingerprint"]: m for m in models}

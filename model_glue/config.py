@@ -174,6 +174,9 @@ class RunConfig(_Strict):
     # a zoo model that cannot be read (missing, truncated, pickle-only, ...): "skip" leaves it
     # out and says so (the run can still succeed); "fail" fails the run after the rest ran
     on_model_error: Literal["skip", "fail"] = "skip"
+    # a zoo model with NaN or Inf weights is left out like an unreadable one, unless this
+    # keeps it (with a warning; its NaN similarities never link it to a cluster)
+    allow_nonfinite: bool = False
 
     @model_validator(mode="after")
     def _code_execution_opt_in(self) -> RunConfig:

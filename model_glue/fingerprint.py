@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+import torch
 
 from model_glue.checkpoint import Checkpoint, _join
 
@@ -60,9 +63,13 @@ class ModelFingerprint:
     dtype: str  # the most common tensor dtype, e.g. "BF16"
     n_tensors: int
     bytes: int
+    # floating tensors holding NaN or Inf (found while hashing; no extra read)
+    nonfinite: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["nonfinite"] = list(self.nonfinite)
+        return d
 
 
 def _sha(data: str | bytes) -> str:
@@ -91,9 +98,16 @@ def tokenizer_hash(ckpt: Checkpoint) -> str:
     return h.hexdigest()[:32] if found else ""
 
 
-def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+def _tensor_digest(ckpt: Checkpoint, name: str, finite: list[bool] | None = None) -> str:
+    """sha256 of a tensor's bytes; with ``finite``, also appends whether every value of a
+    floating tensor is finite (the chunk is already in memory: one ``isfinite`` pass)."""
     info = ckpt.tensors[name]
     h = hashlib.sha256()
+    check = finite is not None and info.dtype in _FLOATS and info.nbytes > 0
+    dtype, ok = info.torch_dtype, True
     with ckpt.fs.open(_join(ckpt.root, info.file), "rb") as f:
         f.seek(info.begin)
         remaining = info.nbytes
@@ -102,7 +116,14 @@ def _tensor_digest(ckpt: Checkpoint, name: str) -> str:
             if not chunk:
                 raise ValueError(f"{ckpt.uri}/{info.file}: truncated while hashing {name!r}")
             h.update(chunk)
+            if check and ok:
+                with warnings.catch_warnings():  # a read-only buffer: only read here
+                    warnings.simplefilter("ignore", UserWarning)
+                    values = torch.frombuffer(chunk, dtype=dtype)
+                ok = bool(torch.isfinite(values).all())
             remaining -= len(chunk)
+    if finite is not None:
+        finite.append(ok)
     return h.hexdigest()
 
 
@@ -113,10 +134,13 @@ def fingerprint_checkpoint(
     ckpt = uri if isinstance(uri, Checkpoint) else Checkpoint(str(uri))
     outer = hashlib.sha256(f"model-glue-fingerprint-v{FINGERPRINT_VERSION}\n".encode())
     total = len(ckpt.tensors)
+    nonfinite = []
     for i, (name, info) in enumerate(ckpt.tensors.items()):  # sorted by name: shard-independent
-        outer.update(
-            f"{name}|{info.dtype}|{list(info.shape)}|{_tensor_digest(ckpt, name)}\n".encode()
-        )
+        finite: list[bool] = []
+        digest = _tensor_digest(ckpt, name, finite)
+        outer.update(f"{name}|{info.dtype}|{list(info.shape)}|{digest}\n".encode())
+        if not finite[0]:
+            nonfinite.append(name)
         if progress:
             progress(i + 1, total)
     content = outer.hexdigest()
@@ -137,6 +161,7 @@ def fingerprint_checkpoint(
         dtype=dtypes.most_common(1)[0][0],
         n_tensors=len(ckpt.tensors),
         bytes=sum(t.nbytes for t in ckpt.tensors.values()),
+        nonfinite=tuple(nonfinite),
     )
 
 

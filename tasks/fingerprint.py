@@ -13,7 +13,8 @@ from tasks._stage import Stage, load_record, save_record
 
 STAGE = Stage(
     name="fingerprint",
-    code_version=f"fingerprint-{FINGERPRINT_VERSION}",
+    # "-finite": records say which tensors hold NaN/Inf (the fingerprint itself is unchanged)
+    code_version=f"fingerprint-{FINGERPRINT_VERSION}-finite",
     key_parts=lambda name, uri: {"uri": uri, "stat": _stat_or_missing(uri)},
 )
 
