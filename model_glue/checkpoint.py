@@ -12,6 +12,7 @@ unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -81,7 +82,14 @@ def _join(root: str, name: str) -> str:
 def read_safetensors_header(
     fs: fsspec.AbstractFileSystem, path: str, file_name: str
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse one safetensors header and check that the file holds every byte it declares."""
+    """Parse one safetensors header and check everything the format requires.
+
+    The header is a JSON object of tensors (and an optional ``__metadata__`` map of strings
+    to strings); each tensor has a known dtype, a shape of non-negative integers and
+    ``data_offsets`` [begin, end] whose span is exactly ``numel x itemsize`` bytes; sorted by
+    offset, the tensors tile the data section from its first byte to the end of the file,
+    without gaps or overlaps. Every violation is a :class:`CheckpointError` naming the file,
+    the tensor and the reason."""
     try:
         size = fs.size(path)
     except FileNotFoundError as e:
@@ -96,28 +104,96 @@ def read_safetensors_header(
                 f"(header claims {header_len} bytes, file has {size})"
             )
         raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise CheckpointError(f"{path}: truncated safetensors header")
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    metadata = header.pop("__metadata__", None) or {}
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError, _DuplicateKey) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + header_len
+    data_size = size - data_start
     infos: dict[str, TensorInfo] = {}
-    max_end = 0
+    spans = []
     for name, h in header.items():
-        try:
-            dtype, shape, (b, e) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from err
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        dtype, shape, b, e = _tensor_entry(path, name, h)
+        itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+        numel = math.prod(shape)
+        if e - b != numel * itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: shape {list(shape)} of {dtype} needs "
+                f"{numel * itemsize} bytes, its offsets span {e - b}"
+            )
+        if e > data_size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file (tensors need {data_start + e} bytes, "
+                f"file has {size}; tensor {name!r})"
+            )
         infos[name] = TensorInfo(name, dtype, shape, file_name, data_start + b, data_start + e)
-        max_end = max(max_end, data_start + e)
-    if max_end > size:
+        spans.append((b, e, name))
+    spans.sort()
+    at, prev = 0, None
+    for b, e, name in spans:
+        if b != at:
+            what = "overlaps" if b < at else "leaves a gap after"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} (bytes {b}..{e}) {what} "
+                + (f"tensor {prev!r}" if prev else "the start of the data")
+            )
+        at, prev = e, name
+    if at != data_size:
         raise CheckpointError(
-            f"{path}: truncated safetensors file (tensors need {max_end} bytes, file has {size})"
+            f"{path}: {data_size - at} bytes after the last tensor are not part of any tensor"
         )
     return infos, metadata
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _tensor_entry(path: str, name: str, h: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each checked for its type."""
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r}: {reason}")
+
+    if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
+        raise bad("header entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 @dataclass
