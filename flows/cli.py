@@ -111,10 +111,14 @@ def run(
     from flows._logging import RunFailed
     from flows.glue_recipe import run_config
 
+    from storage import LineageLockedError
+
     try:
         summary, failed = run_config(config, store=store, lineage_db=db), None
     except RunFailed as e:
         summary, failed = e.summary, e
+    except LineageLockedError as e:  # held before the flow could record anything
+        _fail(str(e), 1)
     if summary.get("excluded"):
         err.print(
             f"[yellow]left out (unreadable, see above):[/] {', '.join(summary['excluded'])}",

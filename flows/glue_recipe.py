@@ -31,7 +31,7 @@ from model_glue.devices import dtype_label, resolve_device, resolve_dtype
 from model_glue.env import glue_home
 from model_glue.errors import InputError
 from model_glue.merge import METHODS
-from storage import ArtifactStore, LineageDB
+from storage import ArtifactStore, LineageDB, LineageLockedError
 from tasks._stage import stable_hash
 from tasks.cluster import cluster_zoo
 from tasks.evaluate import evaluate_model
@@ -76,6 +76,8 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
     except RunFailed as e:  # a stage every later one needs failed: report what there is
         summary["failures"] = [*_failures(cfg, rec), str(e)]
         summary["excluded"] = _excluded(rec)
+    except LineageLockedError as e:  # another process kept the database: say so, in one line
+        raise RunFailed(str(e), summary) from None
     except BaseException as e:
         db.finish_flow_run(run_id, "failed", f"{type(e).__name__}: {e}")
         raise

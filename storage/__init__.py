@@ -3,7 +3,7 @@
 The only code of the project that knows store paths and SQL.
 """
 
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, StoreWriteError
 from storage.connection import LineageLockedError, ReadOnlyQueryError
 from storage.lineage import LineageDB, LineageError
 from storage.manifest import (
@@ -27,4 +27,5 @@ __all__ = [
     "Manifest",
     "ReadOnlyQueryError",
     "StoreError",
+    "StoreWriteError",
 ]

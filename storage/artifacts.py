@@ -27,6 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from model_glue.env import glue_home
+from model_glue.errors import InputError
 from storage.manifest import (
     MANIFEST_NAME,
     ArtifactCorruptError,
@@ -249,7 +250,10 @@ class ArtifactStore:
         except TypeError as e:
             raise StoreError(f"artifact {kind}/{key}: meta is not JSON-serialisable ({e})") from e
         tmp_root = Path(self.root) / TMP_DIR if self.is_local else self.cache_dir / TMP_DIR
-        staging = self._new_staging(tmp_root, kind, key)
+        try:
+            staging = self._new_staging(tmp_root, kind, key)
+        except OSError as e:
+            raise _write_error(self.url, kind, key, e) from None
         try:
             yield staging
             manifest = build_manifest(staging, kind, key, meta)
@@ -257,6 +261,10 @@ class ArtifactStore:
                 self._commit_local(staging, manifest)
             else:
                 self._commit_remote(staging, manifest)
+        except OSError as e:
+            if e.errno not in _STORAGE_ERRNOS:
+                raise
+            raise _write_error(self.url, kind, key, e) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -356,6 +364,23 @@ class ArtifactStore:
                     self.fs.rm(art_dir, recursive=True)
                     removed += 1
         return removed
+
+
+# a full disk, a quota, a read-only mount or missing permissions: the store's condition,
+# reported in one line that names the store, not as a traceback of whoever was writing
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class StoreWriteError(StoreError, InputError):
+    """The store cannot take a write (full, read-only, no permission); nothing was committed."""
+
+
+def _write_error(url: str, kind: str, key: str, e: OSError) -> StoreWriteError:
+    what = os.strerror(e.errno) if e.errno else str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    return StoreWriteError(
+        f"store {url}: {what} while writing {kind}/{key[:16]}{where}; nothing was committed"
+    )
 
 
 def _rename_into_place(staging: Path, final: Path, *, keep_existing) -> None:

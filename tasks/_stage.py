@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from prefect.states import Failed
 
 from model_glue.errors import InputError
 from storage import ArtifactStore
+from storage.locks import stage_lock
 
 # Every stage's record is stored as JSON under this artifact kind prefix.
 RECORD_KIND = "record"
@@ -77,10 +79,24 @@ class Stage:
             **task_options,
         }
 
+        signature = inspect.signature(fn)
+
         @functools.wraps(fn)
         def body(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            params = dict(bound.arguments)
             try:
-                return fn(*args, **kwargs)
+                key = stage.key(params)
+            except Exception:  # e.g. a missing model directory: the body reports it
+                key = None
+            try:
+                if key is None:
+                    return fn(*args, **kwargs)
+                # one computation per key across runs sharing the store: a second run
+                # waits here, then finds the first one's artifact and reuses it
+                with stage_lock(ArtifactStore(params["store_url"]), stage.name, key):
+                    return fn(*args, **kwargs)
             except InputError as e:
                 return Failed(message=input_error_message(e))
 

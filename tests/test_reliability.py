@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,163 @@ def test_a_model_with_nan_weights_is_left_out_with_one_line(demo_zoo, prefect_ha
     kept = run_config(path)
     assert kept["excluded"] == {} and "poisoned" in kept["models"]
     assert ["poisoned"] in kept["clusters"]
+
+
+def _small_zoo(demo_zoo: Path, root: Path, name: str) -> Path:
+    """A config over four demo models with a search, merges and a mixture, on
+    ``root/name`` store and database (short limits: the faults matter, not the scores)."""
+    import yaml
+
+    models = demo_zoo / "models"
+    cfg = {
+        "name": name,
+        "store": str(root / name / "store"),
+        "lineage_db": str(root / name / "lineage.duckdb"),
+        "zoo": [
+            {"name": "base-a", "path": str(models / "base-a")},
+            {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
+            {"name": "last-a", "path": str(models / "last-a"), "base": "base-a"},
+            {"name": "base-b", "path": str(models / "base-b")},
+            {"name": "add-b", "path": str(models / "add-b"), "base": "base-b"},
+        ],
+        "filter": {"strategy": "evolutionary", "budget": 3, "proxy_limit": 10},
+        "evaluation": {"tasks": ["demo_add", "demo_last"], "limit": 10},
+        "mixture": {"variant": "model_level", "router": "random", "layer": 2},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(config: Path, home: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GLUE_"))}
+    env |= {"GLUE_HOME": str(home)}
+    return subprocess.Popen(
+        [GLUE, "run", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, like a scheduler's job
+    )
+
+
+def _board(db_path: Path) -> dict:
+    from storage import LineageDB
+
+    db = LineageDB(str(db_path), read_only=True)
+    flow = db.query(
+        "SELECT flow_run_id FROM flow_runs WHERE status = 'completed' ORDER BY started_at DESC LIMIT 1"
+    ).item()
+    rows = db.leaderboard(flow_run_id=flow).drop("artifact_id", strict=False).to_dicts()
+    return {r["name"]: r for r in rows}
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_compute_nothing_twice(demo_zoo, tmp_path):
+    from storage import LineageDB
+
+    config = _small_zoo(demo_zoo, tmp_path, "shared")
+    first = _start(config, tmp_path / "home")
+    time.sleep(3)
+    second = _start(config, tmp_path / "home")
+    outs = [p.communicate(timeout=900)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outs[1][-3000:]
+    db = LineageDB(str(tmp_path / "shared" / "lineage.duckdb"), read_only=True)
+    twice = db.query(
+        "SELECT stage, cache_key, count(*) AS n FROM runs WHERE status = 'completed' "
+        "GROUP BY stage, cache_key HAVING count(*) > 1"
+    )
+    assert twice.height == 0, twice.to_dicts()
+    per_run = db.query(
+        "SELECT flow_run_id, count(*) FILTER (WHERE status = 'completed') AS computed, "
+        "count(*) FILTER (WHERE status IN ('cached', 'reused')) AS reused FROM runs "
+        "GROUP BY flow_run_id ORDER BY computed DESC"
+    ).rows()
+    assert len(per_run) == 2 and per_run[0][1] > 0 and per_run[1][2] > 0, per_run
+    assert db.query("SELECT count(*) FROM runs WHERE status = 'failed'").item() == 0
+
+
+@pytest.mark.slow
+def test_a_killed_run_reruns_to_the_same_leaderboard(demo_zoo, tmp_path):
+    import signal
+
+    from storage import LineageDB
+
+    clean = _start(_small_zoo(demo_zoo, tmp_path, "clean"), tmp_path / "home")
+    assert clean.wait(timeout=900) == 0, clean.stdout.read()[-3000:]
+    config = _small_zoo(demo_zoo, tmp_path, "killed")
+    victim = _start(config, tmp_path / "home-killed")
+    db_path = tmp_path / "killed" / "lineage.duckdb"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill it in the middle: after the first searches
+        time.sleep(1)
+        try:
+            n = (
+                LineageDB(str(db_path), read_only=True, lock_timeout_s=1)
+                .query("SELECT count(*) FROM runs WHERE stage = 'filter'")
+                .item()
+            )
+        except Exception:
+            continue
+        if n >= 1:
+            break
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    rerun = _start(config, tmp_path / "home-killed")
+    out = rerun.communicate(timeout=900)[0]
+    assert rerun.returncode == 0, out[-3000:]
+    assert _board(db_path) == _board(tmp_path / "clean" / "lineage.duckdb")
+    leftovers = [p for p in (tmp_path / "killed" / "store").rglob("*") if ".tmp" in p.parts]
+    assert all(p.is_dir() for p in leftovers)  # no half-written file left in the store
+
+
+def test_a_full_disk_fails_the_merge_in_one_line_and_commits_nothing(
+    demo_zoo, tmp_path, monkeypatch
+):
+    """The store's filesystem runs out of space in the middle of writing a merged model's
+    shard: the stage fails with one line naming the store, and neither a model nor a
+    staging directory is left behind; a record write that meets a read-only store too."""
+    import errno
+
+    from model_glue.merge import io
+    from storage import ArtifactStore, StoreWriteError
+    from tasks.fingerprint import fingerprint_model
+    from tasks.merge import merge_cluster
+
+    store_url = str(tmp_path / "store")
+    members = [
+        fingerprint_model.fn(store_url=store_url, name=n, uri=str(demo_zoo / "models" / n))
+        for n in ("add-a", "last-a")
+    ]
+    written = []
+    real_write = io.ShardedWriter.write
+
+    def write(self, name, tensor):
+        if written:  # the first tensor fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.out_dir / "x"))
+        written.append(name)
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(io.ShardedWriter, "write", write)
+    state = merge_cluster.fn(
+        store_url=store_url, label="m", members=members, method="linear", params={}
+    )
+    assert state.is_failed()
+    assert state.message.startswith(f"StoreWriteError: store {store_url}: No space left on device")
+    assert "\n" not in state.message
+    store = ArtifactStore(store_url)
+    assert store.list("model") == []
+    assert not any((Path(store_url) / ".tmp").iterdir())
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(
+        StoreWriteError, match=r"store .*: Read-only file system while writing record/"
+    ):
+        store.put_json("record", "ab" * 16, {"x": 1})
+    assert ("record", "ab" * 16) not in store.list("record")
+    assert not any((Path(store_url) / ".tmp").iterdir())
