@@ -110,7 +110,6 @@ def run(
         _fail(str(e))
     from flows._logging import RunFailed
     from flows.glue_recipe import run_config
-
     from storage import LineageLockedError
 
     try:
