@@ -29,17 +29,28 @@ from model_glue.merge.registry import CHUNK
 
 
 def kth_largest(magnitude: torch.Tensor, k: int) -> tuple[float, int, int]:
-    """The k-th largest value v of a flat float tensor (1 <= k <= n), with the number of
-    elements greater than v and equal to v.
+    """The k-th largest value v of a flat non-negative float tensor (1 <= k <= n), with
+    the number of elements greater than v and equal to v.
 
     numpy's introselect (``np.partition``) runs in linear time and measured over ten
-    times faster than ``torch.kthvalue`` on CPU; it works on a copy.
+    times faster than ``torch.kthvalue`` on CPU; it works on a copy. It degrades when most
+    values are one value: over 16M magnitudes, 0.04 s when they are distinct, 0.4-1.1 s when
+    70% are exact zeros, which real task vectors often are (frozen tensors, partial
+    fine-tunes). So zeros are counted first (one cheap pass): when the k-th largest is
+    zero nothing is selected at all, and otherwise only the non-zero values are partitioned.
+    The result is the same triple either way.
     """
     n = magnitude.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} elements")
-    i = n - k
-    part = np.partition(magnitude.numpy(), i)
+    values = magnitude.numpy()
+    nonzero = int(np.count_nonzero(values))
+    if nonzero < n:
+        if k > nonzero:  # the k-th largest is a zero
+            return 0.0, nonzero, n - nonzero
+        values = values[values != 0]
+    i = len(values) - k
+    part = np.partition(values, i)
     value = part[i]
     upper = part[i + 1 :]  # every element here is >= value
     n_greater = int(np.count_nonzero(upper > value))
