@@ -1,10 +1,16 @@
 """Merge benchmark: our engine against mergekit 0.1.5 on three ~188M-parameter Llamas.
 
     .venv/bin/python bench/merge_bench.py [--methods linear,ties,dare_ties] [--repeat 3]
+                                          [--deltas dense|sparse|bf16-repeated]
 
 Inputs (a base and two fine-tunes, random, bfloat16; hidden 1024, 12 layers,
 intermediate 2816, 16 heads, vocabulary 16384) are generated once under
-``$GLUE_HOME/bench/inputs``. Each run is a fresh child process that imports its tool, then
+``$GLUE_HOME/bench/inputs`` (``inputs-<deltas>`` for the other kinds). ``--deltas`` says
+what the fine-tunes' task vectors look like: ``dense`` (every element moved by Gaussian
+noise), ``sparse`` (embeddings and lm_head frozen, 70% of the other elements exactly
+unchanged: about 70% exact zeros in every task vector, as partial fine-tunes give) or
+``bf16-repeated`` (every element moved by 1-3 bfloat16 steps: a few distinct magnitudes
+per exponent, as small bf16 updates give). Each run is a fresh child process that imports its tool, then
 times the merge itself and reports its own peak resident memory; the wall time of the
 whole child (interpreter start and imports included, what a CLI user waits) is reported
 too, split into start-up (interpreter start and imports, config read), merge and exit
@@ -35,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 from model_glue.env import configure_environment  # noqa: E402
 
 HOME = configure_environment() / "bench"
-INPUTS = HOME / "inputs"
+DELTAS = ("dense", "sparse", "bf16-repeated")
+_KIND = os.environ.get("GLUE_BENCH_DELTAS", "dense")  # the child reads it for "floor"
+INPUTS = HOME / ("inputs" if _KIND == "dense" else f"inputs-{_KIND}")
 NAMES = ("base", "ft_a", "ft_b")
 CONFIGS = {
     "linear": "merge_method: linear\nmodels:\n"
@@ -50,7 +58,7 @@ CONFIGS = {
 }
 
 
-def make_inputs() -> None:
+def make_inputs(deltas: str = "dense") -> None:
     """Random bf16 Llamas written straight with safetensors (no slow weight init)."""
     if all((INPUTS / n / "model.safetensors").exists() for n in NAMES):
         return
@@ -76,15 +84,22 @@ def make_inputs() -> None:
     for k, s in shapes.items():
         t = torch.randn(s, generator=g) * 0.02
         base[k] = (t + 1.0 if k.endswith("norm.weight") else t).to(torch.bfloat16)
+
+    def fine_tune(k: str, v: torch.Tensor) -> torch.Tensor:
+        if deltas == "dense":
+            return (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+        if deltas == "sparse":
+            if "embed_tokens" in k or "lm_head" in k:
+                return v.clone()  # frozen
+            moved = (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+            return torch.where(torch.rand(v.shape, generator=g) < 0.3, moved, v)
+        # bf16-repeated: 1-3 steps of the bf16 grid up or down
+        steps = torch.randint(1, 4, v.shape, generator=g, dtype=torch.int16)
+        steps *= torch.randint(0, 2, v.shape, generator=g, dtype=torch.int16) * 2 - 1
+        return (v.view(torch.int16) + steps).view(torch.bfloat16)
+
     for i, name in enumerate(NAMES):
-        sd = (
-            base
-            if i == 0
-            else {
-                k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
-                for k, v in base.items()
-            }
-        )
+        sd = base if i == 0 else {k: fine_tune(k, v) for k, v in base.items()}
         out = INPUTS / name
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_pretrained(out)
@@ -209,6 +224,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool; medians reported")
     ap.add_argument("--child", nargs=3, metavar=("TOOL", "CONFIG", "OUT"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot of the last run")
+    ap.add_argument("--deltas", choices=DELTAS, default="dense", help="what task vectors look like")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -216,11 +232,14 @@ def main() -> None:
     if args.plot_only:
         print(plot(json.loads((HOME / "results.json").read_text()), HOME / "merge_bench.png"))
         return
-    make_inputs()
+    if args.deltas != _KIND:  # module-level paths follow the kind: rerun with it set
+        os.environ["GLUE_BENCH_DELTAS"] = args.deltas
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
+    make_inputs(args.deltas)
     work = HOME / "runs"
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()}, {os.cpu_count()} CPUs")
-    results: dict = {"load_before": os.getloadavg()}
+    results: dict = {"load_before": os.getloadavg(), "deltas": args.deltas}
     for method in args.methods.split(","):
         text = CONFIGS[method]
         for key, name in (("BASE", "base"), ("FT_A", "ft_a"), ("FT_B", "ft_b")):
@@ -266,8 +285,9 @@ def main() -> None:
             ),
             flush=True,
         )
-    (HOME / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"plot: {plot(results, HOME / 'merge_bench.png')}")
+    suffix = "" if args.deltas == "dense" else f"-{args.deltas}"
+    (HOME / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
+    print(f"plot: {plot(results, HOME / f'merge_bench{suffix}.png')}")
 
 
 def plot(results: dict, out: Path) -> Path:
@@ -277,7 +297,7 @@ def plot(results: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in results if m != "load_before"]
+    methods = [m for m in results if m not in ("load_before", "deltas")]
     fig, ax = plt.subplots(figsize=(8.0, 0.9 + 1.1 * len(methods)))
     labels, y = [], 0.0
     for method in methods:
@@ -301,7 +321,9 @@ def plot(results: dict, out: Path) -> Path:
     ax.set_yticks([p for p, _ in labels], [n for _, n in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds (grey: interpreter start and imports; light: exit)")
-    ax.set_title("merge_bench: ours vs mergekit 0.1.5, three 188M bf16 Llamas")
+    ax.set_title(
+        f"merge_bench: ours vs mergekit 0.1.5, three 188M bf16 Llamas ({results.get('deltas', 'dense')} task vectors)"
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")

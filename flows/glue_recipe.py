@@ -298,16 +298,20 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
                 "dtype": cfg.merge.dtype or members[0].get("dtype"),
             }
         )
-        db.record_artifact(
-            r["artifact_id"],
-            kind="merged",
-            name=label,
-            uri=r["uri"],
-            stage="merge",
-            content_hash=r["fingerprint"],
-            run_id=o.run_id,
-            parents=[mm["fingerprint"] for mm in r["members"]],
-        )
+        with db.transaction():
+            db.record_artifact(
+                r["artifact_id"],
+                kind="merged",
+                name=label,
+                uri=r["uri"],
+                stage="merge",
+                content_hash=r["fingerprint"],
+                run_id=o.run_id,
+                parents=[mm["fingerprint"] for mm in r["members"]],
+                role="member",
+            )
+            if base is not None:  # a task-vector merge: its base is a parent too
+                db.record_edges([base["fingerprint"]], r["artifact_id"], o.run_id, role="base")
 
     # 4. Evaluate every zoo model and every merged model (one at a time: CPU-bound).
     console.rule("[bold]evaluate")

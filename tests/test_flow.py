@@ -195,3 +195,32 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(
             if name in summary["merged"]
             else Path(path).is_absolute()
         )
+
+
+def test_a_task_vector_merge_records_its_base_as_a_parent(demo_zoo, prefect_harness, tmp_path):
+    from flows.glue_recipe import run_config
+    from storage import LineageDB
+
+    models = demo_zoo / "models"
+    cfg = {
+        "store": str(tmp_path / "store"),
+        "lineage_db": str(tmp_path / "lineage.duckdb"),
+        "zoo": [
+            {"name": "base-a", "path": str(models / "base-a")},
+            {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
+            {"name": "last-a", "path": str(models / "last-a"), "base": "base-a"},
+        ],
+        "merge": {"method": "ties", "params": {"density": 0.5}},
+        "evaluation": {"tasks": ["demo_add"], "limit": 3},
+    }
+    path = tmp_path / "glue.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = run_config(path)
+    (merged,) = summary["merged"]
+    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    edges = db.query(
+        "SELECT parent_name, role FROM v_lineage WHERE child_name = ? ORDER BY parent_name",
+        [merged],
+    ).rows()
+    assert edges == [("add-a", "member"), ("base-a", "base"), ("last-a", "member")]
+    assert {"base-a", "add-a", "last-a"} <= set(db.ancestors(db.resolve(merged))["name"].to_list())
