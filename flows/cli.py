@@ -284,6 +284,26 @@ def merge(
     console.print(f"merged model written to {path}")
 
 
+@app.command("mix")
+def mix(
+    config: Annotated[Path, typer.Argument(help="Mixture YAML (variant, experts, router...).")],
+    out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+) -> None:
+    """Build one mixture (model-level, block-level, FFN-level or hybrid) as CONFIG describes.
+
+    See model_glue/mixture/mix_file.py for the keys; FFN-level and hybrid outputs are
+    Mixtral directories that AutoModelForCausalLM loads."""
+    from model_glue.checkpoint import CheckpointError
+    from model_glue.mixture import MixtureError
+    from model_glue.mixture.mix_file import build_from_file
+
+    try:
+        path = build_from_file(config, out)
+    except (MixtureError, CheckpointError, FileNotFoundError) as e:
+        _fail(" ".join(str(e).split()))
+    console.print(f"mixture written to {path}")
+
+
 @app.command("methods")
 def methods() -> None:
     """List the merge methods and their parameters (per model or global, defaults)."""

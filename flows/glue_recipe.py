@@ -478,10 +478,15 @@ def _mixture(
         layer=mc.layer,
         pooling=mc.pooling,
         prompts=prompts or {},
-        accuracy_tasks=list(cfg.evaluation.tasks) if mc.router_accuracy else [],
+        accuracy_tasks=list(cfg.evaluation.tasks)
+        if mc.router_accuracy and mc.variant == "model_level"
+        else [],
         accuracy_limit=cfg.evaluation.limit,
         include_paths=list(cfg.evaluation.include_paths),
         accuracy_metric=cfg.metrics_for(list(cfg.evaluation.tasks)),
+        variant=mc.variant,
+        hybrid_k=mc.hybrid_k,
+        top_k=mc.top_k,
     )
     if o.record is None:
         return None  # the recorder printed why; the run will be marked failed
@@ -497,6 +502,7 @@ def _mixture(
         parents=[e["artifact_id"] for e in experts],
         role="expert",
         meta={
+            "variant": mc.variant,
             "router": r["router"],
             "layer": r["layer"],
             "backbone": r["backbone"],
@@ -513,7 +519,13 @@ def _mixture(
         "artifact_id": r["artifact_id"],
         "fingerprint": r["fingerprint"],
         "path": r["path"],
-        "loader": "mixture",
+        # model- and block-level mixtures evaluate through our lm-eval model; FFN-level and
+        # hybrid ones are Mixtral directories that transformers loads (float32, as built)
+        **(
+            {"loader": "mixture"}
+            if mc.variant in ("model_level", "block_level")
+            else {"dtype": "F32"}
+        ),
         "router_accuracy": r["router_accuracy"],
     }
 

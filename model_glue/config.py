@@ -109,16 +109,29 @@ class FilterSettings(_Strict):
 
 
 class MixtureSettings(_Strict):
-    """The final model-level mixture over the clusters' models (``variant: none`` skips it)."""
+    """The final mixture over the clusters' models (``variant: none`` skips it).
 
-    variant: Literal["model_level", "none"] = "model_level"
+    ``model_level``: one expert model per sample; ``block_level``: decoder layers as
+    experts; ``ffn_moe``: a Mixtral directory with the experts' MLPs; ``hybrid``: the first
+    ``hybrid_k`` layers of the experts' average kept dense, the rest FFN-level. The last
+    three need experts of one architecture."""
+
+    variant: Literal["model_level", "block_level", "ffn_moe", "hybrid", "none"] = "model_level"
+    hybrid_k: int = Field(default=0, ge=0)  # hybrid: dense (merged) layers at the bottom
+    top_k: int | None = Field(default=None, ge=1)  # ffn_moe / hybrid: experts per token
     router: Literal["hidden", "cheap_embed", "random"] = "hidden"
     layer: int = Field(default=1, ge=0)  # the backbone layer whose input the router reads
     pooling: Literal["last", "mean"] = "last"
     # task name -> example inputs of that task (never test items); each task's prompts go
     # to the expert that scores best on it, the other tasks' prompts are its negatives
     prompts: dict[str, list[str]] = Field(default_factory=dict)
-    router_accuracy: bool = True  # measure it on the evaluation tasks (runs every expert)
+    router_accuracy: bool = True  # model_level: measure it on the evaluation tasks
+
+    @model_validator(mode="after")
+    def _hybrid_needs_k(self) -> MixtureSettings:
+        if self.variant == "hybrid" and self.hybrid_k < 1:
+            raise ValueError("hybrid_k: the hybrid variant needs hybrid_k >= 1 dense layers")
+        return self
 
 
 class EvaluationConfig(_Strict):

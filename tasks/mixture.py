@@ -1,4 +1,10 @@
-"""Stage 4: combine the clusters' models with a model-level mixture (the paper's final recipe).
+"""Stage 4: combine the clusters' models with a mixture (the paper's final recipe).
+
+``variant``: ``model_level`` (one expert model per sample, routed on the backbone's hidden
+state), ``block_level`` (whole decoder layers as experts), ``ffn_moe`` (a Mixtral directory
+whose FFNs are the experts' MLPs) or ``hybrid`` (the first ``hybrid_k`` layers of the
+experts' uniform average kept dense, the rest FFN-level). Router accuracy exists only for
+model-level mixtures, where each sample goes to one whole expert.
 
 Experts are the clusters' outputs (a merged model, or the single member of a singleton
 cluster). The router is training-free: each task's example prompts (from the run config,
@@ -21,16 +27,19 @@ MIXTURE_KIND = "mixture"
 STAGE = Stage(
     name="mixture",
     code_version=f"mixture-{MIXTURE_VERSION}-lm_eval-{version('lm-eval')}",
-    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None: {
-        "experts": [(e["name"], e["fingerprint"]) for e in experts],
-        "backbone": backbone["fingerprint"],
-        "router": router,
-        "layer": layer,
-        "pooling": pooling,
-        "prompts": prompts,
-        "accuracy": [sorted(accuracy_tasks), accuracy_limit]
-        + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
-    },
+    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None: (
+        {
+            "experts": [(e["name"], e["fingerprint"]) for e in experts],
+            "backbone": backbone["fingerprint"],
+            "router": router,
+            "layer": layer,
+            "pooling": pooling,
+            "prompts": prompts,
+            "accuracy": [sorted(accuracy_tasks), accuracy_limit]
+            + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
+        }
+        | ({} if variant == "model_level" else {"variant": [variant, hybrid_k, top_k]})
+    ),
 )
 
 
@@ -66,6 +75,9 @@ def _mixture(
     accuracy_limit: int | None,
     include_paths: list[str] = (),  # type: ignore[assignment]
     accuracy_metric: str | dict[str, str] | None = None,
+    variant: str = "model_level",
+    hybrid_k: int = 0,
+    top_k: int | None = None,
 ) -> dict:
     """``experts``: records with name, fingerprint and a local ``path``; ``backbone`` one of them."""
     store = ArtifactStore(store_url)
@@ -80,6 +92,9 @@ def _mixture(
         "accuracy_limit": accuracy_limit,
         "include_paths": include_paths,
         "accuracy_metric": accuracy_metric,
+        "variant": variant,
+        "hybrid_k": hybrid_k,
+        "top_k": top_k,
     }
     key = STAGE.key(params)
     if (record := load_record(store, key)) is not None and store.exists(MIXTURE_KIND, key):
@@ -87,33 +102,52 @@ def _mixture(
     # imported here: transformers' model classes cost seconds, and a cached rerun needs none
     from model_glue.evaluate import quiet_lm_eval
     from model_glue.mixture import (
+        MixtureError,
         RouterInit,
+        build_block_level_mixture,
+        build_ffn_moe,
+        build_hybrid,
         build_model_level_mixture,
         expert_correctness,
         load_mixture,
         mixture_router_accuracy,
+        uniform_average,
     )
 
+    common = {
+        "router": RouterInit(method=router),
+        "prompts": prompts or None,  # prompt-free routers (random) take none
+        "expert_names": [e["name"] for e in experts],
+    }
+    paths = [e["path"] for e in experts]
     with store.writing(MIXTURE_KIND, key, meta={"stage": "mixture"}) as tmp:
-        build_model_level_mixture(
-            [e["path"] for e in experts],
-            tmp / "mixture",
-            router_backbone=backbone["path"],
-            layer=layer,
-            router=RouterInit(method=router),
-            prompts=prompts or None,  # prompt-free routers (random) take none
-            pooling=pooling,
-            expert_names=[e["name"] for e in experts],
-            # experts that are store artifacts (merged models) travel with the store
-            relative_to=store.root if store.is_local else None,
-            location=store.published_path(MIXTURE_KIND, key) if store.is_local else None,
-        )
-        for f in (tmp / "mixture").iterdir():
+        out = tmp / "mixture"
+        if variant == "model_level":
+            build_model_level_mixture(
+                paths,
+                out,
+                router_backbone=backbone["path"],
+                layer=layer,
+                pooling=pooling,
+                # experts that are store artifacts (merged models) travel with the store
+                relative_to=store.root if store.is_local else None,
+                location=store.published_path(MIXTURE_KIND, key) if store.is_local else None,
+                **common,
+            )
+        elif variant == "block_level":
+            build_block_level_mixture(backbone["path"], paths, out, pooling=pooling, **common)
+        elif variant == "ffn_moe":
+            build_ffn_moe(backbone["path"], paths, out, top_k=top_k, **common)
+        elif variant == "hybrid":
+            build_hybrid(uniform_average(paths), paths, out, k=hybrid_k, top_k=top_k, **common)
+        else:
+            raise MixtureError(f"mixture.variant: unknown variant {variant!r}")
+        for f in out.iterdir():
             f.rename(tmp / f.name)
-        (tmp / "mixture").rmdir()
+        out.rmdir()
     path = store.local_path(MIXTURE_KIND, key)
     accuracy = []
-    if accuracy_tasks:
+    if accuracy_tasks and variant == "model_level":
         mixture = load_mixture(path)
         with quiet_lm_eval():
             labels = expert_correctness(
@@ -140,6 +174,7 @@ def _mixture(
         "path": str(path),
         "experts": [{"name": e["name"], "fingerprint": e["fingerprint"]} for e in experts],
         "backbone": backbone["name"],
+        "variant": variant,
         "router": router,
         "layer": layer,
         "router_accuracy": accuracy,

@@ -77,3 +77,22 @@ def test_pruning_keeps_the_same_entries_on_sparse_task_vectors():
         assert torch.equal(got, want), density
     crumbs = breadcrumbs_prune_(tau.clone(), 0.2, 0.05)
     assert int((crumbs != 0).sum()) <= int(0.2 * tau.numel())
+
+
+def test_dare_drop_skips_frozen_blocks_without_changing_anything():
+    """Blocks of exact zeros draw no mask; the rest of the tensor gets the very draws it
+    gets when every block is drawn (the stream is positioned by offset)."""
+    from model_glue.merge.registry import CHUNK
+    from model_glue.merge.sparsify import RandomKeep, drop_
+
+    g = torch.Generator().manual_seed(2)
+    n = 3 * CHUNK + 100
+    tau = torch.randn(n, generator=g)
+    tau[:CHUNK] = 0.0  # a frozen block first, then live ones
+    tau[2 * CHUNK : 3 * CHUNK] = 0.0
+    want = tau * torch.from_numpy(RandomKeep(0.3, 99).draw(0, n))
+    got = tau.clone()
+    d = drop_(got, RandomKeep(0.3, 99), measure_l1=True)
+    assert torch.equal(got, want)
+    assert d.l1_before == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+    assert d.l1_after == pytest.approx(float(want.abs().sum()), rel=1e-5)

@@ -254,3 +254,42 @@ def test_a_failed_run_is_failed_in_prefect(user_dir, prefect_harness, tmp_path):
     summary = info.value.summary
     assert len(summary["failures"]) == 2 and summary["excluded"].keys() == {"broken"}
     assert {row["name"] for row in summary["leaderboard"]} >= {"llama-base", "other-sums"}
+
+
+@pytest.mark.parametrize(
+    ("variant", "extra"),
+    [("block_level", {}), ("ffn_moe", {"top_k": 1}), ("hybrid", {"hybrid_k": 1})],
+)
+def test_every_mixture_variant_is_built_recorded_and_evaluated(
+    user_dir, prefect_harness, tmp_path, variant, extra
+):
+    """Same-shaped experts from two families: each variant from the config is cached,
+    recorded in the lineage and evaluated; FFN-level and hybrid ones load as Mixtral."""
+    from transformers import AutoModelForCausalLM
+
+    from flows.glue_recipe import run_config
+    from storage import LineageDB
+
+    config = _variant(
+        user_dir,
+        f"mix-{variant}.yaml",
+        lineage_db=str(tmp_path / "lineage.duckdb"),
+        store=str(user_dir / "state" / "store"),  # the searches and merges are reused
+        mixture={"variant": variant, "router": "random", "layer": 2, **extra},
+    )
+    summary = run_config(config)
+    name = summary["mixture"]["name"]
+    assert name == f"mixture-{variant}-random"
+    board = {row["name"]: row for row in summary["leaderboard"]}
+    assert board[name]["kind"] == "mixture" and board[name]["my_sums"] is not None
+    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'mixture'")["meta"].to_list()
+    assert json.loads(meta)["variant"] == variant
+    roles = db.query("SELECT DISTINCT role FROM v_lineage WHERE child_name = ?", [name])
+    assert roles["role"].to_list() == ["expert"]
+    (path,) = (user_dir / "state" / "store" / "mixture").glob(f"{db.resolve(name)}")
+    if variant in ("ffn_moe", "hybrid"):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert type(model).__name__ == "MixtralForCausalLM"
+    again = run_config(config)
+    assert again["counts"]["mixture"] == {"cached": 1}

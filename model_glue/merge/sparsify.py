@@ -219,7 +219,12 @@ def drop_(
     magnitude = np.empty(size, dtype=np.float32) if measure_l1 else None
     before, after = [], []
     for a, b in blocks(n, offset):
-        v, k = values[a:b], keep.draw(offset + a, b - a, out=mask[: b - a])
+        v = values[a:b]
+        if not v.any():  # a frozen block: nothing to drop, no draws needed (same result)
+            before.append(0.0)
+            after.append(0.0)
+            continue
+        k = keep.draw(offset + a, b - a, out=mask[: b - a])
         if magnitude is not None:
             l1_before, l1_after = kept_l1(v, k, magnitude[: b - a])
             before.append(l1_before)

@@ -59,10 +59,17 @@ def _l1_sums(base, models, params, ctx) -> list[float] | None:
     sums = []
     for i, (tau, keep) in enumerate(zip(taus, _keeps(params, ctx), strict=True)):
         values = tau.view(-1).numpy()
+        if not values.any():  # a frozen chunk: nothing to drop, no draws (same result)
+            ctx.memo[("mask", i, ctx.offset)] = _FROZEN
+            sums += (0.0, 0.0)
+            continue
         mask = keep.draw(ctx.offset, len(values))
         ctx.memo[("mask", i, ctx.offset)] = mask
         sums += kept_l1(values, mask, scratch[: len(values)])
     return sums
+
+
+_FROZEN = object()  # memo mark: this chunk of this task vector is all zeros
 
 
 def _drop_and_rescale(taus, params, ctx) -> list[float]:
@@ -72,7 +79,9 @@ def _drop_and_rescale(taus, params, ctx) -> list[float]:
     drops = []
     for i, (tau, keep) in enumerate(zip(taus, keeps, strict=True)):
         mask = ctx.memo.pop(("mask", i, ctx.offset), None) if ctx.memo is not None else None
-        if mask is not None:  # drawn by _l1_sums
+        if mask is _FROZEN:  # all zeros: dropping changes nothing
+            drops.append(Drop(keep.p))
+        elif mask is not None:  # drawn by _l1_sums
             values = tau.view(-1).numpy()
             np.multiply(values, mask, out=values)
             drops.append(Drop(keep.p))
