@@ -96,3 +96,17 @@ def test_dare_drop_skips_frozen_blocks_without_changing_anything():
     assert torch.equal(got, want)
     assert d.l1_before == pytest.approx(float(tau.abs().sum()), rel=1e-5)
     assert d.l1_after == pytest.approx(float(want.abs().sum()), rel=1e-5)
+
+
+def test_heavily_repeated_magnitudes_select_the_same_entries():
+    """Small bf16 updates: a few multiples of each binade's step, with frozen entries."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(200_000, generator=g).to(torch.bfloat16)
+    steps = torch.randint(1, 4, base.shape, generator=g, dtype=torch.int16)
+    moved = (base.view(torch.int16) + steps).view(torch.bfloat16)
+    magnitude = (moved.float() - base.float()).abs()
+    magnitude[::3] = 0.0  # a third frozen: the zero-counting path
+    n_live = int(torch.count_nonzero(magnitude))
+    for k in (1, 17, 50_000, n_live - 1, n_live, n_live + 1, magnitude.numel()):
+        assert kth_largest(magnitude, k) == _reference(magnitude, k), k
+        assert torch.equal(top_k_mask(magnitude, k), _stable_top_k(magnitude, k)), k

@@ -36,19 +36,22 @@ def kth_largest(magnitude: torch.Tensor, k: int) -> tuple[float, int, int]:
     times faster than ``torch.kthvalue`` on CPU; it works on a copy. It degrades when most
     values are one value: over 16M magnitudes, 0.04 s when they are distinct, 0.4-1.1 s when
     70% are exact zeros, which real task vectors often are (frozen tensors, partial
-    fine-tunes). So zeros are counted first (one cheap pass): when the k-th largest is
-    zero nothing is selected at all, and otherwise only the non-zero values are partitioned.
-    The result is the same triple either way.
+    fine-tunes). So when a strided sample holds zeros, they are counted (one pass): when
+    the k-th largest is zero nothing is selected at all, and when over a quarter are zeros
+    only the rest is searched. Values that repeat heavily without being zero (small bf16
+    updates) measured no slower than distinct ones. The triple is the same either way.
     """
     n = magnitude.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} elements")
     values = magnitude.numpy()
-    nonzero = int(np.count_nonzero(values))
-    if nonzero < n:
+    sample = values[:: max(1, n // _SAMPLE)][:_SAMPLE]
+    if np.count_nonzero(sample) < len(sample) - len(sample) // 8:  # zeros likely: count them
+        nonzero = int(np.count_nonzero(values))
         if k > nonzero:  # the k-th largest is a zero
             return 0.0, nonzero, n - nonzero
-        values = values[values != 0]
+        if nonzero < n - n // 4:  # zero-heavy: select among the rest (a copy of them)
+            values = values[values != 0]
     i = len(values) - k
     part = np.partition(values, i)
     value = part[i]
@@ -58,10 +61,25 @@ def kth_largest(magnitude: torch.Tensor, k: int) -> tuple[float, int, int]:
     return float(value), n_greater, n_equal
 
 
+_SAMPLE = 1024  # values sampled to guess whether counting zeros pays
+
+
 def _nth_equal_position(magnitude: torch.Tensor, value: float, nth: int) -> int:
-    """Smallest ``cut`` such that ``magnitude[:cut]`` holds ``nth`` entries equal to value."""
-    positions = np.flatnonzero(magnitude.numpy() == np.float32(value))
-    return int(positions[nth - 1]) + 1
+    """Smallest ``cut`` such that ``magnitude[:cut]`` holds ``nth`` entries equal to value
+    (scanned block by block: it stops at the block that holds the nth, and allocates one
+    block's positions, not every equal entry's)."""
+    values, v = magnitude.numpy(), np.float32(value)
+    seen = 0
+    for a in range(0, len(values), _EQUAL_BLOCK):
+        block = values[a : a + _EQUAL_BLOCK] == v
+        here = int(np.count_nonzero(block))
+        if seen + here >= nth:
+            return a + int(np.flatnonzero(block)[nth - seen - 1]) + 1
+        seen += here
+    raise ValueError(f"fewer than {nth} entries equal {value}")
+
+
+_EQUAL_BLOCK = 1 << 18
 
 
 def _keep_top_k_(magnitude: torch.Tensor, k: int) -> None:
