@@ -170,6 +170,33 @@ VIEWS: tuple[str, ...] = (
     LEFT JOIN artifacts p ON p.artifact_id = e.parent_id
     LEFT JOIN artifacts c ON c.artifact_id = e.child_id
     LEFT JOIN runs r ON r.run_id = e.run_id""",
+    # every (ancestor, descendant) pair of the artifact graph, with names and kinds: "which
+    # merges and mixtures contain model X", "scores of everything made from X"
+    """CREATE OR REPLACE VIEW v_descendants AS
+    WITH RECURSIVE walk(ancestor_id, descendant_id) AS (
+        SELECT parent_id, child_id FROM edges
+        UNION
+        SELECT w.ancestor_id, e.child_id FROM walk w JOIN edges e ON e.parent_id = w.descendant_id)
+    SELECT w.ancestor_id, a.name AS ancestor_name, a.kind AS ancestor_kind,
+           w.descendant_id, d.name AS descendant_name, d.kind AS descendant_kind
+    FROM walk w
+    LEFT JOIN artifacts a ON a.artifact_id = w.ancestor_id
+    LEFT JOIN artifacts d ON d.artifact_id = w.descendant_id""",
+    # the stage calls of each flow run by cache key: two runs differ exactly where one
+    # holds a (stage, cache_key) the other lacks
+    """CREATE OR REPLACE VIEW v_flow_run_calls AS
+    SELECT r.flow_run_id, f.started_at AS flow_started_at, r.stage, r.cache_key, r.status,
+           r.code_version, r.outputs
+    FROM runs r JOIN flow_runs f ON f.flow_run_id = r.flow_run_id
+    WHERE r.cache_key IS NOT NULL""",
+    # per completed flow run, task and metric: the best scored artifact (ties: by name)
+    """CREATE OR REPLACE VIEW v_best_per_task AS
+    SELECT f.started_at AS flow_started_at, s.flow_run_id, s.task, s.metric, s.name, s.kind,
+           s.value
+    FROM v_scores s JOIN flow_runs f ON f.flow_run_id = s.flow_run_id
+    WHERE f.status = 'completed' AND s.name IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY s.flow_run_id, s.task, s.metric
+                               ORDER BY s.value DESC, s.name) = 1""",
     """CREATE OR REPLACE VIEW v_runs AS
     SELECT r.run_id, r.stage, r.status, f.flow, r.flow_run_id, r.started_at, r.finished_at,
            r.seconds, r.code_version, r.cache_key, r.error, r.host,
