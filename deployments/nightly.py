@@ -25,8 +25,16 @@ DEPLOYMENT_NAME = "nightly-zoo-refresh"
 def nightly_deployment(
     config_path: str | Path, *, cron: str = DEFAULT_CRON, name: str = DEPLOYMENT_NAME
 ):
-    """A Prefect ``RunnerDeployment`` of the recipe for ``config_path`` on ``cron``."""
-    return glue_recipe.to_deployment(
+    """A Prefect ``RunnerDeployment`` of the recipe for ``config_path`` on ``cron``, on
+    the task runner its ``runner:`` asks for (a config that cannot be read: threads)."""
+    from flows.glue_recipe import with_runner
+    from model_glue.config import ConfigError, load_config
+
+    try:
+        flow = with_runner(glue_recipe, load_config(config_path))
+    except ConfigError:
+        flow = glue_recipe  # the run itself reports the config's error, in one line
+    return flow.to_deployment(
         name=name,
         cron=cron,
         parameters={"config_path": str(Path(config_path).resolve())},

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from storage import ArtifactStore, LineageDB
-from tasks._stage import REUSED, for_call
+from tasks._stage import PLACED, REUSED, for_call
 
 
 @dataclass
@@ -58,13 +58,18 @@ class Recorder:
         return self.run_many(task, [(label, params)])[0]
 
     def run_many(self, task: Any, calls: list[tuple[str, dict[str, Any]]]) -> list[Outcome]:
-        """Submit calls concurrently (Prefect's task runner), then record them in order."""
+        """Submit calls concurrently (Prefect's task runner), then record them in order.
+
+        A call whose ``device`` is a CUDA device asks a Dask runner for one ``GPU`` resource,
+        so that two model-loading stages never share a GPU (workers started with
+        ``--resources GPU=1``); other runners ignore the annotation."""
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         store = ArtifactStore(self.store_url)
-        futures: list[PrefectFuture] = [
-            for_call(task, p, store).submit(store_url=self.store_url, **p) for _, p in calls
-        ]
+        futures: list[PrefectFuture] = []
+        for _, p in calls:
+            with _resources(p.get("device")):
+                futures.append(for_call(task, p, store).submit(store_url=self.store_url, **p))
         for fut in futures:
             fut.wait()
         with self.db.transaction():
@@ -81,11 +86,14 @@ class Recorder:
             key = stage.key(params)
         except Exception:  # e.g. a missing directory: the task itself reports it
             key = None
+        placed: dict = {}
         if state.is_completed():
             record, error = state.result(), None
             reused = isinstance(record, dict) and record.pop(REUSED, False)
+            placed = record.pop(PLACED, {}) if isinstance(record, dict) else {}
             if state.name == "Cached":
                 status = "cached"
+                placed = {}  # nothing ran: the placement is the original run's
             else:
                 status = "reused" if reused else "completed"
         else:
@@ -110,6 +118,9 @@ class Recorder:
             outputs=[record["key"]] if isinstance(record, dict) and "key" in record else None,
             error=error,
             flow_run_id=self.flow_run_id,
+            host=placed.get("host"),
+            worker=placed.get("worker"),
+            device=placed.get("device"),
         )
         self.counts.setdefault(stage.name, {}).setdefault(status, 0)
         self.counts[stage.name][status] += 1
@@ -129,6 +140,19 @@ class Recorder:
             run_id,
             status == "failed" and expected,
         )
+
+
+def _resources(device: Any):
+    """``dask.annotate(resources={"GPU": 1})`` for CUDA calls when Dask is importable."""
+    import contextlib
+
+    if not (isinstance(device, str) and device.startswith("cuda")):
+        return contextlib.nullcontext()
+    try:
+        import dask
+    except ImportError:
+        return contextlib.nullcontext()
+    return dask.annotate(resources={"GPU": 1})
 
 
 def _input_ids(params: dict) -> list[str]:

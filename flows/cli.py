@@ -96,6 +96,10 @@ def run(
         str | None, typer.Option(help="Artifact store URL (overrides the config).")
     ] = None,
     db: DbOption = None,
+    runner: Annotated[
+        str | None,
+        typer.Option(help="threads or dask (overrides the config's runner.kind)."),
+    ] = None,
 ) -> None:
     """Run the whole Model-GLUE recipe on the zoo in CONFIG and print the leaderboard.
 
@@ -113,11 +117,13 @@ def run(
     from storage import LineageLockedError
 
     try:
-        summary, failed = run_config(config, store=store, lineage_db=db), None
+        summary, failed = run_config(config, store=store, lineage_db=db, runner=runner), None
     except RunFailed as e:
         summary, failed = e.summary, e
     except LineageLockedError as e:  # held before the flow could record anything
         _fail(str(e), 1)
+    except ConfigError as e:  # the runner: no prefect-dask, a store workers cannot see
+        _fail(str(e))
     if summary.get("excluded"):
         err.print(
             f"[yellow]left out (unreadable, see above):[/] {', '.join(summary['excluded'])}",

@@ -246,8 +246,10 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     # 3. Merge every cluster of two or more models; a singleton cluster stands for itself.
     console.rule("[bold]merge")
     store = ArtifactStore(store_url)
-    outputs, merged = [], []  # outputs: one model per cluster, the mixture's experts
+    outputs: list[dict | None] = []  # one model per cluster (in cluster order): the experts
+    merged: list[str] = []
     failed_clusters: list[str] = []  # failures that are not a stage run
+    plans = []  # (slot in outputs, anchor, members, base) of the clusters to search or merge
     for c in clusters:
         members = [by_fp[mm["fingerprint"]] for mm in c["members"]]
         if len(members) == 1:
@@ -264,40 +266,54 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
                 rec.console.print(f"  [red]{failed_clusters[-1]}[/]", highlight=False)
                 continue
             members = [m for m in members if m is not base]
-        members = _refs(members)
-        if cfg.filter.strategy != "none" and len(members) > 1:
-            members = _select(members, base, anchor, cfg, rec, db)
+        plans.append((len(outputs), anchor, _refs(members), base))
+        outputs.append(None)
+    # every cluster's search at once (on Dask; in turn on threads), then every merge
+    searched = [p for p in plans if cfg.filter.strategy != "none" and len(p[2]) > 1]
+    calls = [_search_call(members, base, anchor, cfg) for _, anchor, members, base in searched]
+    found = dict(zip([p[0] for p in searched], _run_all(rec, filter_cluster, calls), strict=True))
+    to_merge = []
+    for slot, anchor, members, base in plans:
+        if slot in found:
+            members = _accepted(found[slot], members, anchor, rec, db)
             if members is None:
-                continue
+                continue  # the recorder printed why; the run will be marked failed
             if len(members) == 1 and base is None:  # nothing merges with the best: it stands alone
-                outputs.append(_zoo_target(by_fp[members[0]["fingerprint"]]))
+                outputs[slot] = _zoo_target(by_fp[members[0]["fingerprint"]])
                 continue
+        to_merge.append((slot, anchor, members, base))
+    calls = []
+    for _, anchor, members, base in to_merge:
         label = f"merge-{anchor}-{cfg.merge.method}" + (
             "" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}"
         )
-        o = rec.run(
-            merge_cluster,
-            label,
-            label=label,
-            members=members,
-            method=cfg.merge.method,
-            params=dict(cfg.merge.params),
-            dtype=cfg.merge.dtype,
-            base=_refs([base])[0] if base else None,
+        calls.append(
+            (
+                label,
+                {
+                    "label": label,
+                    "members": members,
+                    "method": cfg.merge.method,
+                    "params": dict(cfg.merge.params),
+                    "dtype": cfg.merge.dtype,
+                    "base": _refs([base])[0] if base else None,
+                },
+            )
         )
+    for (slot, _, members, base), (label, _), o in zip(
+        to_merge, calls, _run_all(rec, merge_cluster, calls), strict=True
+    ):
         if o.record is None:
             continue  # the recorder printed why; the run will be marked failed
         r = o.record
         merged.append(label)
-        outputs.append(
-            {
-                "name": label,
-                "artifact_id": r["artifact_id"],
-                "fingerprint": r["fingerprint"],
-                "path": str(store.local_path(MODEL_KIND, r["artifact_id"])),
-                "dtype": cfg.merge.dtype or members[0].get("dtype"),
-            }
-        )
+        outputs[slot] = {
+            "name": label,
+            "artifact_id": r["artifact_id"],
+            "fingerprint": r["fingerprint"],
+            "path": str(store.local_path(MODEL_KIND, r["artifact_id"])),
+            "dtype": cfg.merge.dtype or members[0].get("dtype"),
+        }
         with db.transaction():
             db.record_artifact(
                 r["artifact_id"],
@@ -312,6 +328,7 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
             )
             if base is not None:  # a task-vector merge: its base is a parent too
                 db.record_edges([base["fingerprint"]], r["artifact_id"], o.run_id, role="base")
+    outputs = [o for o in outputs if o is not None]
 
     # 4. Evaluate every zoo model and every merged model (one at a time: CPU-bound).
     console.rule("[bold]evaluate")
@@ -344,34 +361,37 @@ def _recipe(cfg: RunConfig, rec: Recorder, db: LineageDB, store_url: str, consol
     }
 
 
-def _select(
-    members: list[dict],
-    base: dict | None,
-    anchor: str,
-    cfg: RunConfig,
-    rec: Recorder,
-    db: LineageDB,
-) -> list[dict] | None:
-    """Run the cluster's search; return the accepted members with their engine parameters."""
+def _search_call(
+    members: list[dict], base: dict | None, anchor: str, cfg: RunConfig
+) -> tuple[str, dict]:
+    """The filter stage's call for one cluster: its label and parameters."""
     fc = cfg.filter
-    o = rec.run(
-        filter_cluster,
+    tasks = list(fc.proxy_tasks or cfg.evaluation.tasks)
+    return (
         f"{fc.strategy} search in cluster of {anchor} ({len(members)} candidates)",
-        members=members,
-        base=_refs([base])[0] if base else None,
-        method=cfg.merge.method,
-        params=dict(cfg.merge.params),
-        settings=fc.search_settings(),
-        proxy_tasks=list(fc.proxy_tasks or cfg.evaluation.tasks),
-        proxy_limit=fc.proxy_limit,
-        include_paths=list(cfg.evaluation.include_paths),
-        proxy_metric=cfg.metrics_for(list(fc.proxy_tasks or cfg.evaluation.tasks)),
-        batch_size=cfg.evaluation.batch_size,
-        allow_code_execution=cfg.evaluation.allow_code_execution,
-        **_placement(cfg, members[0].get("dtype")),
+        {
+            "members": members,
+            "base": _refs([base])[0] if base else None,
+            "method": cfg.merge.method,
+            "params": dict(cfg.merge.params),
+            "settings": fc.search_settings(),
+            "proxy_tasks": tasks,
+            "proxy_limit": fc.proxy_limit,
+            "include_paths": list(cfg.evaluation.include_paths),
+            "proxy_metric": cfg.metrics_for(tasks),
+            "batch_size": cfg.evaluation.batch_size,
+            "allow_code_execution": cfg.evaluation.allow_code_execution,
+        }
+        | _placement(cfg, members[0].get("dtype")),
     )
+
+
+def _accepted(
+    o, members: list[dict], anchor: str, rec: Recorder, db: LineageDB
+) -> list[dict] | None:
+    """Record a cluster's search; return the accepted members with their engine parameters."""
     if o.record is None:
-        return None  # the recorder printed why; the run will be marked failed
+        return None
     r = o.record
     with db.transaction():
         if db.record_artifact(
@@ -385,6 +405,7 @@ def _select(
             meta={"accepted": [a["name"] for a in r["accepted"]], "rejected": r["rejected"]},
         ):
             db.record_trials([{"search_id": r["key"], **t} for t in r["trials"]], o.run_id)
+    rec.console.print(f"  search in cluster of {anchor}:", highlight=False)
     for a in r["accepted"]:
         rec.console.print(f"  accepted {a['name']:<10} {a['params']}", highlight=False)
     for name, why in sorted(r["rejected"].items()):
@@ -411,22 +432,22 @@ def _evaluate_all(
     mean value per task for every target that was evaluated."""
     ev = cfg.evaluation
     out: dict[str, dict[str, float]] = {}
+    calls = []
     for t in targets:
         model = {k: t[k] for k in ("name", "fingerprint", "path")} | (
             {"loader": t["loader"]} if "loader" in t else {}
         )
-        o = rec.run(
-            evaluate_model,
-            t["name"],
-            model=model,
-            tasks=list(ev.tasks),
-            limit=ev.limit,
-            batch_size=ev.batch_size,
-            include_paths=list(ev.include_paths),
-            backend=ev.backend,
-            allow_code_execution=ev.allow_code_execution,
-            **_placement(cfg, t.get("dtype"), mixture=t.get("loader") == "mixture"),
-        )
+        params = {
+            "model": model,
+            "tasks": list(ev.tasks),
+            "limit": ev.limit,
+            "batch_size": ev.batch_size,
+            "include_paths": list(ev.include_paths),
+            "backend": ev.backend,
+            "allow_code_execution": ev.allow_code_execution,
+        } | _placement(cfg, t.get("dtype"), mixture=t.get("loader") == "mixture")
+        calls.append((t["name"], params))
+    for t, o in zip(targets, _run_all(rec, evaluate_model, calls), strict=True):
         if o.record is None:
             continue
         with db.transaction():
@@ -445,6 +466,18 @@ def _evaluate_all(
             per_task[sc["task"]].append(sc["value"])
         out[t["name"]] = {task: sum(v) / len(v) for task, v in per_task.items()}
     return out
+
+
+def _run_all(rec: Recorder, task, calls: list[tuple[str, dict]]) -> list:
+    """Independent stage calls: all at once on a Dask runner (worker processes), one after
+    the other on the flow's threads (lm-eval seeds global RNGs: threads would interleave)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None)
+    if type(runner).__name__ == "DaskTaskRunner":
+        return rec.run_many(task, calls)
+    return [rec.run(task, label, **params) for label, params in calls]
 
 
 def _mixture(
@@ -616,6 +649,25 @@ def _anchor(members: list[dict], cfg: RunConfig) -> str:
 
 
 def run_config(
-    config_path: str | Path, *, store: str | None = None, lineage_db: str | None = None
+    config_path: str | Path,
+    *,
+    store: str | None = None,
+    lineage_db: str | None = None,
+    runner: str | None = None,
 ) -> dict:
-    return glue_recipe(str(config_path), store=store, lineage_db=lineage_db)
+    """Run the recipe on the config's task runner (``runner`` overrides its kind)."""
+    return with_runner(glue_recipe, load_config(config_path), runner)(
+        str(config_path), store=store, lineage_db=lineage_db
+    )
+
+
+def with_runner(flow_fn, cfg: RunConfig, kind: str | None = None):
+    """``flow_fn`` on the task runner ``cfg.runner`` asks for (threads: as it is)."""
+    from flows.runners import check_store_visible, task_runner
+
+    runner = task_runner(cfg.runner, kind)
+    if runner is None:
+        return flow_fn
+    if cfg.runner.address:
+        check_store_visible(cfg.runner.address, default_store_url(cfg))
+    return flow_fn.with_options(task_runner=runner)

@@ -174,6 +174,17 @@ class EvaluationConfig(_Strict):
     include_paths: list[str] = Field(default_factory=list)
 
 
+class RunnerSettings(_Strict):
+    """Where the stages run: threads of the flow process (default), or a Dask cluster:
+    an existing one at ``address``, or a local one of ``n_workers`` processes."""
+
+    kind: Literal["threads", "dask"] = "threads"
+    address: str | None = None  # tcp://scheduler:8786
+    n_workers: int = Field(default=2, ge=1)  # a local cluster (no address)
+    threads_per_worker: int = Field(default=1, ge=1)
+    gpus_per_worker: int = Field(default=0, ge=0)  # a local cluster's GPU resource
+
+
 class RunConfig(_Strict):
     name: Name = "run"
     store: str | None = None  # fsspec URL of the artifact store (default: <GLUE_HOME>/store)
@@ -184,6 +195,7 @@ class RunConfig(_Strict):
     merge: MergeSettings = MergeSettings()
     mixture: MixtureSettings = MixtureSettings(variant="none")
     evaluation: EvaluationConfig
+    runner: RunnerSettings = RunnerSettings()
     # a zoo model that cannot be read (missing, truncated, pickle-only, ...): "skip" leaves it
     # out and says so (the run can still succeed); "fail" fails the run after the rest ran
     on_model_error: Literal["skip", "fail"] = "skip"

@@ -287,6 +287,8 @@ class LineageDB:
         run_id: str | None = None,
         started_at: datetime | None = None,
         host: str | None = None,
+        worker: str | None = None,
+        device: str | None = None,
     ) -> str:
         """Open a stage run (status 'running'); close it with :meth:`finish_run`."""
         run_id = run_id or uuid.uuid4().hex
@@ -294,7 +296,7 @@ class LineageDB:
             _run(
                 con,
                 "INSERT INTO runs (run_id, flow_run_id, stage, code_version, cache_key, params, inputs, "
-                "status, host, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                "status, host, worker, device, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
                 [
                     run_id,
                     flow_run_id,
@@ -304,6 +306,8 @@ class LineageDB:
                     _json(params),
                     _json(inputs),
                     host or socket.gethostname(),
+                    worker,
+                    device,
                     _naive_utc(started_at),
                 ],
             )
@@ -355,6 +359,8 @@ class LineageDB:
         flow_run_id: str | None = None,
         run_id: str | None = None,
         host: str | None = None,
+        worker: str | None = None,
+        device: str | None = None,
     ) -> str:
         """Record a finished run in one call: for records returned by remote workers, and cache hits."""
         with self._writer():
@@ -368,6 +374,8 @@ class LineageDB:
                 run_id=run_id,
                 started_at=started_at,
                 host=host,
+                worker=worker,
+                device=device,
             )
             self.finish_run(run_id, status, error, outputs=outputs, finished_at=finished_at)
         return run_id

@@ -11,11 +11,31 @@ N under ``MIGRATIONS[N]``.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # A stage run's status: 'cached' is a Prefect cache hit, 'reused' a run whose stage found
 # its output already complete in the artifact store (Prefect's result was gone) and did
 # no work, 'completed' one that computed its output.
+# the runs table as schema version 2 made it (what migration 2 rebuilds; frozen)
+RUNS_TABLE_V2 = """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY,
+        flow_run_id VARCHAR,
+        stage VARCHAR NOT NULL,
+        code_version VARCHAR,
+        cache_key VARCHAR,
+        params JSON,
+        inputs JSON,
+        outputs JSON,
+        status VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'cached', 'reused', 'failed')),
+        error VARCHAR,
+        host VARCHAR,
+        started_at TIMESTAMP NOT NULL,
+        finished_at TIMESTAMP,
+        seconds DOUBLE
+    )"""
+
+# host: the machine a stage ran on; worker: the Dask worker (or process) that ran it;
+# device: the device its models were on (cpu, cuda:0, ...)
 RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
         flow_run_id VARCHAR,
@@ -28,6 +48,8 @@ RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
         status VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'cached', 'reused', 'failed')),
         error VARCHAR,
         host VARCHAR,
+        worker VARCHAR,
+        device VARCHAR,
         started_at TIMESTAMP NOT NULL,
         finished_at TIMESTAMP,
         seconds DOUBLE
@@ -199,7 +221,7 @@ VIEWS: tuple[str, ...] = (
                                ORDER BY s.value DESC, s.name) = 1""",
     """CREATE OR REPLACE VIEW v_runs AS
     SELECT r.run_id, r.stage, r.status, f.flow, r.flow_run_id, r.started_at, r.finished_at,
-           r.seconds, r.code_version, r.cache_key, r.error, r.host,
+           r.seconds, r.code_version, r.cache_key, r.error, r.host, r.worker, r.device,
            (SELECT string_agg(coalesce(a.name, a.artifact_id), ', ' ORDER BY a.name)
               FROM artifacts a
              WHERE list_contains(from_json(r.outputs, '["VARCHAR"]'), a.artifact_id)) AS output_names,
@@ -214,10 +236,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # is rebuilt (views bind by name when queried, and are recreated afterwards anyway).
     2: (
         "ALTER TABLE runs RENAME TO runs_v1",
-        RUNS_TABLE,
+        RUNS_TABLE_V2,
         "INSERT INTO runs SELECT * FROM runs_v1",
         "DROP TABLE runs_v1",
     ),
     # 3: cluster_thresholds (created by the TABLES pass that follows every migration)
     3: (),
+    # 4: where each stage ran
+    4: ("ALTER TABLE runs ADD COLUMN worker VARCHAR", "ALTER TABLE runs ADD COLUMN device VARCHAR"),
 }

@@ -26,12 +26,16 @@ from prefect.states import Failed
 from model_glue.errors import InputError
 from storage import ArtifactStore
 from storage.locks import stage_lock
+from tasks._quiet import quiet_handled_failures
 
 # Every stage's record is stored as JSON under this artifact kind prefix.
 RECORD_KIND = "record"
 # Set on a record that a stage found in the store instead of computing it (never stored):
 # the recorder counts such a run as 'reused' and removes the mark.
 REUSED = "_reused"
+# Set on every record a stage returns (never stored): where it ran (host, worker, device),
+# which the recorder writes to the run's row and removes.
+PLACED = "_placed"
 
 
 def stable_hash(obj: Any) -> str:
@@ -90,19 +94,40 @@ class Stage:
                 key = stage.key(params)
             except Exception:  # e.g. a missing model directory: the body reports it
                 key = None
+            quiet_handled_failures()  # also in Dask workers: one line per input error
             try:
                 if key is None:
-                    return fn(*args, **kwargs)
-                # one computation per key across runs sharing the store: a second run
-                # waits here, then finds the first one's artifact and reuses it
-                with stage_lock(ArtifactStore(params["store_url"]), stage.name, key):
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
+                else:
+                    # one computation per key across runs sharing the store: a second run
+                    # waits here, then finds the first one's artifact and reuses it
+                    with stage_lock(ArtifactStore(params["store_url"]), stage.name, key):
+                        result = fn(*args, **kwargs)
             except InputError as e:
                 return Failed(message=input_error_message(e))
+            if isinstance(result, dict):
+                result = {**result, PLACED: placement(params.get("device"))}
+            return result
 
         wrapped = task(**options)(body)
         wrapped.stage = stage  # type: ignore[attr-defined]
         return wrapped
+
+
+def placement(device: str | None = None) -> dict[str, str]:
+    """Where this call runs: the host, the Dask worker's address (or ``pid:N`` outside
+    Dask) and the device its models use."""
+    import os
+    import socket
+
+    worker = f"pid:{os.getpid()}"
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    return {"host": socket.gethostname(), "worker": worker, "device": device or "cpu"}
 
 
 def input_error_message(e: InputError) -> str:

@@ -323,11 +323,12 @@ def test_version_1_database_migrates_to_admit_reused_runs(tmp_path: Path) -> Non
     new status after the migration (DuckDB cannot alter the CHECK: the table is rebuilt)."""
     import duckdb
 
-    from storage.schema import RUNS_TABLE, TABLES
+    from storage.schema import RUNS_TABLE, RUNS_TABLE_V2, TABLES
 
     path = tmp_path / "v1.duckdb"
     con = duckdb.connect(str(path))
-    for ddl in TABLES:
+    for ddl in TABLES:  # version 1: the runs table of version 2 without 'reused'
+        ddl = RUNS_TABLE_V2 if ddl == RUNS_TABLE else ddl
         con.execute(ddl.replace("'cached', 'reused', 'failed'", "'cached', 'failed'"))
     con.execute("INSERT INTO schema_version VALUES (1, now())")
     con.execute(
@@ -338,7 +339,7 @@ def test_version_1_database_migrates_to_admit_reused_runs(tmp_path: Path) -> Non
             "INSERT INTO runs (run_id, stage, status, started_at) VALUES ('r0', 'merge', 'reused', now())"
         )
     con.close()
-    assert "'reused'" in RUNS_TABLE
+    assert "'reused'" in RUNS_TABLE_V2
 
     db = LineageDB(path)
     run = db.start_run("merge")
