@@ -27,13 +27,15 @@ def task_runner(settings: RunnerSettings, kind: str | None = None) -> Any | None
         raise ConfigError(
             "runner.kind: dask needs prefect-dask (pip install prefect-dask)"
         ) from None
+    _quiet_dask()
     if settings.address:
         return DaskTaskRunner(address=settings.address)
+    _project_on_worker_path()
     cluster: dict[str, Any] = {
         "n_workers": settings.n_workers,
         "threads_per_worker": settings.threads_per_worker,
         "processes": True,
-        "dashboard_address": None,
+        "dashboard_address": ":0",  # a free port: runs never collide on 8787
     }
     if settings.gpus_per_worker:
         cluster["resources"] = {"GPU": settings.gpus_per_worker}
@@ -65,3 +67,34 @@ def check_store_visible(address: str, store_url: str) -> None:
                     f"on {host}: put it on a filesystem every worker mounts, or use a URL "
                     "(s3://...) every worker can reach"
                 )
+
+
+def _quiet_dask() -> None:
+    """Dask's INFO lines (scheduler start, worker registration) stay out of the run's
+    output, in this process and in the worker processes it starts (they read DASK_*)."""
+    import logging
+    import os
+
+    os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def _project_on_worker_path() -> None:
+    """Local workers put their scratch folder first on ``sys.path``, and it holds a
+    ``storage`` folder (Dask's spill space) that shadows this project's ``storage``
+    package under an editable install. The project's root on ``PYTHONPATH``, which the
+    worker processes inherit, puts the real package back in front of that namespace
+    folder; spawned workers start from this process's ``sys.path``, which gets it too.
+    (An ordinary install needs nothing: a regular package always wins.)"""
+    import os
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if not (Path(root) / "storage" / "__init__.py").is_file():
+        return
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    if root not in sys.path:  # spawned workers start from this process's sys.path
+        sys.path.append(root)
