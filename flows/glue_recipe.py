@@ -509,7 +509,7 @@ def _mixture(
         backbone={k: backbone[k] for k in ("name", "fingerprint", "path")},
         router=mc.router,
         layer=mc.layer,
-        pooling=mc.pooling,
+        pooling=mc.pooling_used,
         prompts=prompts or {},
         accuracy_tasks=list(cfg.evaluation.tasks)
         if mc.router_accuracy and mc.variant == "model_level"

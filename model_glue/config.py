@@ -121,7 +121,9 @@ class MixtureSettings(_Strict):
     top_k: int | None = Field(default=None, ge=1)  # ffn_moe / hybrid: experts per token
     router: Literal["hidden", "cheap_embed", "random"] = "hidden"
     layer: int = Field(default=1, ge=0)  # the backbone layer whose input the router reads
-    pooling: Literal["last", "mean"] = "last"
+    # how a prompt's hidden states become one routing vector (default: last for
+    # model_level, mean for block_level; block_level allows mean and first)
+    pooling: Literal["last", "mean", "first"] | None = None
     # task name -> example inputs of that task (never test items); each task's prompts go
     # to the expert that scores best on it, the other tasks' prompts are its negatives
     prompts: dict[str, list[str]] = Field(default_factory=dict)
@@ -131,7 +133,19 @@ class MixtureSettings(_Strict):
     def _hybrid_needs_k(self) -> MixtureSettings:
         if self.variant == "hybrid" and self.hybrid_k < 1:
             raise ValueError("hybrid_k: the hybrid variant needs hybrid_k >= 1 dense layers")
+        allowed = {"block_level": ("mean", "first"), "model_level": ("last", "mean")}
+        if self.pooling is not None and self.pooling not in allowed.get(
+            self.variant, (self.pooling,)
+        ):
+            raise ValueError(
+                f"pooling: {self.pooling!r} is not allowed for {self.variant} "
+                f"(allowed: {', '.join(allowed[self.variant])})"
+            )
         return self
+
+    @property
+    def pooling_used(self) -> str:
+        return self.pooling or ("mean" if self.variant == "block_level" else "last")
 
 
 class EvaluationConfig(_Strict):

@@ -74,3 +74,13 @@ def test_missing_file(tmp_path):
 def test_parse_without_file():
     cfg = parse_config({"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"]}})
     assert cfg.merge.method == "linear" and cfg.similarity.threshold == "auto"
+
+
+def test_mixture_pooling_defaults_and_limits_follow_the_variant():
+    base = {"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"]}}
+    mix = {"router": "random"}
+    assert parse_config(base | {"mixture": mix}).mixture.pooling_used == "last"
+    block = parse_config(base | {"mixture": mix | {"variant": "block_level"}}).mixture
+    assert block.pooling_used == "mean"
+    with pytest.raises(ConfigError, match="pooling: 'last' is not allowed for block_level"):
+        parse_config(base | {"mixture": mix | {"variant": "block_level", "pooling": "last"}})

@@ -38,7 +38,7 @@ class MixFile(BaseModel):
     router: Literal["hidden", "cheap_embed", "random"] = "hidden"
     seed: int = 0
     layer: int = Field(default=1, ge=0)
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Literal["last", "mean", "first"] | None = None  # default: last; block_level mean
     top_k: int | None = Field(default=None, ge=1)
     hybrid_k: int = Field(default=0, ge=0)
     prompts: dict[str, list[str] | dict[str, list[str]]] | None = None
@@ -98,10 +98,17 @@ def build_from_file(path: str | Path, out: str | Path) -> Path:
     }
     if spec.variant == "model_level":
         return build_model_level_mixture(
-            experts, out, router_backbone=backbone, layer=spec.layer, pooling=spec.pooling, **common
+            experts,
+            out,
+            router_backbone=backbone,
+            layer=spec.layer,
+            pooling=spec.pooling or "last",
+            **common,
         )
     if spec.variant == "block_level":
-        return build_block_level_mixture(backbone, experts, out, pooling=spec.pooling, **common)
+        return build_block_level_mixture(
+            backbone, experts, out, pooling=spec.pooling or "mean", **common
+        )
     if spec.variant == "ffn_moe":
         return build_ffn_moe(backbone, experts, out, top_k=spec.top_k, **common)
     return build_hybrid(
