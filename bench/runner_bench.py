@@ -7,8 +7,8 @@ runs ``glue run`` on the demo zoo's config in a child process. Reported: wall ti
 run and their ratio; from the Dask run's ``runs`` table, the time of one zoo model's
 evaluation (median) and how many distinct workers evaluated; and a projection of an
 evaluation of ``--models`` models on N GPUs, one evaluation per GPU at a time
-(``ceil(models / N) x`` the measured per-model time, the scheduling overhead measured
-here added once). On a 2-core machine a two-worker cluster cannot beat threads by much:
+(``ceil(models / N) x`` the measured per-model time, which was measured on CPU cores: a
+GPU divides it by its own speed-up). On a 2-core machine a two-worker cluster cannot beat threads by much:
 the stages are CPU-bound and each worker process imports torch and lm-eval once.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -28,13 +27,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model_glue.env import configure_environment  # noqa: E402
+from model_glue.env import configure_environment, glue_home  # noqa: E402
 
 HOME = configure_environment() / "bench" / "runner"
 
 
 def run(kind: str, workers: int) -> tuple[float, Path]:
-    src = Path(os.environ["GLUE_HOME"]) / "zoo" / "glue.yaml"
+    src = glue_home() / "zoo" / "glue.yaml"
     cfg = yaml.safe_load(src.read_text())
     cfg["zoo"] = [{**m, "path": str((src.parent / m["path"]).resolve())} for m in cfg["zoo"]]
     out = HOME / kind
