@@ -11,7 +11,6 @@ output is built in a temporary sibling directory and renamed when complete, so
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -36,7 +35,7 @@ from model_glue.merge.plan import (
     plan_merge,
     resolve_tensor_params,
 )
-from model_glue.merge.registry import CHUNK, TensorContext
+from model_glue.merge.registry import CHUNK, TensorContext, merge_chunks
 from model_glue.merge.spec import DTYPES, ENGINE_VERSION, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
 
@@ -344,22 +343,7 @@ def _merge_chunked(
             scratch.append(s)
         return (scratch[0], scratch[1:]) if plan.has_base else (None, scratch)
 
-    bounds = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
-    totals = None
-    memo: dict = {}
-    if method.reduce is not None:
-        parts = []
-        for start, stop in bounds:
-            ctx = TensorContext(job.name, plan.model_names, offset=start, memo=memo)
-            part = method.reduce(*chunk(start, stop), values, ctx)
-            if part is None:  # these parameters need no totals
-                break
-            parts.append(part)
-        else:
-            totals = tuple(math.fsum(column) for column in zip(*parts, strict=True))
-    for start, stop in bounds:
-        ctx = TensorContext(job.name, plan.model_names, offset=start, totals=totals, memo=memo)
-        out[start:stop].copy_(method.fn(*chunk(start, stop), values, ctx))
+    merge_chunks(method, job.name, plan.model_names, n, chunk, values, out)
     for b in sbufs:
         pool.give(b)
     for _, buf in raw:

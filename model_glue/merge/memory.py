@@ -33,7 +33,13 @@ from model_glue.merge.plan import (
     plan_merge,
     resolve_tensor_params,
 )
-from model_glue.merge.registry import CHUNK, MergeMethod, TensorContext, get_method
+from model_glue.merge.registry import (
+    CHUNK,
+    MergeMethod,
+    TensorContext,
+    get_method,
+    merge_chunks,
+)
 from model_glue.merge.spec import DTYPES, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
 
@@ -221,23 +227,7 @@ class Merger:
             scratch = [_flat(sd, job.name, start, stop) for sd in self._sources]
             return (scratch[0], scratch[1:]) if has_base else (None, scratch)
 
-        bounds = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
-        totals, memo = None, {}
-        if method.reduce is not None:
-            parts = []
-            for start, stop in bounds:
-                ctx = TensorContext(job.name, self.plan.model_names, offset=start, memo=memo)
-                part = method.reduce(*chunk(start, stop), values, ctx)
-                if part is None:  # these parameters need no totals
-                    break
-                parts.append(part)
-            else:
-                totals = tuple(math.fsum(column) for column in zip(*parts, strict=True))
-        for start, stop in bounds:
-            ctx = TensorContext(
-                job.name, self.plan.model_names, offset=start, totals=totals, memo=memo
-            )
-            out[start:stop].copy_(method.fn(*chunk(start, stop), values, ctx))
+        merge_chunks(method, job.name, self.plan.model_names, n, chunk, values, out)
         return out.view(job.shape)
 
 

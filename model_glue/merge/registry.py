@@ -30,6 +30,7 @@ chunked path it sums over the same ``CHUNK``-aligned blocks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -210,3 +211,38 @@ def methods_markdown() -> str:
             )
         out.append("")
     return "\n".join(out).strip() + "\n"
+
+
+Chunk = tuple[torch.Tensor | None, list[torch.Tensor]]
+
+
+def merge_chunks(
+    method: MergeMethod,
+    tensor_name: str,
+    model_names: tuple[str, ...],
+    n: int,
+    chunk: Callable[[int, int], Chunk],
+    values: Mapping[str, Any],
+    out: torch.Tensor,
+) -> None:
+    """The chunked protocol of the module docstring, for one flat tensor of ``n``
+    elements: ``chunk(start, stop)`` gives fresh float32 (base, models) for a range; a
+    ``reduce`` pass sums per-tensor totals first when the method has one; every chunk's
+    result is written to ``out[start:stop]``. The streaming engine and the in-memory
+    merger over lazy inputs both merge through here, so they agree bit for bit."""
+    bounds = [(start, min(n, start + CHUNK)) for start in range(0, n, CHUNK)]
+    totals = None
+    memo: dict = {}
+    if method.reduce is not None:
+        parts = []
+        for start, stop in bounds:
+            ctx = TensorContext(tensor_name, model_names, offset=start, memo=memo)
+            part = method.reduce(*chunk(start, stop), values, ctx)
+            if part is None:  # these parameters need no totals
+                break
+            parts.append(part)
+        else:
+            totals = tuple(math.fsum(column) for column in zip(*parts, strict=True))
+    for start, stop in bounds:
+        ctx = TensorContext(tensor_name, model_names, offset=start, totals=totals, memo=memo)
+        out[start:stop].copy_(method.fn(*chunk(start, stop), values, ctx))
