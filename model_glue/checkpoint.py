@@ -209,7 +209,6 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
-        self._handles: dict[str, object] = {}
         if not self.fs.isdir(self.root):
             raise CheckpointError(f"{self.uri}: model directory does not exist")
         if not self.fs.exists(_join(self.root, "config.json")):
@@ -294,22 +293,34 @@ class Checkpoint:
             out = torch.empty(info.shape, dtype=info.torch_dtype)
             if info.nbytes == 0:
                 return out
-            buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-            got = 0
-            with open(os.path.join(self.root, info.file), "rb", buffering=0) as f:
-                f.seek(info.begin)
-                while got < info.nbytes:  # one read returns at most ~2 GiB on Linux
-                    n = f.readinto(buf[got:])
-                    if not n:
-                        break
-                    got += n
-            if got != info.nbytes:
-                raise CheckpointError(f"{self.uri}/{info.file}: truncated while reading {name!r}")
+            self._read_into(info, info.begin, out.view(-1).view(torch.uint8))
             return out
         data = self.read_bytes(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
         return torch.frombuffer(bytearray(data), dtype=info.torch_dtype).reshape(info.shape)
+
+    def _read_into(self, info: TensorInfo, offset: int, buf: torch.Tensor) -> None:
+        """Fill the uint8 tensor ``buf`` from the local file of ``info`` at byte ``offset``."""
+        view = memoryview(buf.numpy())
+        got = 0
+        with open(os.path.join(self.root, info.file), "rb", buffering=0) as f:
+            f.seek(offset)
+            while got < len(view):  # one read returns at most ~2 GiB on Linux
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != len(view):
+            raise CheckpointError(f"{self.uri}/{info.file}: truncated while reading {info.name!r}")
+
+    @property
+    def main_dtype(self) -> str:
+        """The safetensors dtype code holding the most elements (e.g. ``"BF16"``)."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel
+        return max(counts, key=counts.__getitem__)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for n in names if names is not None else self.names():
@@ -332,9 +343,6 @@ class Checkpoint:
             rel = p[len(self.root.rstrip("/")) + 1 :]
             out.append(rel)
         return sorted(out)
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -368,22 +376,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             return self.checkpoint.tensor(name).view(-1)[start:stop].clone()
         dtype = info.torch_dtype
         out = torch.empty(stop - start, dtype=dtype)
-        size = (stop - start) * dtype.itemsize
-        if size == 0:
-            return out
-        buf = memoryview(out.view(torch.uint8).numpy())
-        got = 0
-        with open(os.path.join(self.checkpoint.root, info.file), "rb", buffering=0) as f:
-            f.seek(info.begin + start * dtype.itemsize)
-            while got < size:
-                n = f.readinto(buf[got:])
-                if not n:
-                    break
-                got += n
-        if got != size:
-            raise CheckpointError(
-                f"{self.checkpoint.uri}/{info.file}: truncated while reading {name!r}"
-            )
+        if stop > start:
+            offset = info.begin + start * dtype.itemsize
+            self.checkpoint._read_into(info, offset, out.view(torch.uint8))
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -394,3 +389,17 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def __repr__(self) -> str:
         return f"LazyTensors({self.checkpoint.uri!r}, {len(self)} tensors)"
+
+
+def tensor_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Shapes of a state dict's tensors; for :class:`LazyTensors`, from the headers."""
+    if isinstance(sd, LazyTensors):
+        return dict(sd.shapes)
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def tensor_dtypes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
+    """Dtypes of a state dict's tensors; for :class:`LazyTensors`, from the headers."""
+    if isinstance(sd, LazyTensors):
+        return dict(sd.dtypes)
+    return {k: v.dtype for k, v in sd.items()}

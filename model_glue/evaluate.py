@@ -227,11 +227,8 @@ def unknown_tasks(tasks: Sequence[str], include_paths: Sequence[str] = ()) -> li
     Local folders are indexed first (fast); lm-eval's built-in index (tens of seconds) is
     only read when some name is not local. A missing folder raises :class:`TaskError`.
     """
-    missing = [p for p in include_paths if not Path(p).is_dir()]
-    if missing:
-        raise TaskError(f"task folder not found: {missing[0]}")
     paths = tuple(include_paths)
-    local = task_manager(paths, builtin=False)
+    local = task_manager(paths, builtin=False)  # a missing folder raises here
     unknown = [t for t in tasks if not local.match_tasks([t])]
     if unknown:
         everything = task_manager(paths, builtin=True)
@@ -271,12 +268,11 @@ def _hf_lm(
         # clear errors for a missing dir, no config, pickled weights
         ckpt = Checkpoint(str(directory))
         device = resolve_device(device)
-        stored = next(iter(ckpt.tensors.values())).torch_dtype
         model = AutoModelForCausalLM.from_pretrained(
             directory,
             use_safetensors=True,
             trust_remote_code=False,
-            dtype=resolve_dtype(dtype, device, stored),
+            dtype=resolve_dtype(dtype, device, ckpt.main_dtype),
         ).to(device)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
@@ -303,11 +299,10 @@ def _vllm_lm(model: str | Path, batch_size: int | str, device: str, dtype: str |
 
     ckpt = Checkpoint(str(model))
     device = resolve_device(device)
-    stored = next(iter(ckpt.tensors.values())).torch_dtype
     with quiet_lm_eval():
         return VLLM(
             pretrained=str(model),
-            dtype=dtype_label(resolve_dtype(dtype, device, stored)),
+            dtype=dtype_label(resolve_dtype(dtype, device, ckpt.main_dtype)),
             batch_size=batch_size,
             trust_remote_code=False,
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -146,9 +145,6 @@ def fingerprint_checkpoint(
     content = outer.hexdigest()
     arch = architecture_signature(ckpt)
     tok = tokenizer_hash(ckpt)
-    dtypes = Counter()
-    for t in ckpt.tensors.values():
-        dtypes[t.dtype] += t.numel
     return ModelFingerprint(
         fingerprint=_sha(f"{content}|{arch}|{tok}")[:32],
         content_hash=content,
@@ -158,7 +154,7 @@ def fingerprint_checkpoint(
             ckpt.config.get("architectures") or [ckpt.config.get("model_type", "unknown")]
         )[0],
         param_count=ckpt.num_parameters,
-        dtype=dtypes.most_common(1)[0][0],
+        dtype=ckpt.main_dtype,
         n_tensors=len(ckpt.tensors),
         bytes=sum(t.nbytes for t in ckpt.tensors.values()),
         nonfinite=tuple(nonfinite),

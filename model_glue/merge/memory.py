@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from model_glue.checkpoint import LazyTensors
+from model_glue.checkpoint import LazyTensors, tensor_dtypes, tensor_shapes
 from model_glue.merge.params import MergeConfigError, check_setting
 from model_glue.merge.plan import (
     InputLayout,
@@ -87,7 +87,7 @@ class Merger:
         labels = (["base"] if base is not None else []) + names
         sizes = list(vocab_sizes) if vocab_sizes is not None else [None] * len(inputs)
         layouts = [
-            InputLayout(label, _shapes(sd), _dtypes(sd), size)
+            InputLayout(label, tensor_shapes(sd), tensor_dtypes(sd), size)
             for label, sd, size in zip(labels, inputs, sizes, strict=True)
         ]
         out = DTYPES[dtype_name(dtype)] if dtype is not None else None
@@ -236,18 +236,6 @@ def _flat(sd: StateDict, name: str, start: int, stop: int) -> torch.Tensor:
     if isinstance(sd, LazyTensors):
         return sd.read_flat(name, start, stop).to(torch.float32)
     return sd[name].detach().reshape(-1)[start:stop].to("cpu", torch.float32, copy=True)
-
-
-def _shapes(sd: StateDict) -> dict[str, tuple[int, ...]]:
-    if isinstance(sd, LazyTensors):
-        return dict(sd.shapes)
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def _dtypes(sd: StateDict) -> dict[str, torch.dtype]:
-    if isinstance(sd, LazyTensors):
-        return dict(sd.dtypes)
-    return {k: v.dtype for k, v in sd.items()}
 
 
 def merge_in_memory(

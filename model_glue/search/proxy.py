@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import model_glue.merge.methods  # noqa: F401  (registers the merge methods)
-from model_glue.checkpoint import Checkpoint, CheckpointError, LazyTensors
+from model_glue.checkpoint import Checkpoint, CheckpointError, LazyTensors, tensor_shapes
 from model_glue.merge.memory import Merger
 from model_glue.merge.registry import get_method
 from model_glue.search.engine_params import engine_model_params
@@ -127,7 +127,7 @@ class ProxyScorer:
         states = {name: LazyTensors(str(uri)) for name, uri in sorted(checkpoints.items())}
         first = states[min(states)]
         device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device, stored=next(iter(first.dtypes.values()), None))
+        dtype = resolve_dtype(dtype, device, stored=first.checkpoint.main_dtype)
         model = AutoModelForCausalLM.from_pretrained(
             str(checkpoints[min(checkpoints)]),
             dtype=dtype,
@@ -363,25 +363,19 @@ def _check_same_layout(states: Mapping[str, StateDict], base: StateDict | None) 
     ref_name = min(states)
     ref = states[ref_name]
     others = dict(states) | ({"<base>": base} if base is not None else {})
-    ref_shapes = _shapes(ref)
+    ref_shapes = tensor_shapes(ref)
     for name, sd in others.items():
         if sd.keys() != ref.keys():
             diff = sorted(set(sd) ^ set(ref))
             raise CheckpointError(
                 f"model {name!r} and {ref_name!r} differ in tensors, e.g. {diff[:3]}"
             )
-        for key, shape in _shapes(sd).items():
+        for key, shape in tensor_shapes(sd).items():
             if shape != ref_shapes[key]:
                 raise CheckpointError(
                     f"model {name!r}: tensor {key!r} has shape {shape}, {ref_name!r} has {ref_shapes[key]}"
                 )
     return sorted(ref)
-
-
-def _shapes(sd: StateDict) -> dict[str, tuple[int, ...]]:
-    if isinstance(sd, LazyTensors):
-        return dict(sd.shapes)
-    return {k: tuple(t.shape) for k, t in sd.items()}
 
 
 def _check_model_accepts(model: PreTrainedModel, names: Sequence[str]) -> dict[str, torch.Tensor]:
