@@ -116,13 +116,11 @@ def child(kind: str, paths: list[str], trials: int, limit: int, device: str = "c
             scorer = ProxyScorer(
                 {n: load_state_dict(p) for n, p in names.items()}, scorer.model, scorer.proxy
             )
-            fast = scorer.merge_into_model
 
             def old_way(spec):  # the merged state dict first, then a copy into the model
                 scorer.load_into_model(scorer.merge(spec))
 
             scorer.merge_into_model = old_way
-            del fast
         rng = random.Random(0)
         for _ in range(trials):
             scorer(TrialSpec({n: rng.uniform(0.1, 1.0) for n in names}, "linear"))

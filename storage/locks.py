@@ -20,7 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from storage.artifacts import ArtifactStore
@@ -29,34 +29,20 @@ LOCK_DIR = ".locks"
 
 
 @contextmanager
-def stage_lock(
-    store: ArtifactStore,
-    stage: str,
-    key: str,
-    *,
-    on_wait: Callable[[str], None] | None = None,
-) -> Iterator[bool]:
-    """Hold the lock of ``(stage, key)``; yields whether this call had to wait for it.
-    A no-op (yielding False) on stores without a local filesystem."""
+def stage_lock(store: ArtifactStore, stage: str, key: str) -> Iterator[None]:
+    """Hold the lock of ``(stage, key)``, waiting for its holder if there is one.
+    A no-op on stores without a local filesystem."""
     if not store.is_local:
-        yield False
+        yield
         return
     directory = os.path.join(store.root, LOCK_DIR)
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{stage}-{key}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    waited = False
+    fd = os.open(os.path.join(directory, f"{stage}-{key}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            waited = True
-            if on_wait is not None:
-                on_wait(path)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # the holder finishes, or dies and the kernel frees it
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the holder finishes, or dies and the kernel frees it
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.uname().nodename} {os.getpid()} {time.time():.0f}\n".encode())
-        yield waited
+        yield
     finally:
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
