@@ -1,14 +1,16 @@
-"""Runs stage tasks from a flow and records each call in the lineage database.
+"""Runs stage calls from a flow and records each one in the lineage database.
 
 The flow process is the single writer of the DuckDB file: tasks (possibly on other
 workers) only return small records, and this recorder turns each call into a ``runs``
-row (completed, cached, reused or failed), its edges and its outputs.
+row (completed, cached, reused or failed) plus what the stage's ``lineage`` says it made
+(artifacts, edges with roles, detail rows), all in one transaction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,13 +21,22 @@ from rich.console import Console
 from rich.markup import escape
 
 from storage import ArtifactStore, LineageDB
-from tasks._stage import PLACED, REUSED, for_call
+from tasks.stage import PLACED, RECORD_KIND, REUSED, Call, for_call
+
+STYLES = {
+    "completed": "green",
+    "cached": "cyan",
+    "reused": "blue",
+    "failed": "bold red",
+    "fresh": "cyan",
+    "stale": "yellow",
+}
 
 
 @dataclass
 class Outcome:
     label: str
-    status: str  # completed | cached | reused | failed
+    status: str  # completed | cached | reused | failed (plans: fresh | stale)
     seconds: float
     record: dict | None = None
     error: str | None = None  # one line: "CheckpointError: ..." (failed runs only)
@@ -53,11 +64,21 @@ class Recorder:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
 
-    def run(self, task: Any, label: str, /, **params: Any) -> Outcome:
-        """Run one stage task now and record it; failures are returned, not raised."""
-        return self.run_many(task, [(label, params)])[0]
+    def say(self, line: str, style: str | None = None) -> None:
+        text = escape(line) if style is None else f"[{style}]{escape(line)}[/]"
+        self.console.print(f"  {text}", highlight=False, soft_wrap=True)
 
-    def run_many(self, task: Any, calls: list[tuple[str, dict[str, Any]]]) -> list[Outcome]:
+    def section(self, title: str) -> None:
+        self.console.rule(f"[bold]{title}")
+
+    def waits(self, stage: str, label: str, on: str) -> None:
+        """A call that cannot be made because ``on`` has no result (a plan lists it)."""
+
+    def run(self, c: Call) -> Outcome:
+        """Run one stage call now and record it; failures are returned, not raised."""
+        return self.run_many([c])[0]
+
+    def run_many(self, calls: list[Call]) -> list[Outcome]:
         """Submit calls concurrently (Prefect's task runner), then record them in order.
 
         A call whose ``device`` is a CUDA device asks a Dask runner for one ``GPU`` resource,
@@ -67,26 +88,28 @@ class Recorder:
         t0 = time.perf_counter()
         store = ArtifactStore(self.store_url)
         futures: list[PrefectFuture] = []
-        for _, p in calls:
-            with _resources(p.get("device")):
-                futures.append(for_call(task, p, store).submit(store_url=self.store_url, **p))
+        for c in calls:
+            with _resources(c.params.get("device")):
+                futures.append(
+                    for_call(c, store).submit(store_url=self.store_url, key=c.key, **c.params)
+                )
         for fut in futures:
             fut.wait()
-        with self.db.transaction():
-            return [
-                self._record(task, label, params, fut.state, started, time.perf_counter() - t0)
-                for (label, params), fut in zip(calls, futures, strict=True)
+        seconds = time.perf_counter() - t0
+        with self.db.transaction():  # every run row with what it made, or none of them
+            outcomes = [
+                self._record(c, fut.state, started, seconds, store)
+                for c, fut in zip(calls, futures, strict=True)
             ]
+        for c, o in zip(calls, outcomes, strict=True):
+            self._print(c, o)
+        return outcomes
 
     def _record(
-        self, task: Any, label: str, params: dict, state: State, started: datetime, seconds: float
+        self, c: Call, state: State, started: datetime, seconds: float, store: ArtifactStore
     ) -> Outcome:
-        stage = task.stage
-        try:
-            key = stage.key(params)
-        except Exception:  # e.g. a missing directory: the task itself reports it
-            key = None
         placed: dict = {}
+        expected = False
         if state.is_completed():
             record, error = state.result(), None
             reused = isinstance(record, dict) and record.pop(REUSED, False)
@@ -97,7 +120,7 @@ class Recorder:
             else:
                 status = "reused" if reused else "completed"
         else:
-            status, record, expected = "failed", None, False
+            status, record = "failed", None
             try:
                 state.result()
                 error = state.message or state.name
@@ -105,47 +128,50 @@ class Recorder:
                 error, expected = state.message or state.name, True
             except BaseException as e:  # the task's own exception, re-raised by result()
                 error = f"{type(e).__name__}: {' '.join(str(e).split())}"
-            self.failures.append(Failure(stage.name, label, error, expected))
+            self.failures.append(Failure(c.stage.name, c.label, error, expected))
+        record = record if isinstance(record, dict) else None
         run_id = self.db.record_run(
-            stage.name,
+            c.stage.name,
             status=status,
             started_at=started,
             finished_at=datetime.now(UTC),
-            code_version=stage.code_version,
-            cache_key=key,
-            params=_small(params),
-            inputs=_input_ids(params),
-            outputs=[record["key"]] if isinstance(record, dict) and "key" in record else None,
+            code_version=c.stage.code_version,
+            cache_key=c.key,
+            key_parts=None if c.identity is None else c.identity["in"],
+            label=c.label,
+            params=_small(c.params),
+            inputs=_input_ids(c.params),
+            outputs=[record["key"]] if record and "key" in record else None,
             error=error,
             flow_run_id=self.flow_run_id,
             host=placed.get("host"),
             worker=placed.get("worker"),
             device=placed.get("device"),
         )
-        self.counts.setdefault(stage.name, {}).setdefault(status, 0)
-        self.counts[stage.name][status] += 1
-        style = {"completed": "green", "cached": "cyan", "reused": "blue", "failed": "bold red"}[
-            status
-        ]
-        msg = f"  [{style}]{status:>9}[/] {stage.name:<11} {escape(label)}"
-        if error is not None:  # one line: the traceback of an unexpected error is Prefect's
-            msg += f": [red]{escape(error)}[/]"
+        if record is not None:
+            lineage = c.stage.lineage(c, record)
+            lineage.artifacts = [  # a stage's own record: stored under its key
+                a
+                if a.uri or a.artifact_id != record.get("key")
+                else replace(a, uri=store.uri(RECORD_KIND, a.artifact_id))
+                for a in lineage.artifacts
+            ]
+            self.db.write(lineage, run_id)
+        self.counts.setdefault(c.stage.name, {}).setdefault(status, 0)
+        self.counts[c.stage.name][status] += 1
+        return Outcome(c.label, status, seconds, record, error, run_id, expected)
+
+    def _print(self, c: Call, o: Outcome) -> None:
+        msg = f"  [{STYLES[o.status]}]{o.status:>9}[/] {c.stage.name:<11} {escape(c.label)}"
+        if o.error is not None:  # one line: the traceback of an unexpected error is Prefect's
+            msg += f": [red]{escape(o.error)}[/]"
         self.console.print(msg, highlight=False, soft_wrap=True)
-        return Outcome(
-            label,
-            status,
-            seconds,
-            record if isinstance(record, dict) else None,
-            error,
-            run_id,
-            status == "failed" and expected,
-        )
+        for line in c.stage.describe(o.record) if o.record is not None else ():
+            self.say(line)
 
 
 def _resources(device: Any):
     """``dask.annotate(resources={"GPU": 1})`` for CUDA calls when Dask is importable."""
-    import contextlib
-
     if not (isinstance(device, str) and device.startswith("cuda")):
         return contextlib.nullcontext()
     try:
@@ -156,7 +182,7 @@ def _resources(device: Any):
 
 
 def _input_ids(params: dict) -> list[str]:
-    """Content ids (fingerprints, artifact ids) found in the parameters: the run's inputs."""
+    """Content ids (artifact ids, fingerprints) found in the parameters: the run's inputs."""
     ids: list[str] = []
 
     def visit(v: Any) -> None:

@@ -5,7 +5,7 @@ The only code of the project that knows store paths and SQL.
 
 from storage.artifacts import ArtifactStore, StoreWriteError
 from storage.connection import LineageLockedError, ReadOnlyQueryError
-from storage.lineage import LineageDB, LineageError
+from storage.lineage import Artifact, Details, Lineage, LineageDB, LineageError
 from storage.manifest import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -16,6 +16,9 @@ from storage.manifest import (
 )
 
 __all__ = [
+    "Artifact",
+    "Details",
+    "Lineage",
     "ArtifactCorruptError",
     "ArtifactNotFoundError",
     "ArtifactStore",

@@ -35,6 +35,160 @@ class LineageError(ValueError):
     """A lookup or record that the lineage database cannot satisfy."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A stage output for the ``artifacts`` table, with its parents as ``(id, role)``
+    pairs (roles: input, member, base, expert, backbone)."""
+
+    artifact_id: str
+    kind: str
+    name: str | None = None
+    uri: str | None = None
+    content_hash: str | None = None
+    stage: str | None = None
+    parents: tuple[tuple[str, str], ...] = ()
+    meta: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Details:
+    """Rows for one detail table (a key of :data:`DETAIL_TABLES`); ``constants`` fill
+    columns every row shares."""
+
+    table: str
+    rows: Any
+    constants: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Lineage:
+    """What one stage run adds to the database: :meth:`LineageDB.write` records it in one
+    transaction with the run's row."""
+
+    artifacts: list[Artifact] = dataclasses.field(default_factory=list)
+    details: list[Details] = dataclasses.field(default_factory=list)
+    models: list[dict] = dataclasses.field(default_factory=list)  # zoo model sightings
+
+
+@dataclasses.dataclass(frozen=True)
+class DetailTable:
+    """How rows reach a detail table: its columns, the ones a row must bring, the key under
+    which a row already present is not inserted again, and JSON-encoded columns."""
+
+    columns: tuple[str, ...]
+    required: tuple[str, ...]
+    key: tuple[str, ...]
+    json_columns: tuple[str, ...] = ()
+    prepare: Any = None  # frame -> frame, after validation
+
+
+def _tensor_layer(df: pl.DataFrame) -> pl.DataFrame:
+    if "layer" in df.columns and df["layer"].null_count() < df.height:
+        return df
+    layer = pl.col("tensor").str.extract(r"(?:^|\.)layers\.(\d+)\.", 1).cast(pl.Int32)
+    return df.with_columns(layer.alias("layer"))
+
+
+DETAIL_TABLES: dict[str, DetailTable] = {
+    # scores are per run (a cached evaluation records them again for its flow run)
+    "scores": DetailTable(
+        (
+            "artifact_id",
+            "task",
+            "metric",
+            "value",
+            "stderr",
+            "n_samples",
+            "eval_limit",
+            "run_id",
+            "created_at",
+        ),
+        ("artifact_id", "task", "metric", "value"),
+        key=("artifact_id", "task", "metric", "run_id"),
+    ),
+    "similarities": DetailTable(
+        ("model_a", "model_b", "metric", "tensor_set", "value", "run_id"),
+        ("model_a", "model_b", "metric", "tensor_set", "value"),
+        key=("model_a", "model_b", "metric", "tensor_set"),
+    ),
+    "tensor_similarities": DetailTable(
+        ("model_a", "model_b", "metric", "tensor", "layer", "value", "run_id"),
+        ("model_a", "model_b", "metric", "tensor", "value"),
+        key=("model_a", "model_b", "metric", "tensor"),
+        prepare=_tensor_layer,
+    ),
+    "clusters": DetailTable(
+        ("clustering_id", "cluster", "model_fingerprint", "run_id"),
+        ("clustering_id", "cluster", "model_fingerprint"),
+        key=("clustering_id", "model_fingerprint"),
+    ),
+    "cluster_thresholds": DetailTable(
+        (
+            "clustering_id",
+            "arch_signature",
+            "metric",
+            "rule",
+            "threshold",
+            "gap_low",
+            "gap_high",
+            "n_pairs",
+            "pair_values",
+            "run_id",
+        ),
+        ("clustering_id", "arch_signature", "metric", "rule", "threshold", "n_pairs"),
+        key=("clustering_id", "arch_signature"),
+        json_columns=("pair_values",),
+    ),
+    "trials": DetailTable(
+        (
+            "search_id",
+            "trial",
+            "strategy",
+            "method",
+            "coefficients",
+            "proxy_score",
+            "seconds",
+            "accepted",
+            "reason",
+            "run_id",
+        ),
+        ("search_id", "trial", "proxy_score"),
+        key=("search_id", "trial"),
+        json_columns=("coefficients",),
+    ),
+}
+
+
+def cluster_rows(
+    assignments: Mapping[str, int] | Sequence[Sequence[str]] | pl.DataFrame,
+) -> pl.DataFrame:
+    """``{fingerprint: cluster}`` or a list of member lists as ``clusters`` rows."""
+    if isinstance(assignments, pl.DataFrame):
+        return assignments
+    if isinstance(assignments, Sequence) and not isinstance(assignments, str):
+        assignments = {fp: i for i, members in enumerate(assignments) for fp in members}
+    return pl.DataFrame(
+        {"model_fingerprint": list(assignments), "cluster": [int(c) for c in assignments.values()]},
+        schema={"model_fingerprint": pl.String, "cluster": pl.Int32},
+    )
+
+
+def threshold_rows(thresholds: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """A clustering record's per-architecture thresholds as ``cluster_thresholds`` rows."""
+    return [
+        {
+            "arch_signature": t["arch_signature"],
+            "rule": t["rule"],
+            "threshold": float(t["threshold"]),
+            "gap_low": t.get("gap_low"),
+            "gap_high": t.get("gap_high"),
+            "n_pairs": len(t.get("values", ())),
+            "pair_values": list(t.get("values", ())),
+        }
+        for t in thresholds
+    ]
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -191,7 +345,13 @@ class LineageDB:
             return _run(con, "SELECT max(version) FROM schema_version")[0][0]
 
     def _insert_frame(
-        self, table: str, df: pl.DataFrame, columns: Sequence[str], *, on_conflict: str = ""
+        self,
+        table: str,
+        df: pl.DataFrame,
+        columns: Sequence[str],
+        *,
+        on_conflict: str = "",
+        where: str = "",
     ) -> int:
         if df.height == 0:
             return 0
@@ -200,7 +360,11 @@ class LineageDB:
         with self._writer() as con:
             con.register(view, df.select(columns))
             try:
-                _run(con, f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {view} {on_conflict}")
+                _run(
+                    con,
+                    f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {view} AS incoming "
+                    f"{where} {on_conflict}",
+                )
             finally:
                 # an aborted transaction refuses to unregister; keep the real error
                 with suppress(duckdb.Error):
@@ -289,6 +453,8 @@ class LineageDB:
         host: str | None = None,
         worker: str | None = None,
         device: str | None = None,
+        key_parts: Any = None,
+        label: str | None = None,
     ) -> str:
         """Open a stage run (status 'running'); close it with :meth:`finish_run`."""
         run_id = run_id or uuid.uuid4().hex
@@ -296,7 +462,8 @@ class LineageDB:
             _run(
                 con,
                 "INSERT INTO runs (run_id, flow_run_id, stage, code_version, cache_key, params, inputs, "
-                "status, host, worker, device, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                "status, host, worker, device, started_at, key_parts, label) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
                 [
                     run_id,
                     flow_run_id,
@@ -309,6 +476,8 @@ class LineageDB:
                     worker,
                     device,
                     _naive_utc(started_at),
+                    _json(key_parts),
+                    label,
                 ],
             )
         return run_id
@@ -361,6 +530,8 @@ class LineageDB:
         host: str | None = None,
         worker: str | None = None,
         device: str | None = None,
+        key_parts: Any = None,
+        label: str | None = None,
     ) -> str:
         """Record a finished run in one call: for records returned by remote workers, and cache hits."""
         with self._writer():
@@ -376,6 +547,8 @@ class LineageDB:
                 host=host,
                 worker=worker,
                 device=device,
+                key_parts=key_parts,
+                label=label,
             )
             self.finish_run(run_id, status, error, outputs=outputs, finished_at=finished_at)
         return run_id
@@ -514,7 +687,66 @@ class LineageDB:
         )
         return self._insert_frame("edges", df, df.columns, on_conflict="ON CONFLICT DO NOTHING")
 
-    # ---- results ------------------------------------------------------------------------
+    # ---- details: table-driven, idempotent --------------------------------------------
+    def insert_details(
+        self,
+        table: str,
+        rows: pl.DataFrame | Iterable[Mapping[str, Any] | Any],
+        run_id: str | None = None,
+        **constants: Any,
+    ) -> int:
+        """Insert detail rows of ``table`` (see :data:`DETAIL_TABLES`); ``constants`` fill
+        columns shared by every row. Rows whose key is already present are skipped, so
+        recording an artifact's details again (a rerun after a crash) changes nothing."""
+        spec = DETAIL_TABLES[table]
+        if "created_at" in spec.columns:
+            constants.setdefault("created_at", utcnow())
+        df = self._frame(
+            table,
+            rows,
+            spec.required,
+            [c for c in spec.columns if c not in spec.required],
+            {"run_id": run_id, **constants},
+            json_columns=spec.json_columns,
+        )
+        if df.height == 0:
+            return 0
+        if spec.prepare is not None:
+            df = spec.prepare(df)
+        df = df.unique(subset=list(spec.key), keep="first", maintain_order=True)
+        match = " AND ".join(f"t.{k} IS NOT DISTINCT FROM incoming.{k}" for k in spec.key)
+        return self._insert_frame(
+            table,
+            df,
+            spec.columns,
+            where=f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})",
+        )
+
+    def write(self, lineage: Lineage, run_id: str | None) -> None:
+        """Everything one stage run produced, in one transaction: zoo model sightings,
+        artifacts with their parent edges (by role) and detail rows."""
+        with self._writer():
+            for m in lineage.models:
+                self.record_model(**m, run_id=run_id)
+            for a in lineage.artifacts:
+                self.record_artifact(
+                    a.artifact_id,
+                    kind=a.kind,
+                    name=a.name,
+                    uri=a.uri,
+                    content_hash=a.content_hash,
+                    stage=a.stage,
+                    run_id=run_id,
+                    meta=a.meta,
+                )
+                by_role: dict[str, list[str]] = {}
+                for parent, role in a.parents:
+                    by_role.setdefault(role, []).append(parent)
+                for role, parents in by_role.items():
+                    self.record_edges(parents, a.artifact_id, run_id, role)
+            for d in lineage.details:
+                self.insert_details(d.table, d.rows, run_id, **d.constants)
+
     def record_scores(
         self,
         artifact_id: str,
@@ -523,57 +755,25 @@ class LineageDB:
         eval_limit: int | None = None,
     ) -> int:
         """Scores of one artifact: rows with task, metric, value and optionally stderr, n_samples."""
-        df = self._frame(
+        return self.insert_details(
             "scores",
             scores,
-            required=("task", "metric", "value"),
-            optional=("stderr", "n_samples"),
-            constants={
-                "artifact_id": artifact_id,
-                "run_id": run_id,
-                "eval_limit": eval_limit,
-                "created_at": utcnow(),
-            },
+            run_id,
+            artifact_id=artifact_id,
+            eval_limit=eval_limit,
+            created_at=utcnow(),
         )
-        cols = (
-            "artifact_id",
-            "task",
-            "metric",
-            "value",
-            "stderr",
-            "n_samples",
-            "eval_limit",
-            "run_id",
-            "created_at",
-        )
-        return self._insert_frame("scores", df, cols)
 
     def record_similarities(
         self, df: pl.DataFrame | Iterable[Mapping[str, Any]], run_id: str | None = None
     ) -> int:
-        cols = ("model_a", "model_b", "metric", "tensor_set", "value", "run_id")
-        return self._insert_frame(
-            "similarities",
-            self._frame("similarities", df, cols[:5], ("run_id",), {"run_id": run_id}),
-            cols,
-        )
+        return self.insert_details("similarities", df, run_id)
 
     def record_tensor_similarities(
         self, df: pl.DataFrame | Iterable[Mapping[str, Any]], run_id: str | None = None
     ) -> int:
         """Per-tensor similarity; ``layer`` is parsed from names like ``model.layers.3.mlp...`` if absent."""
-        cols = ("model_a", "model_b", "metric", "tensor", "layer", "value", "run_id")
-        frame = self._frame(
-            "tensor_similarities",
-            df,
-            ("model_a", "model_b", "metric", "tensor", "value"),
-            ("run_id",),
-            {"run_id": run_id},
-        )
-        if frame.height and "layer" not in frame.columns:
-            layer = pl.col("tensor").str.extract(r"(?:^|\.)layers\.(\d+)\.", 1).cast(pl.Int32)
-            frame = frame.with_columns(layer.alias("layer"))
-        return self._insert_frame("tensor_similarities", frame, cols)
+        return self.insert_details("tensor_similarities", df, run_id)
 
     def record_clusters(
         self,
@@ -583,25 +783,9 @@ class LineageDB:
     ) -> int:
         """Cluster membership: ``{model_fingerprint: cluster}``, a list of member lists (the
         cluster number is the position) or a frame with ``model_fingerprint`` and ``cluster``."""
-        if isinstance(assignments, Sequence) and not isinstance(assignments, str):
-            assignments = {fp: i for i, members in enumerate(assignments) for fp in members}
-        if isinstance(assignments, Mapping):
-            assignments = pl.DataFrame(
-                {
-                    "model_fingerprint": list(assignments),
-                    "cluster": [int(c) for c in assignments.values()],
-                },
-                schema={"model_fingerprint": pl.String, "cluster": pl.Int32},
-            )
-        cols = ("clustering_id", "cluster", "model_fingerprint", "run_id")
-        df = self._frame(
-            "clusters",
-            assignments,
-            ("cluster", "model_fingerprint"),
-            (),
-            {"clustering_id": clustering_id, "run_id": run_id},
+        return self.insert_details(
+            "clusters", cluster_rows(assignments), run_id, clustering_id=clustering_id
         )
-        return self._insert_frame("clusters", df, cols)
 
     def record_thresholds(
         self,
@@ -612,69 +796,19 @@ class LineageDB:
     ) -> int:
         """One row per architecture group: ``arch_signature``, ``threshold``, ``rule`` and,
         for ``auto``, the gap and the pairwise values it was chosen from (idempotent)."""
-        rows = [
-            {
-                "arch_signature": t["arch_signature"],
-                "rule": t["rule"],
-                "threshold": float(t["threshold"]),
-                "gap_low": t.get("gap_low"),
-                "gap_high": t.get("gap_high"),
-                "n_pairs": len(t.get("values", ())),
-                "pair_values": list(t.get("values", ())),
-            }
-            for t in thresholds
-        ]
-        if not rows:
-            return 0
-        cols = (
-            "clustering_id",
-            "arch_signature",
-            "metric",
-            "rule",
-            "threshold",
-            "gap_low",
-            "gap_high",
-            "n_pairs",
-            "pair_values",
-            "run_id",
-        )
-        frame = self._frame(
+        return self.insert_details(
             "cluster_thresholds",
-            rows,
-            ("arch_signature", "rule", "threshold", "n_pairs"),
-            ("gap_low", "gap_high", "pair_values"),
-            {"clustering_id": clustering_id, "metric": metric, "run_id": run_id},
-            json_columns=("pair_values",),
-        )
-        return self._insert_frame(
-            "cluster_thresholds", frame, cols, on_conflict="ON CONFLICT DO NOTHING"
+            threshold_rows(thresholds),
+            run_id,
+            clustering_id=clustering_id,
+            metric=metric,
         )
 
     def record_trials(
         self, df: pl.DataFrame | Iterable[Mapping[str, Any]], run_id: str | None = None
     ) -> int:
         """Coefficient-search trials; ``coefficients`` may be lists/dicts (stored as JSON)."""
-        cols = (
-            "search_id",
-            "trial",
-            "strategy",
-            "method",
-            "coefficients",
-            "proxy_score",
-            "seconds",
-            "accepted",
-            "reason",
-            "run_id",
-        )
-        frame = self._frame(
-            "trials",
-            df,
-            ("search_id", "trial", "proxy_score"),
-            ("strategy", "method", "coefficients", "seconds", "accepted", "reason", "run_id"),
-            {"run_id": run_id},
-            json_columns=("coefficients",),
-        )
-        return self._insert_frame("trials", frame, cols)
+        return self.insert_details("trials", df, run_id)
 
     # ---- queries --------------------------------------------------------------------------
     def query(

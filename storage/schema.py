@@ -11,7 +11,7 @@ N under ``MIGRATIONS[N]``.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # A stage run's status: 'cached' is a Prefect cache hit, 'reused' a run whose stage found
 # its output already complete in the artifact store (Prefect's result was gone) and did
@@ -35,7 +35,9 @@ RUNS_TABLE_V2 = """CREATE TABLE IF NOT EXISTS runs (
     )"""
 
 # host: the machine a stage ran on; worker: the Dask worker (or process) that ran it;
-# device: the device its models were on (cpu, cuda:0, ...)
+# device: the device its models were on (cpu, cuda:0, ...); key_parts: the identity the
+# run's cache key was hashed from and label the call's name for people (what `glue plan`
+# compares to say why a call is stale)
 RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
         flow_run_id VARCHAR,
@@ -52,7 +54,9 @@ RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
         device VARCHAR,
         started_at TIMESTAMP NOT NULL,
         finished_at TIMESTAMP,
-        seconds DOUBLE
+        seconds DOUBLE,
+        key_parts JSON,
+        label VARCHAR
     )"""
 
 TABLES: tuple[str, ...] = (
@@ -244,4 +248,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (),
     # 4: where each stage ran
     4: ("ALTER TABLE runs ADD COLUMN worker VARCHAR", "ALTER TABLE runs ADD COLUMN device VARCHAR"),
+    # 5: the key's identity parts, for glue plan
+    5: ("ALTER TABLE runs ADD COLUMN key_parts JSON", "ALTER TABLE runs ADD COLUMN label VARCHAR"),
 }

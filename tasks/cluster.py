@@ -8,52 +8,25 @@ keeps, per group, the chosen value, the gap it sits in and the values it was cho
 
 from __future__ import annotations
 
-from model_glue.clustering import (
-    CLUSTERING_VERSION,
-    ThresholdChoice,
-    auto_threshold,
-    cluster_models,
-)
-from storage import ArtifactStore
-from tasks._stage import RECORD_KIND, Stage, load_record, save_record
-
-STAGE = Stage(
-    name="cluster",
-    code_version=f"cluster-{CLUSTERING_VERSION}",
-    key_parts=lambda models, similarity_keys, metric, threshold, related=(): {
-        "models": sorted((m["fingerprint"], m["arch_signature"]) for m in models),
-        "similarity": sorted(similarity_keys),
-        "metric": metric,
-        "threshold": threshold,
-        "related": sorted(sorted(p) for p in related) if threshold == "auto" else [],
-    },
-)
+from model_glue.clustering import ThresholdChoice, auto_threshold, cluster_models
+from storage import Artifact, ArtifactStore, Details, Lineage
+from storage.lineage import cluster_rows, threshold_rows
+from tasks.stage import RECORD_KIND, Call, Stage
+from tasks.versions import CLUSTERING
 
 
 def _cluster(
-    store_url: str,
+    store: ArtifactStore,
+    key: str,
     models: list[dict],
     similarity_keys: list[str],
     metric: str,
     threshold: float | str,
     related: list[list[str]] = (),  # type: ignore[assignment]
 ) -> dict:
-    """Cluster ``models`` (fingerprint records) using the similarity records named by key.
-
-    ``threshold``: a number, or ``"auto"``; ``related``: fingerprint pairs declared to be of
-    one family (only read by ``auto``)."""
-    store = ArtifactStore(store_url)
-    key = STAGE.key(
-        {
-            "models": models,
-            "similarity_keys": similarity_keys,
-            "metric": metric,
-            "threshold": threshold,
-            "related": related,
-        }
-    )
-    if (record := load_record(store, key)) is not None:
-        return record
+    """Cluster ``models`` (refs with fingerprint and arch_signature) using the similarity
+    records named by key. ``threshold``: a number, or ``"auto"``; ``related``: fingerprint
+    pairs declared to be of one family (only read by ``auto``)."""
     sims: dict[tuple[str, str], float] = {}
     for sk in similarity_keys:
         for row in store.get_json(RECORD_KIND, sk)["pairs"]:
@@ -78,7 +51,7 @@ def _cluster(
             }
         )
     out.sort(key=lambda c: (-len(c["members"]), c["members"][0]["name"]))
-    record = {
+    return {
         "metric": metric,
         "threshold": threshold,
         "thresholds": [
@@ -86,7 +59,6 @@ def _cluster(
         ],
         "clusters": out,
     }
-    return save_record(store, key, record, STAGE.name)
 
 
 def _thresholds(
@@ -117,5 +89,61 @@ def _thresholds(
             choices[arch] = auto_threshold(values, [sims[p] for p in pairs if p in declared])
     return choices
 
+
+def _lineage(call: Call, r: dict) -> Lineage:
+    keys = call.params["similarity_keys"]
+    parents = keys or [m["fingerprint"] for m in call.params["models"]]
+    members = [[m["fingerprint"] for m in c["members"]] for c in r["clusters"]]
+    return Lineage(
+        artifacts=[
+            Artifact(
+                r["key"],
+                kind="clustering",
+                name="clustering",
+                stage="cluster",
+                parents=tuple((p, "input") for p in parents),
+            )
+        ],
+        details=[
+            Details("clusters", cluster_rows(members), {"clustering_id": r["key"]}),
+            Details(
+                "cluster_thresholds",
+                threshold_rows(r.get("thresholds", [])),
+                {"clustering_id": r["key"], "metric": r["metric"]},
+            ),
+        ],
+    )
+
+
+def _describe(r: dict) -> list[str]:
+    lines = [
+        f"threshold {t['threshold']:.3f} on {r['metric']} (auto: widest gap "
+        f"{t['gap_low']:.3f}..{t['gap_high']:.3f} among {len(t['values'])} pairs, "
+        f"arch {t['arch_signature'][:8]})"
+        for t in r.get("thresholds", [])
+        if t["rule"] == "widest-gap"
+    ]
+    for i, c in enumerate(r["clusters"]):
+        low = c["min_similarity"]
+        lines.append(
+            f"cluster {i}: {', '.join(m['name'] for m in c['members'])}"
+            + ("" if low is None else f" (lowest internal {r['metric']} {low:.3f})")
+        )
+    return lines
+
+
+STAGE = Stage(
+    name="cluster",
+    uses=CLUSTERING,
+    key_parts=lambda models, similarity_keys, metric, threshold, related=(): {
+        "models": sorted((m["fingerprint"], m["arch_signature"]) for m in models),
+        "similarity": sorted(similarity_keys),
+        "metric": metric,
+        "threshold": threshold,
+        "related": sorted(sorted(p) for p in related) if threshold == "auto" else [],
+    },
+    lineage=_lineage,
+    describe=_describe,
+)
 
 cluster_zoo = STAGE.task(_cluster)

@@ -7,43 +7,40 @@ while renaming or moving a model does not.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from importlib.metadata import version
 from pathlib import Path
 
 from model_glue.evaluate import DEMO_TASKS_DIR
-from storage import ArtifactStore
-from tasks._stage import Stage, load_record, save_record
-
-EVAL_VERSION = "1"
+from storage import Artifact, ArtifactStore, Details, Lineage
+from tasks.stage import Call, Stage
+from tasks.versions import EVALUATION
 
 
 def task_files_hash(include_paths: list[str]) -> str:
-    """Hash of every file in the task folders (YAML, data, helpers)."""
-    h = hashlib.sha256()
+    """Hash of every file in the task folders (YAML, data, helpers); the files are read
+    again only when one of them was touched (their stat signature is the cache key)."""
+    files = []
     for root in [DEMO_TASKS_DIR, *map(Path, include_paths)]:
         for f in sorted(Path(root).rglob("*")):
             if f.is_file() and "__pycache__" not in f.parts:
-                h.update(f.name.encode() + b"\0" + f.read_bytes())
+                st = f.stat()
+                files.append((str(f), st.st_size, st.st_mtime_ns))
+    return _hash_files(tuple(files))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, _, _ in files:
+        f = Path(path)
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:32]
 
 
-STAGE = Stage(
-    name="evaluate",
-    code_version=f"evaluate-{EVAL_VERSION}-lm_eval-{version('lm-eval')}",
-    # what changes the numbers: dtype and backend; not the device index or the batch size
-    key_parts=lambda model, tasks, limit, batch_size, include_paths, device="cpu", dtype="float32", backend="hf", allow_code_execution=False: {
-        "model": model["fingerprint"],
-        "tasks": sorted(tasks),
-        "limit": limit,
-        "task_files": task_files_hash(include_paths),
-        "numerics": [dtype, backend],
-    },
-)
-
-
 def _evaluate(
-    store_url: str,
+    store: ArtifactStore,
+    key: str,
     model: dict,
     tasks: list[str],
     limit: int | None,
@@ -54,32 +51,16 @@ def _evaluate(
     backend: str = "hf",
     allow_code_execution: bool = False,
 ) -> dict:
-    """``model``: a record with name, fingerprint, a local directory ``path`` and optionally
+    """``model``: a ref with name, fingerprint, a local directory ``uri`` and optionally
     ``loader: mixture`` for mixture directories."""
-    store = ArtifactStore(store_url)
-    key = STAGE.key(
-        {
-            "model": model,
-            "tasks": tasks,
-            "limit": limit,
-            "batch_size": batch_size,
-            "include_paths": include_paths,
-            "device": device,
-            "dtype": dtype,
-            "backend": backend,
-            "allow_code_execution": allow_code_execution,
-        }
-    )
-    if (record := load_record(store, key)) is not None:
-        return record
     from model_glue.evaluate import evaluate  # lm-eval and transformers: only when evaluating
 
-    target = model["path"]
+    target = model["uri"]
     # model-level and block-level mixtures go through our lm-eval model class
     if model.get("loader") == "mixture":
         from model_glue.mixture import MixtureLM
 
-        target = MixtureLM(pretrained=model["path"], batch_size=batch_size)  # CPU, float32
+        target = MixtureLM(pretrained=model["uri"], batch_size=batch_size)  # CPU, float32
     scores = evaluate(
         target,
         tasks,
@@ -91,7 +72,7 @@ def _evaluate(
         backend="hf" if model.get("loader") == "mixture" else backend,
         allow_code_execution=allow_code_execution,
     )
-    record = {
+    return {
         "fingerprint": model["fingerprint"],
         "tasks": sorted(tasks),
         "limit": limit,
@@ -106,7 +87,43 @@ def _evaluate(
             for s in scores
         ],
     }
-    return save_record(store, key, record, STAGE.name)
 
+
+def _lineage(call: Call, r: dict) -> Lineage:
+    model = call.params["model"]
+    return Lineage(
+        artifacts=[
+            Artifact(
+                r["key"],
+                kind="evaluation",
+                name=f"eval:{model['name']}",
+                stage="evaluate",
+                parents=((model["artifact_id"], "input"),),
+            )
+        ],
+        # scores are per run: a cached evaluation scores the model again for this flow run
+        details=[
+            Details(
+                "scores",
+                r["scores"],
+                {"artifact_id": model["artifact_id"], "eval_limit": r["limit"]},
+            )
+        ],
+    )
+
+
+STAGE = Stage(
+    name="evaluate",
+    uses=EVALUATION,
+    # what changes the numbers: dtype and backend; not the device index or the batch size
+    key_parts=lambda model, tasks, limit, include_paths, dtype="float32", backend="hf": {
+        "model": model["fingerprint"],
+        "tasks": sorted(tasks),
+        "limit": limit,
+        "task_files": task_files_hash(include_paths),
+        "numerics": [dtype, backend],
+    },
+    lineage=_lineage,
+)
 
 evaluate_model = STAGE.task(_evaluate)

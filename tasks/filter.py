@@ -9,34 +9,15 @@ trial for the lineage ``trials`` table.
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
-from model_glue.merge.spec import ENGINE_VERSION
-from storage import ArtifactStore
-from tasks._stage import Stage, load_record, save_record
+from storage import Artifact, ArtifactStore, Details, Lineage
 from tasks.evaluate import task_files_hash
-
-SEARCH_VERSION = "1"
-
-STAGE = Stage(
-    name="filter",
-    # the search merges through the engine and scores through lm-eval: both change numbers
-    code_version=f"filter-{SEARCH_VERSION}-{ENGINE_VERSION}-lm_eval-{version('lm-eval')}",
-    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None, device="cpu", dtype="float32", batch_size=32, allow_code_execution=False: {
-        "members": sorted((m["name"], m["fingerprint"]) for m in members),
-        "base": base["fingerprint"] if base else None,
-        "method": method,
-        "params": params,
-        "settings": settings,
-        "proxy": [sorted(proxy_tasks), proxy_limit, task_files_hash(include_paths)]
-        + ([proxy_metric] if proxy_metric else []),
-        "dtype": dtype,  # the device and batch size do not change the scores
-    },
-)
+from tasks.stage import Call, Stage
+from tasks.versions import SEARCH
 
 
 def _filter(
-    store_url: str,
+    store: ArtifactStore,
+    key: str,
     members: list[dict],
     base: dict | None,
     method: str,
@@ -50,29 +31,11 @@ def _filter(
     dtype: str = "float32",
     batch_size: int | str = 32,
     allow_code_execution: bool = False,
+    anchor: str = "",
 ) -> dict:
     """``settings``: strategy plus its options (grid; budget, sigma0, seed, layer_groups,
-    search_density). ``members`` never include ``base`` (it enters as the task-vector origin)."""
-    store = ArtifactStore(store_url)
-    key = STAGE.key(
-        {
-            "members": members,
-            "base": base,
-            "method": method,
-            "params": params,
-            "settings": settings,
-            "proxy_tasks": proxy_tasks,
-            "proxy_limit": proxy_limit,
-            "include_paths": include_paths,
-            "proxy_metric": proxy_metric,
-            "device": device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "allow_code_execution": allow_code_execution,
-        }
-    )
-    if (record := load_record(store, key)) is not None:
-        return record
+    search_density). ``members`` never include ``base`` (it enters as the task-vector
+    origin); ``anchor`` names the cluster for people (not part of the key)."""
     # imported here: the search stack (CMA-ES/scipy, transformers) costs seconds; cached reruns skip it
     from model_glue.evaluate import quiet_lm_eval
     from model_glue.search import evolutionary_search, greedy_selective_merge
@@ -120,7 +83,7 @@ def _filter(
     engine_params = engine_model_params(result.spec, scorer.num_layers)
     merge_s = sum(c.merge_seconds for c in scorer.costs)
     eval_s = sum(c.eval_seconds for c in scorer.costs)
-    record = {
+    return {
         "strategy": result.strategy,
         "method": method,
         "accepted": [{"name": n, "params": engine_params[n]} for n in result.accepted],
@@ -131,7 +94,51 @@ def _filter(
         "merge_seconds": merge_s,
         "eval_seconds": eval_s,
     }
-    return save_record(store, key, record, STAGE.name)
 
+
+def _lineage(call: Call, r: dict) -> Lineage:
+    base = call.params.get("base")
+    return Lineage(
+        artifacts=[
+            Artifact(
+                r["key"],
+                kind="search",
+                name=f"search:{call.params.get('anchor') or call.label}",
+                stage="filter",
+                parents=tuple((m["fingerprint"], "member") for m in call.params["members"])
+                + (((base["fingerprint"], "base"),) if base else ()),
+                meta={"accepted": [a["name"] for a in r["accepted"]], "rejected": r["rejected"]},
+            )
+        ],
+        details=[Details("trials", r["trials"], {"search_id": r["key"]})],
+    )
+
+
+def _describe(r: dict) -> list[str]:
+    lines = [f"accepted {a['name']:<10} {a['params']}" for a in r["accepted"]]
+    lines += [f"rejected {n:<10} {why}" for n, why in sorted(r["rejected"].items())]
+    lines.append(
+        f"best proxy score {r['best_score']:.3f} after {r['evaluations']} proxy evaluations "
+        f"(merging {r['merge_seconds']:.1f} s, evaluating {r['eval_seconds']:.1f} s)"
+    )
+    return lines
+
+
+STAGE = Stage(
+    name="filter",
+    uses=SEARCH,
+    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None, dtype="float32": {
+        "members": sorted((m["name"], m["fingerprint"]) for m in members),
+        "base": base["fingerprint"] if base else None,
+        "method": method,
+        "params": params,
+        "settings": settings,
+        "proxy": [sorted(proxy_tasks), proxy_limit, task_files_hash(include_paths)]
+        + ([proxy_metric] if proxy_metric else []),
+        "dtype": dtype,  # the device and batch size do not change the scores
+    },
+    lineage=_lineage,
+    describe=_describe,
+)
 
 filter_cluster = STAGE.task(_filter)

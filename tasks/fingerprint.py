@@ -7,16 +7,10 @@ Everything downstream is keyed on the resulting content fingerprint, not on this
 
 from __future__ import annotations
 
-from model_glue.fingerprint import FINGERPRINT_VERSION, fingerprint_checkpoint, stat_signature
-from storage import ArtifactStore
-from tasks._stage import Stage, load_record, save_record
-
-STAGE = Stage(
-    name="fingerprint",
-    # "-finite": records say which tensors hold NaN/Inf (the fingerprint itself is unchanged)
-    code_version=f"fingerprint-{FINGERPRINT_VERSION}-finite",
-    key_parts=lambda name, uri: {"uri": uri, "stat": _stat_or_missing(uri)},
-)
+from model_glue.fingerprint import fingerprint_checkpoint, stat_signature
+from storage import ArtifactStore, Lineage
+from tasks.stage import Call, Stage
+from tasks.versions import FINGERPRINT
 
 
 def _stat_or_missing(uri: str) -> str:
@@ -26,13 +20,30 @@ def _stat_or_missing(uri: str) -> str:
         return "missing"  # the task body then fails with an error naming the model
 
 
-def _fingerprint_model(store_url: str, name: str, uri: str) -> dict:
-    store = ArtifactStore(store_url)
-    key = STAGE.key({"name": name, "uri": uri})
-    if (record := load_record(store, key)) is not None:
-        return {**record, "name": name}
-    fp = fingerprint_checkpoint(uri)
-    return save_record(store, key, {"name": name, "uri": uri, **fp.to_dict()}, STAGE.name)
+def _fingerprint(store: ArtifactStore, key: str, name: str, uri: str) -> dict:
+    return {"name": name, "uri": uri, **fingerprint_checkpoint(uri).to_dict()}
 
 
-fingerprint_model = STAGE.task(_fingerprint_model, retries=0)
+def _lineage(call: Call, r: dict) -> Lineage:
+    model = {k: r.get(k) for k in ("architecture", "arch_signature", "param_count", "dtype")}
+    return Lineage(
+        models=[
+            {
+                "fingerprint": r["fingerprint"],
+                "name": call.params["name"],
+                "uri": r["uri"],
+                "bytes": r.get("bytes"),
+                **model,
+            }
+        ]
+    )
+
+
+STAGE = Stage(
+    name="fingerprint",
+    uses=FINGERPRINT,
+    key_parts=lambda uri: {"uri": uri, "stat": _stat_or_missing(uri)},
+    lineage=_lineage,
+)
+
+fingerprint_model = STAGE.task(_fingerprint, retries=0)

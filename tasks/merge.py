@@ -11,9 +11,10 @@ import shutil
 from pathlib import Path
 
 from model_glue.fingerprint import fingerprint_checkpoint
-from model_glue.merge import ENGINE_VERSION, MergeSpec, ModelInput, merge_to_directory
-from storage import ArtifactStore
-from tasks._stage import Stage, load_record, save_record
+from model_glue.merge import MergeSpec, ModelInput, merge_to_directory
+from storage import Artifact, ArtifactStore, Lineage
+from tasks.stage import Call, Stage
+from tasks.versions import ENGINE
 
 MODEL_KIND = "model"
 
@@ -45,19 +46,20 @@ def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
     )
 
 
-STAGE = Stage(
-    name="merge",
-    code_version=ENGINE_VERSION,
-    # canonical spec (defaults filled in, names included: DARE seeds its masks by name) +
-    # input fingerprints: the engine's own content address
-    key_parts=lambda label, members, method, params, dtype, base: merge_spec(
-        members, method, params, dtype, base
-    ).content_key(_fingerprints(members, base)),
-)
+def _identity(
+    members: list[dict], method: str, params: dict, dtype: str | None, base: dict | None
+) -> dict:
+    """The canonical spec (defaults filled in, names included: DARE seeds its masks by
+    name) and the inputs' fingerprints by name: what the merged weights depend on."""
+    return {
+        "spec": merge_spec(members, method, params, dtype, base).canonical(),
+        "inputs": dict(sorted(_fingerprints(members, base).items())),
+    }
 
 
 def _merge(
-    store_url: str,
+    store: ArtifactStore,
+    key: str,
     label: str,
     members: list[dict],
     method: str,
@@ -65,20 +67,7 @@ def _merge(
     dtype: str | None = None,
     base: dict | None = None,
 ) -> dict:
-    """``members``: records with name, uri, fingerprint and optional per-model ``params``."""
-    store = ArtifactStore(store_url)
-    key = STAGE.key(
-        {
-            "label": label,
-            "members": members,
-            "method": method,
-            "params": params,
-            "dtype": dtype,
-            "base": base,
-        }
-    )
-    if (record := load_record(store, key)) is not None and store.exists(MODEL_KIND, key):
-        return record
+    """``members``: refs with name, uri, fingerprint and optional per-model ``params``."""
     spec = merge_spec(members, method, params, dtype, base)
     fingerprints = _fingerprints(members, base)
     with store.writing(MODEL_KIND, key, meta={"stage": "merge", "label": label}) as tmp:
@@ -92,12 +81,12 @@ def _merge(
         for f in out.iterdir():
             shutil.move(str(f), str(Path(tmp) / f.name))
         out.rmdir()
-    uri = store.uri(MODEL_KIND, key)
     fp = fingerprint_checkpoint(str(store.local_path(MODEL_KIND, key)))
-    record = {
+    return {
         "label": label,
         "artifact_id": key,
-        "uri": uri,
+        "uri": store.uri(MODEL_KIND, key),
+        "path": str(store.local_path(MODEL_KIND, key)),
         "method": method,
         "params": params,
         "spec": spec.to_config(),
@@ -105,9 +94,38 @@ def _merge(
             {"name": m.label, "fingerprint": fingerprints[m.label], "params": dict(m.params)}
             for m in spec.models
         ],
-        **{k: v for k, v in fp.to_dict().items()},
+        **fp.to_dict(),
     }
-    return save_record(store, key, record, STAGE.name)
 
+
+def _lineage(call: Call, r: dict) -> Lineage:
+    base = call.params.get("base")
+    parents = tuple((m["fingerprint"], "member") for m in r["members"])
+    if base is not None:  # a task-vector merge: its base is a parent too
+        parents += ((base["fingerprint"], "base"),)
+    return Lineage(
+        artifacts=[
+            Artifact(
+                r["artifact_id"],
+                kind="merged",
+                name=call.label,
+                uri=r["uri"],
+                content_hash=r["fingerprint"],
+                stage="merge",
+                parents=parents,
+            )
+        ]
+    )
+
+
+STAGE = Stage(
+    name="merge",
+    uses=ENGINE,
+    key_parts=lambda members, method, params, dtype=None, base=None: _identity(
+        members, method, params, dtype, base
+    ),
+    lineage=_lineage,
+    outputs=(MODEL_KIND,),
+)
 
 merge_cluster = STAGE.task(_merge)

@@ -15,32 +15,12 @@ path; it is content-addressed by the experts' fingerprints, the router settings 
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
-from storage import ArtifactStore
-from tasks._stage import Stage, load_record, save_record
+from storage import Artifact, ArtifactStore, Lineage
 from tasks.evaluate import task_files_hash
+from tasks.stage import Call, Stage
+from tasks.versions import MIXTURE
 
-MIXTURE_VERSION = "1"
 MIXTURE_KIND = "mixture"
-
-STAGE = Stage(
-    name="mixture",
-    code_version=f"mixture-{MIXTURE_VERSION}-lm_eval-{version('lm-eval')}",
-    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None: (
-        {
-            "experts": [(e["name"], e["fingerprint"]) for e in experts],
-            "backbone": backbone["fingerprint"],
-            "router": router,
-            "layer": layer,
-            "pooling": pooling,
-            "prompts": prompts,
-            "accuracy": [sorted(accuracy_tasks), accuracy_limit]
-            + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
-        }
-        | ({} if variant == "model_level" else {"variant": [variant, hybrid_k, top_k]})
-    ),
-)
 
 
 def assign_prompts(
@@ -64,7 +44,8 @@ def assign_prompts(
 
 
 def _mixture(
-    store_url: str,
+    store: ArtifactStore,
+    key: str,
     experts: list[dict],
     backbone: dict,
     router: str,
@@ -79,26 +60,8 @@ def _mixture(
     hybrid_k: int = 0,
     top_k: int | None = None,
 ) -> dict:
-    """``experts``: records with name, fingerprint and a local ``path``; ``backbone`` one of them."""
-    store = ArtifactStore(store_url)
-    params = {
-        "experts": experts,
-        "backbone": backbone,
-        "router": router,
-        "layer": layer,
-        "pooling": pooling,
-        "prompts": prompts,
-        "accuracy_tasks": accuracy_tasks,
-        "accuracy_limit": accuracy_limit,
-        "include_paths": include_paths,
-        "accuracy_metric": accuracy_metric,
-        "variant": variant,
-        "hybrid_k": hybrid_k,
-        "top_k": top_k,
-    }
-    key = STAGE.key(params)
-    if (record := load_record(store, key)) is not None and store.exists(MIXTURE_KIND, key):
-        return record
+    """``experts``: refs with name, fingerprint and a local directory ``uri``;
+    ``backbone`` one of them."""
     # imported here: transformers' model classes cost seconds, and a cached rerun needs none
     from model_glue.evaluate import quiet_lm_eval
     from model_glue.mixture import (
@@ -119,14 +82,14 @@ def _mixture(
         "prompts": prompts or None,  # prompt-free routers (random) take none
         "expert_names": [e["name"] for e in experts],
     }
-    paths = [e["path"] for e in experts]
+    paths = [e["uri"] for e in experts]
     with store.writing(MIXTURE_KIND, key, meta={"stage": "mixture"}) as tmp:
         out = tmp / "mixture"
         if variant == "model_level":
             build_model_level_mixture(
                 paths,
                 out,
-                router_backbone=backbone["path"],
+                router_backbone=backbone["uri"],
                 layer=layer,
                 pooling=pooling,
                 # experts that are store artifacts (merged models) travel with the store
@@ -135,9 +98,9 @@ def _mixture(
                 **common,
             )
         elif variant == "block_level":
-            build_block_level_mixture(backbone["path"], paths, out, pooling=pooling, **common)
+            build_block_level_mixture(backbone["uri"], paths, out, pooling=pooling, **common)
         elif variant == "ffn_moe":
-            build_ffn_moe(backbone["path"], paths, out, top_k=top_k, **common)
+            build_ffn_moe(backbone["uri"], paths, out, top_k=top_k, **common)
         elif variant == "hybrid":
             build_hybrid(uniform_average(paths), paths, out, k=hybrid_k, top_k=top_k, **common)
         else:
@@ -168,7 +131,7 @@ def _mixture(
             for a in mixture_router_accuracy(mixture, labels)
             if a.accuracy is not None
         ]
-    record = {
+    return {
         "artifact_id": key,
         "uri": store.uri(MIXTURE_KIND, key),
         "path": str(path),
@@ -182,7 +145,56 @@ def _mixture(
         # the experts' own fingerprints are already part of the key
         "fingerprint": store.manifest(MIXTURE_KIND, key).content_hash[:32],
     }
-    return save_record(store, key, record, STAGE.name)
 
+
+def _lineage(call: Call, r: dict) -> Lineage:
+    backbone = call.params["backbone"]
+    parents = tuple((e["artifact_id"], "expert") for e in call.params["experts"])
+    return Lineage(
+        artifacts=[
+            Artifact(
+                r["artifact_id"],
+                kind="mixture",
+                name=call.label,
+                uri=r["uri"],
+                content_hash=r["fingerprint"],
+                stage="mixture",
+                parents=parents + ((backbone["artifact_id"], "backbone"),),
+                meta={
+                    k: r.get(k)
+                    for k in ("variant", "router", "layer", "backbone", "router_accuracy")
+                },
+            )
+        ]
+    )
+
+
+def _describe(r: dict) -> list[str]:
+    return [
+        f"router accuracy {a['task']:<12} {a['value']:.3f} (n={a['n_samples']})"
+        for a in r["router_accuracy"]
+    ]
+
+
+STAGE = Stage(
+    name="mixture",
+    uses=MIXTURE,
+    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None: (
+        {
+            "experts": [(e["name"], e["fingerprint"]) for e in experts],
+            "backbone": backbone["fingerprint"],
+            "router": router,
+            "layer": layer,
+            "pooling": pooling,
+            "prompts": prompts,
+            "accuracy": [sorted(accuracy_tasks), accuracy_limit]
+            + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
+        }
+        | ({} if variant == "model_level" else {"variant": [variant, hybrid_k, top_k]})
+    ),
+    lineage=_lineage,
+    describe=_describe,
+    outputs=(MIXTURE_KIND,),
+)
 
 build_mixture = STAGE.task(_mixture)

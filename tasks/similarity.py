@@ -9,20 +9,11 @@ from __future__ import annotations
 
 from model_glue.checkpoint import Checkpoint
 from model_glue.similarity import SIMILARITY_VERSION, pairwise_similarity
-from storage import ArtifactStore
-from tasks._stage import Stage, load_record, save_record, stable_hash
+from storage import Artifact, ArtifactStore, Details, Lineage
+from tasks.stage import Call, Stage, stable_hash
+from tasks.versions import SIMILARITY
 
 PAIR_KIND = "similarity_pair"
-
-STAGE = Stage(
-    name="similarity",
-    code_version=f"similarity-{SIMILARITY_VERSION}",
-    key_parts=lambda models, groups, base=None: {
-        "models": sorted(m["fingerprint"] for m in models),
-        "groups": sorted(groups),
-        "base": base["fingerprint"] if base else None,
-    },
-)
 
 
 def pair_key(fp_a: str, fp_b: str, groups: list[str], base_fp: str | None = None) -> str:
@@ -34,15 +25,11 @@ def pair_key(fp_a: str, fp_b: str, groups: list[str], base_fp: str | None = None
 
 
 def _similarity(
-    store_url: str, models: list[dict], groups: list[str], base: dict | None = None
+    store: ArtifactStore, key: str, models: list[dict], groups: list[str], base: dict | None = None
 ) -> dict:
-    """``models``: records with name, uri and fingerprint, all of one architecture. With a
+    """``models``: refs with name, uri and fingerprint, all of one architecture. With a
     ``base`` (their declared common base), task-vector cosine is computed too."""
-    store = ArtifactStore(store_url)
-    key = STAGE.key({"models": models, "groups": groups, "base": base})
     base_fp = base["fingerprint"] if base else None
-    if (record := load_record(store, key)) is not None:
-        return record
     by_fp = {m["fingerprint"]: m for m in models}
     fps = sorted(by_fp)
     pairs = [(a, b) for i, a in enumerate(fps) for b in fps[i + 1 :]]
@@ -76,7 +63,7 @@ def _similarity(
             {"model_a": fa, "model_b": fb, "tensor": t, "metric": "column_cosine", "value": v}
             for t, v in pair["per_tensor"].items()
         ]
-    record = {
+    return {
         "groups": sorted(groups),
         "base": base["name"] if base else None,
         "models": [{"name": m["name"], "fingerprint": m["fingerprint"]} for m in models],
@@ -85,7 +72,41 @@ def _similarity(
         "computed_pairs": len(missing),
         "reused_pairs": len(pairs) - len(missing),
     }
-    return save_record(store, key, record, STAGE.name)
 
+
+def _lineage(call: Call, r: dict) -> Lineage:
+    models, base = call.params["models"], call.params.get("base")
+    arch = (models[0].get("arch_signature") or "")[:8]
+    tensor_set = ",".join(sorted(call.params["groups"]))
+    # with a base, this record adds the task-vector cosines; the raw-weight rows come from
+    # the group's own similarity call
+    pairs = [p for p in r["pairs"] if base is None or p["metric"] == "task_vector_cosine"]
+    details = [Details("similarities", pairs, {"tensor_set": tensor_set})]
+    if base is None:
+        details.append(Details("tensor_similarities", r["tensor_pairs"]))
+    return Lineage(
+        artifacts=[
+            Artifact(
+                r["key"],
+                kind="similarity",
+                name=f"similarity:{arch}" + (f":vs-{base['name']}" if base else ""),
+                stage="similarity",
+                parents=tuple((m["fingerprint"], "input") for m in models),
+            )
+        ],
+        details=details,
+    )
+
+
+STAGE = Stage(
+    name="similarity",
+    uses=SIMILARITY,
+    key_parts=lambda models, groups, base=None: {
+        "models": sorted(m["fingerprint"] for m in models),
+        "groups": sorted(groups),
+        "base": base["fingerprint"] if base else None,
+    },
+    lineage=_lineage,
+)
 
 compute_similarity = STAGE.task(_similarity)

@@ -307,7 +307,7 @@ def test_glue_merge_command(tiny_zoo, tmp_path):
     """`glue merge CONFIG OUT [--workers N]` on a mergekit-style config; errors name the key."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from glue.cli import app
 
     base, fts, bpath, paths = tiny_zoo
     config = tmp_path / "merge.yaml"

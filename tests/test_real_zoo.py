@@ -238,7 +238,7 @@ def test_proxy_reads_each_tasks_own_metric():
 def test_the_flow_places_stages_by_the_config(monkeypatch):
     """What the recipe hands the evaluate and filter stages: the resolved device and the
     dtype that their keys hold (mixtures stay float32 on the CPU)."""
-    from flows.glue_recipe import _placement
+    from flows.steps import placement as _placement
     from model_glue.config import parse_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -285,8 +285,10 @@ def test_every_mixture_variant_is_built_recorded_and_evaluated(
     db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
     (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'mixture'")["meta"].to_list()
     assert json.loads(meta)["variant"] == variant
-    roles = db.query("SELECT DISTINCT role FROM v_lineage WHERE child_name = ?", [name])
-    assert roles["role"].to_list() == ["expert"]
+    roles = db.query(
+        "SELECT DISTINCT role FROM v_lineage WHERE child_name = ? ORDER BY role", [name]
+    )
+    assert roles["role"].to_list() == ["backbone", "expert"]  # the backbone is an expert too
     (path,) = (user_dir / "state" / "store" / "mixture").glob(f"{db.resolve(name)}")
     if variant in ("ffn_moe", "hybrid"):
         model = AutoModelForCausalLM.from_pretrained(path)

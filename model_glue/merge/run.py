@@ -1,4 +1,4 @@
-"""``glue merge CONFIG OUT``: the command-line entry, wired into the CLI by ``flows/cli.py``."""
+"""``glue merge CONFIG OUT``: the command-line entry, wired into the CLI by ``glue/cli.py``."""
 
 from __future__ import annotations
 

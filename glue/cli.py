@@ -165,6 +165,65 @@ def _print_summary(summary: dict) -> None:
         console.print(f"plot: {png}")
 
 
+@app.command("plan")
+def plan_command(
+    config: Annotated[Path, typer.Argument(help="Run configuration YAML.")],
+    store: Annotated[
+        str | None, typer.Option(help="Artifact store URL (overrides the config).")
+    ] = None,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Say what `glue run CONFIG` would reuse and what it would compute, and why, without
+    running anything (no model is loaded).
+
+    Each stage call is fresh (its artifact is complete in the store) or stale, with the
+    reason: a new model, changed weights, a changed parameter, input or task file, a code
+    version, a missing or corrupt artifact, or an input that is itself stale."""
+    import json
+
+    from flows.glue_recipe import default_db_path, default_store_url
+    from flows.plan import plan
+    from model_glue.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+    entries = plan(cfg, store or default_store_url(cfg), db or default_db_path(cfg))
+    if as_json:
+        print(json.dumps([e.to_dict() for e in entries], indent=1))
+        return
+    table = Table(title=f"Plan for {config}", show_lines=False)
+    for c in ("stage", "call", "status", "reason"):
+        table.add_column(c)
+    for e in entries:
+        style = "cyan" if e.status == "fresh" else "yellow"
+        table.add_row(e.stage, escape(e.label), f"[{style}]{e.status}[/]", escape(e.reason))
+    console.print(table)
+    stale = sum(e.status == "stale" for e in entries)
+    console.print(f"{stale} stale, {len(entries) - stale} fresh")
+
+
+@app.command("report")
+def report(
+    db: DbOption = None,
+    flow_run: Annotated[str | None, typer.Option(help="A flow run id (default: latest).")] = None,
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write one self-contained HTML report of a flow run: leaderboard, similarity heatmap
+    and clusters, search trajectories, the mixture's experts and routing, and what changed
+    since the previous run (images embedded: it opens offline)."""
+    from glue.report import write_report
+    from storage import LineageDB, LineageError
+
+    try:
+        path = write_report(LineageDB(_db_path(db), read_only=True), out, flow_run)
+    except LineageError as e:
+        _fail(str(e))
+    console.print(f"report written to {path}")
+
+
 @app.command("leaderboard")
 def leaderboard(
     db: DbOption = None,

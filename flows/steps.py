@@ -1,0 +1,354 @@
+"""The recipe's steps: each builds its stage calls from typed references, runs them
+through the recorder (or a planner) and turns the records into references for the next.
+
+No step writes to the database or the store itself: the stage protocol (``tasks.stage``)
+does, through the recorder. A step raises :class:`RunFailed` when a stage that every later
+one needs has no result.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+from flows._logging import RunFailed
+from flows._recorder import Failure, Outcome, Recorder
+from model_glue.config import RunConfig
+from model_glue.devices import dtype_label, resolve_device, resolve_dtype
+from model_glue.merge import METHODS
+from tasks.cluster import cluster_zoo
+from tasks.evaluate import evaluate_model
+from tasks.filter import filter_cluster
+from tasks.fingerprint import fingerprint_model
+from tasks.merge import merge_cluster
+from tasks.mixture import assign_prompts, build_mixture
+from tasks.refs import ModelRef, by_fingerprint
+from tasks.similarity import compute_similarity
+from tasks.stage import call
+
+Scores = dict[str, dict[str, float]]  # model name -> task -> mean value
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster to merge: its position in the clustering, a readable anchor, the members,
+    (task vectors) its base and the members its search accepted, with engine parameters."""
+
+    index: int
+    anchor: str
+    members: list[ModelRef]
+    base: ModelRef | None = None
+    accepted: list[dict] = field(default_factory=list)  # members with engine params
+
+
+def fingerprint(cfg: RunConfig, rec: Recorder) -> list[ModelRef]:
+    """Every readable zoo model; unreadable ones are reported by the recorder and left out,
+    and so are models holding NaN/Inf unless ``allow_nonfinite``."""
+    calls = [call(fingerprint_model, m.name, name=m.name, uri=m.path) for m in cfg.zoo]
+    models = []
+    for m, o in zip(cfg.zoo, rec.run_many(calls), strict=True):
+        if o.record is None:
+            continue
+        if bad := o.record.get("nonfinite"):
+            what = f"tensor {bad[0]!r}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            why = f"CheckpointError: {o.record['uri']}: {what} holds NaN or Inf values"
+            if not cfg.allow_nonfinite:
+                rec.say(f"left out {m.name}: {why}; allow_nonfinite: true keeps it", "yellow")
+                rec.failures.append(Failure("fingerprint", m.name, why, True))
+                continue
+            rec.say(f"kept {m.name} (allow_nonfinite): {why}", "yellow")
+        models.append(ModelRef.zoo(o.record, m.name))
+    if not models:
+        raise RunFailed("no usable model in the zoo")
+    return models
+
+
+def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> list[str]:
+    """Raw-weight similarity over each architecture group, and task-vector cosine inside
+    each declared base family; returns the group records' keys (what clustering reads)."""
+    groups = list(cfg.similarity.groups)
+    by_arch: dict[str, list[ModelRef]] = defaultdict(list)
+    for m in models:
+        by_arch[m.arch_signature or ""].append(m)
+    calls, raw = [], []
+    for arch, members in sorted(by_arch.items()):
+        if len(members) < 2:
+            continue
+        raw.append(len(calls))
+        label = f"{len(members)} models, arch {arch[:8]}"
+        calls.append(call(compute_similarity, label, models=by_fingerprint(members), groups=groups))
+        for base, tunes in _base_families(members, cfg):
+            label = f"task vectors of {len(tunes)} fine-tunes of {base.name}"
+            family = by_fingerprint([base, *tunes])
+            calls.append(call(compute_similarity, label, models=family, groups=groups, base=base))
+    outcomes = [rec.run(c) for c in calls]
+    for c, o in zip(calls, outcomes, strict=True):
+        if o.record is None:
+            raise RunFailed(f"similarity {c.label} failed")
+    return [outcomes[i].record["key"] for i in raw]
+
+
+def cluster(
+    models: list[ModelRef], sim_keys: list[str], cfg: RunConfig, rec: Recorder
+) -> list[list[ModelRef]]:
+    """Complete-linkage clusters inside each architecture group, at the (auto) threshold."""
+    sc = cfg.similarity
+    o = rec.run(
+        call(
+            cluster_zoo,
+            f"threshold {sc.threshold} on {sc.metric}",
+            models=by_fingerprint(models),
+            similarity_keys=sim_keys,
+            metric=sc.metric,
+            threshold=sc.threshold,
+            related=_related_pairs(models, cfg),
+        )
+    )
+    if o.record is None:
+        raise RunFailed("clustering failed")
+    by_fp = {m.fingerprint: m for m in models}
+    return [[by_fp[m["fingerprint"]] for m in c["members"]] for c in o.record["clusters"]]
+
+
+def mergeable(clusters: list[list[ModelRef]], cfg: RunConfig, rec: Recorder) -> list[Cluster]:
+    """The clusters of two or more models, with their base for task-vector methods."""
+    out = []
+    for index, members in enumerate(clusters):
+        if len(members) < 2:
+            continue
+        anchor = _anchor(members, cfg)
+        base = None
+        if METHODS[cfg.merge.method].base != "none":  # task vectors: the declared base
+            base = next((m for m in members if m.name == anchor), None)
+            if base is None:
+                why = f"{cfg.merge.method} needs a base; no declared base in it"
+                rec.failures.append(Failure("merge", f"cluster of {anchor}", why, True))
+                rec.say(f"merge cluster of {anchor}: {why}", "red")
+                continue
+            members = [m for m in members if m is not base]
+        accepted = [{**m.to_dict(), "params": {}} for m in members]
+        out.append(Cluster(index, anchor, members, base, accepted))
+    return out
+
+
+def search(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> list[Cluster]:
+    """Selective merging: each cluster's search keeps the members (and coefficients) that
+    raise its proxy score. Clusters whose search failed are dropped (the run fails)."""
+    fc = cfg.filter
+    todo = [c for c in clusters if fc.strategy != "none" and len(c.members) > 1]
+    tasks = list(fc.proxy_tasks or cfg.evaluation.tasks)
+    calls = [
+        call(
+            filter_cluster,
+            f"{fc.strategy} search in cluster of {c.anchor} ({len(c.members)} candidates)",
+            anchor=c.anchor,
+            members=by_fingerprint(c.members),
+            base=c.base,
+            method=cfg.merge.method,
+            params=dict(cfg.merge.params),
+            settings=fc.search_settings(),
+            proxy_tasks=tasks,
+            proxy_limit=fc.proxy_limit,
+            include_paths=list(cfg.evaluation.include_paths),
+            proxy_metric=cfg.metrics_for(tasks),
+            batch_size=cfg.evaluation.batch_size,
+            allow_code_execution=cfg.evaluation.allow_code_execution,
+            **placement(cfg, c.members[0].dtype),
+        )
+        for c in todo
+    ]
+    found = dict(zip([c.index for c in todo], run_all(rec, calls), strict=True))
+    out = []
+    for c in clusters:
+        if c.index not in found:
+            out.append(c)
+        elif (r := found[c.index].record) is not None:
+            by_name = {m.name: m for m in c.members}
+            accepted = [
+                {**by_name[a["name"]].to_dict(), "params": a["params"]} for a in r["accepted"]
+            ]
+            out.append(replace(c, accepted=accepted))
+        else:
+            rec.waits("merge", f"cluster of {c.anchor}", f"filter of cluster {c.anchor}")
+    return out
+
+
+def merge(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> dict[int, ModelRef]:
+    """The merged model of each cluster (by index) that kept two or more members, or any
+    on a base; a cluster whose search kept one member and no base is not merged."""
+    todo = [c for c in clusters if len(c.accepted) > 1 or (c.accepted and c.base is not None)]
+    strategy = "" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}"
+    calls = []
+    for c in todo:
+        label = f"merge-{c.anchor}-{cfg.merge.method}{strategy}"
+        calls.append(
+            call(
+                merge_cluster,
+                label,
+                label=label,
+                members=c.accepted,
+                method=cfg.merge.method,
+                params=dict(cfg.merge.params),
+                dtype=cfg.merge.dtype,
+                base=c.base,
+            )
+        )
+    merged = {}
+    for c, mc, o in zip(todo, calls, run_all(rec, calls), strict=True):
+        if (r := o.record) is not None:
+            dtype = cfg.merge.dtype or c.members[0].dtype
+            merged[c.index] = ModelRef(
+                mc.label, r["path"], r["fingerprint"], r["artifact_id"], "merged", dtype
+            )
+    return merged
+
+
+def experts_of(
+    clusters: list[list[ModelRef]], searched: list[Cluster], merged: dict[int, ModelRef]
+) -> list[ModelRef]:
+    """One model per cluster: its merged model, else the member that stands alone (a
+    singleton, or the one member its search kept). Clusters that failed have none."""
+    kept = {c.index: c for c in searched}
+    out = []
+    for i, members in enumerate(clusters):
+        if i in merged:
+            out.append(merged[i])
+        elif len(members) == 1:
+            out.append(members[0])
+        elif i in kept and len(kept[i].accepted) == 1 and kept[i].base is None:
+            (only,) = kept[i].accepted
+            out.append(next(m for m in members if m.name == only["name"]))
+    return out
+
+
+def evaluate(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> Scores:
+    """Each model on the evaluation tasks; the mean value per task of each one scored."""
+    ev = cfg.evaluation
+    calls = [
+        call(
+            evaluate_model,
+            m.name,
+            model=m,
+            tasks=list(ev.tasks),
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            include_paths=list(ev.include_paths),
+            backend=ev.backend,
+            allow_code_execution=ev.allow_code_execution,
+            **placement(cfg, m.dtype, mixture=m.loader == "mixture"),
+        )
+        for m in models
+    ]
+    out: Scores = {}
+    for m, o in zip(models, run_all(rec, calls), strict=True):
+        if o.record is not None:
+            per_task: dict[str, list[float]] = defaultdict(list)
+            for s in o.record["scores"]:
+                per_task[s["task"]].append(s["value"])
+            out[m.name] = {t: sum(v) / len(v) for t, v in per_task.items()}
+    return out
+
+
+def mixture(
+    experts: list[ModelRef], scores: Scores, cfg: RunConfig, rec: Recorder
+) -> tuple[ModelRef, list[dict]] | None:
+    """The mixture of the experts (the paper's final recipe) and its router accuracy."""
+    mc = cfg.mixture
+    experts = sorted(experts, key=lambda e: e.name)
+    prompts = None
+    if mc.prompts:
+        prompts = assign_prompts([e.name for e in experts], scores, dict(mc.prompts))
+        experts = [e for e in experts if e.name in prompts]
+    if len(experts) < 2:
+        rec.say(f"mixture skipped: {experts[0].name} is the best expert on every task")
+        return None
+    backbone = max(experts, key=lambda e: (sum(scores.get(e.name, {}).values()), e.name))
+    label = f"mixture-{mc.variant}-{mc.router}"
+    accuracy = mc.router_accuracy and mc.variant == "model_level"
+    o = rec.run(
+        call(
+            build_mixture,
+            label,
+            experts=experts,
+            backbone=backbone,
+            router=mc.router,
+            layer=mc.layer,
+            pooling=mc.pooling_used,
+            prompts=prompts or {},
+            accuracy_tasks=list(cfg.evaluation.tasks) if accuracy else [],
+            accuracy_limit=cfg.evaluation.limit,
+            include_paths=list(cfg.evaluation.include_paths),
+            accuracy_metric=cfg.metrics_for(list(cfg.evaluation.tasks)),
+            variant=mc.variant,
+            hybrid_k=mc.hybrid_k,
+            top_k=mc.top_k,
+        )
+    )
+    if o.record is None:
+        return None
+    r = o.record
+    # model- and block-level mixtures evaluate through our lm-eval model; FFN-level and
+    # hybrid ones are Mixtral directories that transformers loads (float32, as built)
+    loader = "mixture" if mc.variant in ("model_level", "block_level") else None
+    ref = ModelRef(
+        label, r["path"], r["fingerprint"], r["artifact_id"], "mixture",
+        dtype=None if loader else "F32", loader=loader,
+    )  # fmt: skip
+    return ref, r["router_accuracy"]
+
+
+def run_all(rec: Recorder, calls: list) -> list[Outcome]:
+    """Independent stage calls: all at once on a Dask runner (worker processes), one after
+    the other on the flow's threads (lm-eval seeds global RNGs: threads would interleave)."""
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if type(runner).__name__ == "DaskTaskRunner":
+        return rec.run_many(calls)
+    return [rec.run(c) for c in calls]
+
+
+def placement(cfg: RunConfig, stored: str | None, mixture: bool = False) -> dict:
+    """Device, batch size and the resolved evaluation dtype (what cache keys hold) for a
+    model stored in ``stored``. Mixtures run on the CPU in float32 (their own loader)."""
+    ev = cfg.evaluation
+    if mixture:
+        return {"device": "cpu", "dtype": "float32"}
+    device = resolve_device(ev.device)
+    return {"device": device, "dtype": dtype_label(resolve_dtype(ev.dtype, device, stored))}
+
+
+def _base_families(
+    members: list[ModelRef], cfg: RunConfig
+) -> list[tuple[ModelRef, list[ModelRef]]]:
+    """(base, its fine-tunes) for each declared base in ``members`` with 2+ fine-tunes."""
+    declared = {z.name: z.base for z in cfg.zoo}
+    by_name = {m.name: m for m in members}
+    out = []
+    for base_name in sorted({declared.get(n) for n in by_name} - {None}):
+        tunes = [m for n, m in sorted(by_name.items()) if declared.get(n) == base_name]
+        if base_name in by_name and len(tunes) >= 2:
+            out.append((by_name[base_name], tunes))
+    return out
+
+
+def _related_pairs(models: list[ModelRef], cfg: RunConfig) -> list[list[str]]:
+    """Fingerprint pairs that declared ``base:`` relations put in one family: each fine-tune
+    with its base, and fine-tunes of one base with each other."""
+    fp = {m.name: m.fingerprint for m in models}
+    family: dict[str, list[str]] = defaultdict(list)
+    for z in cfg.zoo:
+        if z.base is not None and z.name in fp:
+            family[z.base].append(fp[z.name])
+    pairs = set()
+    for base, tunes in family.items():
+        members = tunes + ([fp[base]] if base in fp else [])
+        pairs |= {tuple(sorted((a, b))) for a in members for b in members if a != b}
+    return [list(p) for p in sorted(pairs)]
+
+
+def _anchor(members: list[ModelRef], cfg: RunConfig) -> str:
+    """A readable name for a cluster: its declared common base if any, else its first member."""
+    names = {m.name for m in members}
+    bases = sorted({z.base for z in cfg.zoo if z.name in names and z.base in names})
+    return bases[0] if bases else sorted(names)[0]

@@ -1,0 +1,28 @@
+"""The code that changes results, as components that name what they call.
+
+Bump a component's version when its numbers change (Prefect's TASK_SOURCE does not see
+helper functions); every stage that uses it, directly or through another component, gets
+new keys, and ``glue plan`` names the component that changed.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from model_glue.clustering import CLUSTERING_VERSION
+from model_glue.fingerprint import FINGERPRINT_VERSION
+from model_glue.merge.spec import ENGINE_VERSION
+from model_glue.similarity import SIMILARITY_VERSION
+from tasks.stage import Component
+
+LM_EVAL = Component("lm-eval", version("lm-eval"))
+# "-finite": records say which tensors hold NaN/Inf (the fingerprint itself is unchanged)
+FINGERPRINT = Component("fingerprint", f"{FINGERPRINT_VERSION}-finite")
+SIMILARITY = Component("similarity", SIMILARITY_VERSION)
+CLUSTERING = Component("clustering", CLUSTERING_VERSION)
+ENGINE = Component("merge-engine", ENGINE_VERSION)
+EVALUATION = Component("evaluation", "1", uses=(LM_EVAL,))
+# the search merges through the engine and scores through lm-eval
+SEARCH = Component("search", "1", uses=(ENGINE, EVALUATION))
+# router accuracy runs lm-eval; hybrids average through the engine's arithmetic
+MIXTURE = Component("mixture", "1", uses=(EVALUATION,))
