@@ -108,7 +108,7 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
     rec.section("fingerprint")
     zoo = steps.fingerprint(cfg, rec)
     rec.section("evaluate")
-    scores = steps.evaluate(zoo, cfg, rec)
+    steps.evaluate(zoo, cfg, rec)
     rec.section("similarity")
     sims = steps.similarity(zoo, cfg, rec)
     rec.section("cluster")
@@ -116,14 +116,21 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
     rec.section("merge")
     searched = steps.search(steps.mergeable(clusters, cfg, rec), cfg, rec)
     merged = steps.merge(searched, cfg, rec)
-    scores |= steps.evaluate(list(merged.values()), cfg, rec)
-    experts = steps.experts_of(clusters, searched, merged)
+    steps.evaluate(list(merged.values()), cfg, rec)
+    # selection reads the proxy split only: expert choice, router, final model
+    rec.section("proxy")
+    proxy = steps.evaluate(zoo + list(merged.values()), cfg, rec, split="proxy")
     mixture = None
-    if cfg.mixture.variant != "none" and len(experts) >= 2:
+    if cfg.mixture.variant != "none":
         rec.section("mixture")
-        mixture = steps.mixture(experts, scores, cfg, rec)
+        mixture = steps.mixture(steps.candidates_of(clusters, searched, merged), proxy, cfg, rec)
         if mixture is not None:
-            scores |= steps.evaluate([mixture[0]], cfg, rec)
+            steps.evaluate([mixture.ref], cfg, rec)
+            proxy |= steps.evaluate([mixture.ref], cfg, rec, split="proxy")
+    rec.section("final")
+    made = list(merged.values()) + ([mixture.ref] if mixture else [])
+    chosen = steps.final(zoo + made, proxy, cfg, rec)
+    board = rec.db.leaderboard(flow_run_id=rec.flow_run_id) if rec.flow_run_id else None
     return {
         "config": cfg.name,
         "failures": _failures(cfg, rec),
@@ -133,9 +140,47 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
         "merged": [m.name for m in merged.values()],
         "mixture": None
         if mixture is None
-        else {"name": mixture[0].name, "router_accuracy": mixture[1]},
-        "leaderboard": rec.db.leaderboard(flow_run_id=rec.flow_run_id).to_dicts(),
+        else {
+            "name": mixture.ref.name,
+            "experts": mixture.experts,
+            "router_accuracy": mixture.router_accuracy,
+        },
+        "final": None if chosen is None or board is None else headline(chosen, board),
+        "leaderboard": [] if board is None else board.to_dicts(),
     }
+
+
+def headline(chosen: dict, board) -> dict:
+    """The final model against the best single zoo model and the per-task best of the zoo,
+    on the test split (the paper's headline figure)."""
+    rows = {r["name"]: r for r in board.to_dicts()}
+    tasks = [
+        c
+        for c in board.columns
+        if c not in ("artifact_id", "name", "kind", "mean", "n_tasks", "final")
+    ]
+    zoo = [r for r in rows.values() if r["kind"] == "model" and r["mean"] is not None]
+    final = rows.get(chosen["final"]["name"], {})
+    out = {
+        "name": chosen["final"]["name"],
+        "kind": chosen["final"]["kind"],
+        "proxy_mean": chosen["final"]["proxy_mean"],
+        "test_mean": final.get("mean"),
+    }
+    if zoo and final.get("mean") is not None:
+        best = max(zoo, key=lambda r: r["mean"])
+        oracle = sum(max(r[t] or 0.0 for r in zoo) for t in tasks) / len(tasks)
+        out |= {
+            "best_single": best["name"],
+            "best_single_test_mean": best["mean"],
+            "gain": final["mean"] - best["mean"],
+            "relative_gain": (final["mean"] - best["mean"]) / best["mean"]
+            if best["mean"]
+            else None,
+            "oracle_mean": oracle,
+            "of_oracle": final["mean"] / oracle if oracle else None,
+        }
+    return out
 
 
 def run_config(

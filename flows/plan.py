@@ -30,7 +30,9 @@ from tasks.stage import RECORD_KIND, Call, parse_versions
 
 PENDING = "pending:"
 _HEX = re.compile(r"^[0-9a-f]{32,64}$")
-LATER = ("cluster", "filter", "merge", "evaluate", "mixture")
+LATER = ("cluster", "filter", "merge", "evaluate", "select", "mixture", "final")
+# stale calls whose output later calls are keyed on: a placeholder stands for it
+PLACEHOLDERS = ("evaluate", "select", "merge", "mixture")
 
 
 @dataclass
@@ -56,7 +58,6 @@ class Planner:
         self.failures: list[Failure] = []
         self.pending: dict[str, str] = {}  # placeholder id -> what it waits on
         self.unknown_fingerprints: list[str] = []
-        self.stale_scores: set[str] = set()
         self.names = self._names()
         self.flow_run_id = None
 
@@ -83,9 +84,6 @@ class Planner:
         if stage == "similarity" and self.unknown_fingerprints:
             # a model not yet fingerprinted may join any group: every group waits on it
             waits += [f"fingerprint of {n}" for n in self.unknown_fingerprints]
-        if stage == "mixture":  # experts' prompts follow their scores
-            experts = {e["name"] for e in c.params["experts"]}
-            waits += [f"evaluate {n}" for n in sorted(experts & self.stale_scores)]
         if waits:
             return self._stale(c, "waits on " + ", ".join(dict.fromkeys(waits)))
         if c.key is None:
@@ -105,18 +103,19 @@ class Planner:
             self.unknown_fingerprints.append(name)
             record = {"uri": c.params["uri"], "fingerprint": PENDING + name}
             self.pending[record["fingerprint"]] = f"fingerprint of {name}"
-        elif stage == "evaluate":
-            self.stale_scores.add(c.params["model"]["name"])
-        elif stage in ("merge", "mixture") and c.key is not None:  # stands for its output
-            kind = c.stage.outputs[0]
+        elif c.key is not None and stage in PLACEHOLDERS:  # stands for its output
+            kind = c.stage.outputs[0] if c.stage.outputs else RECORD_KIND
             record = {
                 "key": c.key,
                 "artifact_id": c.key,
                 "path": str(self.store.published_path(kind, c.key)),
                 "fingerprint": PENDING + c.key,
                 "router_accuracy": [],
+                "scores": [],
+                "samples": [],
+                "selected": [x["name"] for x in c.params.get("candidates", [])],
             }
-            self.pending[record["fingerprint"]] = f"{stage} {c.label}"
+            self.pending[record["fingerprint"]] = self.pending[c.key] = f"{stage} {c.label}"
         return Outcome(c.label, "stale", 0.0, record)
 
     def _uri(self, c: Call) -> str | None:

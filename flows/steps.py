@@ -23,6 +23,7 @@ from tasks.fingerprint import fingerprint_model
 from tasks.merge import merge_cluster
 from tasks.mixture import assign_prompts, build_mixture
 from tasks.refs import ModelRef, by_fingerprint
+from tasks.select import choose_final, select_experts
 from tasks.similarity import compute_similarity
 from tasks.stage import call
 
@@ -221,67 +222,115 @@ def experts_of(
     return out
 
 
-def evaluate(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> Scores:
-    """Each model on the evaluation tasks; the mean value per task of each one scored."""
+def evaluate(
+    models: list[ModelRef], cfg: RunConfig, rec: Recorder, split: str = "test"
+) -> dict[str, Outcome]:
+    """Each model on the evaluation tasks: ``test`` for the leaderboard (``evaluation.limit``
+    documents), ``proxy`` for selection (``filter.proxy_limit``)."""
     ev = cfg.evaluation
+    proxy = split == "proxy"
     calls = [
         call(
             evaluate_model,
-            m.name,
+            f"{m.name} (proxy)" if proxy else m.name,
             model=m,
             tasks=list(ev.tasks),
-            limit=ev.limit,
+            limit=cfg.filter.proxy_limit if proxy else ev.limit,
             batch_size=ev.batch_size,
             include_paths=list(ev.include_paths),
             backend=ev.backend,
             allow_code_execution=ev.allow_code_execution,
+            split=split,
             **placement(cfg, m.dtype, mixture=m.loader == "mixture"),
         )
         for m in models
     ]
-    out: Scores = {}
-    for m, o in zip(models, run_all(rec, calls), strict=True):
-        if o.record is not None:
-            per_task: dict[str, list[float]] = defaultdict(list)
-            for s in o.record["scores"]:
-                per_task[s["task"]].append(s["value"])
-            out[m.name] = {t: sum(v) / len(v) for t, v in per_task.items()}
+    return {m.name: o for m, o in zip(models, run_all(rec, calls), strict=True)}
+
+
+def candidates_of(
+    clusters: list[list[ModelRef]], searched: list[Cluster], merged: dict[int, ModelRef]
+) -> list[ModelRef]:
+    """What a mixture may route to: each cluster's model (:func:`experts_of`) and every
+    model its search rejected (a skill the merge could not keep)."""
+    out = experts_of(clusters, searched, merged)
+    kept = {m.name for m in out}
+    for c in searched:
+        accepted = {a["name"] for a in c.accepted}
+        out += [m for m in c.members if m.name not in accepted and m.name not in kept]
     return out
 
 
+@dataclass(frozen=True)
+class Mixture:
+    ref: ModelRef
+    router_accuracy: list[dict]
+    experts: list[str]
+
+
 def mixture(
-    experts: list[ModelRef], scores: Scores, cfg: RunConfig, rec: Recorder
-) -> tuple[ModelRef, list[dict]] | None:
-    """The mixture of the experts (the paper's final recipe) and its router accuracy."""
-    mc = cfg.mixture
+    candidates: list[ModelRef], proxy: dict[str, Outcome], cfg: RunConfig, rec: Recorder
+) -> Mixture | None:
+    """The mixture (the paper's final recipe). Model-level mixtures choose their experts
+    among the candidates by their proxy score and fit a linear router on the proxy labels
+    (``mixture.select_experts``, ``router: linear``); other variants mix one model per
+    cluster. Everything here reads the proxy split, never the test split."""
+    mc, router = cfg.mixture, cfg.mixture.router_used
+    metric = cfg.metrics_for(list(cfg.evaluation.tasks))
+    scored = [c for c in candidates if proxy.get(c.name) and proxy[c.name].record]
+    means = means_of({c.name: proxy[c.name] for c in scored})
+    labels = None
+    selects = mc.variant == "model_level" and (mc.select_experts or router == "linear")
+    if selects and len(scored) > 1:
+        o = rec.run(
+            call(
+                select_experts,
+                f"experts among {len(scored)} candidates",
+                candidates=by_fingerprint(scored),
+                proxy_keys={c.name: proxy[c.name].record["key"] for c in scored},
+                backbone=_best(scored, means),
+                layer=mc.layer,
+                pooling=mc.pooling_used,
+                metric=metric,
+                max_experts=mc.max_experts,
+                fixed=not mc.select_experts,
+            )
+        )
+        if o.record is None:
+            return None
+        labels = o.record["key"]
+        experts = [c for c in scored if c.name in o.record["selected"]]
+    else:
+        experts = scored
     experts = sorted(experts, key=lambda e: e.name)
     prompts = None
-    if mc.prompts:
-        prompts = assign_prompts([e.name for e in experts], scores, dict(mc.prompts))
+    if mc.prompts and router not in ("linear", "random"):
+        prompts = assign_prompts([e.name for e in experts], means, dict(mc.prompts))
         experts = [e for e in experts if e.name in prompts]
     if len(experts) < 2:
-        rec.say(f"mixture skipped: {experts[0].name} is the best expert on every task")
+        best = experts[0].name if experts else "no model"
+        rec.say(f"mixture skipped: {best} alone is the best expert set on the proxy split")
         return None
-    backbone = max(experts, key=lambda e: (sum(scores.get(e.name, {}).values()), e.name))
-    label = f"mixture-{mc.variant}-{mc.router}"
+    label = f"mixture-{mc.variant}-{router}"
     accuracy = mc.router_accuracy and mc.variant == "model_level"
     o = rec.run(
         call(
             build_mixture,
             label,
             experts=experts,
-            backbone=backbone,
-            router=mc.router,
+            backbone=_best(experts, means),
+            router=router,
             layer=mc.layer,
             pooling=mc.pooling_used,
             prompts=prompts or {},
             accuracy_tasks=list(cfg.evaluation.tasks) if accuracy else [],
             accuracy_limit=cfg.evaluation.limit,
             include_paths=list(cfg.evaluation.include_paths),
-            accuracy_metric=cfg.metrics_for(list(cfg.evaluation.tasks)),
+            accuracy_metric=metric,
             variant=mc.variant,
             hybrid_k=mc.hybrid_k,
             top_k=mc.top_k,
+            labels=labels,
         )
     )
     if o.record is None:
@@ -294,7 +343,44 @@ def mixture(
         label, r["path"], r["fingerprint"], r["artifact_id"], "mixture",
         dtype=None if loader else "F32", loader=loader,
     )  # fmt: skip
-    return ref, r["router_accuracy"]
+    return Mixture(ref, r["router_accuracy"], [e.name for e in experts])
+
+
+def final(
+    models: list[ModelRef], proxy: dict[str, Outcome], cfg: RunConfig, rec: Recorder
+) -> dict | None:
+    """The run's output: the best of every zoo model, merged model and mixture on the proxy
+    split (never below the best single model there). Returns the choice's record."""
+    scored = [m for m in models if proxy.get(m.name) and proxy[m.name].record]
+    if not scored:
+        return None
+    o = rec.run(
+        call(
+            choose_final,
+            f"best of {len(scored)} models on the proxy split",
+            candidates=scored,
+            proxy_keys={m.name: proxy[m.name].record["key"] for m in scored},
+            metric=cfg.metrics_for(list(cfg.evaluation.tasks)),
+        )
+    )
+    return o.record
+
+
+def means_of(outcomes: dict[str, Outcome]) -> Scores:
+    """The mean value per task of each evaluated model."""
+    out: Scores = {}
+    for name, o in outcomes.items():
+        if o.record is not None:
+            per_task: dict[str, list[float]] = defaultdict(list)
+            for s in o.record["scores"]:
+                per_task[s["task"]].append(s["value"])
+            out[name] = {t: sum(v) / len(v) for t, v in per_task.items()}
+    return out
+
+
+def _best(models: list[ModelRef], means: Scores) -> ModelRef:
+    """The model with the highest proxy mean (the mixture's router backbone)."""
+    return max(models, key=lambda m: (sum(means.get(m.name, {}).values()), m.name))
 
 
 def run_all(rec: Recorder, calls: list) -> list[Outcome]:

@@ -62,9 +62,15 @@ def print_frame(df, title: str | None = None, float_digits: int = 3) -> None:
 
 def print_leaderboard(board, title: str) -> list[str]:
     """Print a leaderboard frame without its id columns; return its task columns."""
+    import polars as pl
+
     shown = board.drop("artifact_id", "n_tasks", strict=False)
+    if "final" in shown.columns and shown.schema["final"] == pl.Boolean:
+        shown = shown.with_columns(
+            pl.when(pl.col("final")).then(pl.lit("final")).otherwise(pl.lit("")).alias("final")
+        )
     print_frame(shown, title=title)
-    return [c for c in shown.columns if c not in ("name", "kind", "mean")]
+    return [c for c in shown.columns if c not in ("name", "kind", "mean", "final")]
 
 
 @app.callback()
@@ -163,6 +169,21 @@ def _print_summary(summary: dict) -> None:
             title=f"Model-GLUE leaderboard ({summary['config']})",
         )
         console.print(f"plot: {png}")
+    if f := summary.get("final"):
+        console.print(final_line(f), highlight=False)
+
+
+def final_line(f: dict) -> str:
+    """The run's headline: the final model against the best single one, on the test split."""
+    line = f"final model: {f['name']} ({f['kind']}), chosen on the proxy split"
+    if f.get("best_single") is None or f.get("test_mean") is None:
+        return line
+    rel = f" ({f['relative_gain']:+.1%})" if f.get("relative_gain") is not None else ""
+    return (
+        f"{line}; test mean {f['test_mean']:.3f}: {f['gain']:+.3f}{rel} over the best single "
+        f"model {f['best_single']} ({f['best_single_test_mean']:.3f}), "
+        f"{f['of_oracle']:.2f} of the per-task best of the zoo ({f['oracle_mean']:.3f})"
+    )
 
 
 @app.command("plan")

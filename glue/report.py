@@ -90,7 +90,7 @@ def _leaderboard(board: pl.DataFrame) -> str:
     from model_glue.report import leaderboard_plot
 
     shown = board.drop("artifact_id", "n_tasks", strict=False)
-    tasks = [c for c in shown.columns if c not in ("name", "kind", "mean")]
+    tasks = [c for c in shown.columns if c not in ("name", "kind", "mean", "final")]
     with tempfile.TemporaryDirectory() as tmp:
         path = leaderboard_plot(shown.to_dicts(), tasks, Path(tmp) / "board.png")
         png = path.read_bytes()
@@ -98,11 +98,13 @@ def _leaderboard(board: pl.DataFrame) -> str:
     note = ""
     if singles.height and shown.height:
         best_single = singles.sort("mean", descending=True).row(0, named=True)
-        best = shown.sort("mean", descending=True).row(0, named=True)
+        finals = shown.filter(pl.col("final")) if "final" in shown.columns else shown.head(0)
+        best = (finals if finals.height else shown.sort("mean", descending=True)).row(0, named=True)
         gain = best["mean"] - best_single["mean"]
         oracle = sum(shown[t].max() for t in tasks) / len(tasks) if tasks else None
         note = (
-            f"<p>Best: <b>{html.escape(best['name'])}</b> ({best['kind']}), mean "
+            f"<p>{'Final model' if finals.height else 'Best'}: <b>{html.escape(best['name'])}</b> "
+            f"({best['kind']}, chosen on the proxy split), test mean "
             f"{best['mean']:.3f}; best single zoo model {html.escape(best_single['name'])} "
             f"{best_single['mean']:.3f} ({gain:+.3f})"
             + (f"; per-task best of everything {oracle:.3f}" if oracle is not None else "")

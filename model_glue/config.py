@@ -119,7 +119,15 @@ class MixtureSettings(_Strict):
     variant: Literal["model_level", "block_level", "ffn_moe", "hybrid", "none"] = "model_level"
     hybrid_k: int = Field(default=0, ge=0)  # hybrid: dense (merged) layers at the bottom
     top_k: int | None = Field(default=None, ge=1)  # ffn_moe / hybrid: experts per token
-    router: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    # linear: fitted on the proxy split (which expert answers which document; model_level
+    # only, the default there); hidden, cheap_embed: the paper's training-free routers on
+    # example prompts; random. Default: linear for model_level, hidden otherwise.
+    router: Literal["linear", "hidden", "cheap_embed", "random"] | None = None
+    # model_level: choose the experts greedily by the mixture's proxy score among every
+    # cluster's model, every model filtering rejected and every singleton (false: one
+    # expert per cluster, as the paper)
+    select_experts: bool = True
+    max_experts: int | None = Field(default=None, ge=2)
     layer: int = Field(default=1, ge=0)  # the backbone layer whose input the router reads
     # how a prompt's hidden states become one routing vector (default: last for
     # model_level, mean for block_level; block_level allows mean and first)
@@ -133,6 +141,11 @@ class MixtureSettings(_Strict):
     def _hybrid_needs_k(self) -> MixtureSettings:
         if self.variant == "hybrid" and self.hybrid_k < 1:
             raise ValueError("hybrid_k: the hybrid variant needs hybrid_k >= 1 dense layers")
+        if self.router == "linear" and self.variant not in ("model_level", "none"):
+            raise ValueError(
+                f"router: linear is fitted for model_level mixtures; {self.variant} takes "
+                "hidden, cheap_embed or random"
+            )
         allowed = {"block_level": ("mean", "first"), "model_level": ("last", "mean")}
         if self.pooling is not None and self.pooling not in allowed.get(
             self.variant, (self.pooling,)
@@ -142,6 +155,10 @@ class MixtureSettings(_Strict):
                 f"(allowed: {', '.join(allowed[self.variant])})"
             )
         return self
+
+    @property
+    def router_used(self) -> str:
+        return self.router or ("linear" if self.variant == "model_level" else "hidden")
 
     @property
     def pooling_used(self) -> str:
@@ -259,10 +276,10 @@ class RunConfig(_Strict):
         for m in self.zoo:
             if m.base is not None and m.base not in names:
                 raise ValueError(f"zoo model {m.name!r}: base {m.base!r} is not a zoo model")
-        if self.mixture.variant != "none" and self.mixture.router != "random":
+        if self.mixture.variant != "none" and self.mixture.router_used not in ("random", "linear"):
             if not self.mixture.prompts:
                 raise ValueError(
-                    f"mixture.prompts: the {self.mixture.router!r} router needs example prompts per task"
+                    f"mixture.prompts: the {self.mixture.router_used!r} router needs example prompts per task"
                 )
             unknown = set(self.mixture.prompts) - set(self.evaluation.tasks)
             if unknown:

@@ -9,6 +9,7 @@ nested result dict becomes flat :class:`Score` records with plain Python numbers
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_glue.checkpoint import Checkpoint
 from model_glue.errors import InputError
+from model_glue.splits import Split, SplitTaskManager
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
@@ -45,6 +47,7 @@ class Score:
     value: float
     stderr: float | None
     n_samples: int
+    split: str | None = None  # the documents scored, e.g. "test" or "validation"
 
 
 def evaluate(
@@ -60,8 +63,46 @@ def evaluate(
     dtype: str | None = None,
     backend: str = "hf",
     allow_code_execution: bool = False,
+    split: Split = "test",
 ) -> list[Score]:
     """Runs ``tasks`` on ``model`` with ``lm_eval.simple_evaluate``; one Score per (task, metric).
+    See :func:`evaluate_samples` for the arguments; this drops the per-document values."""
+    return evaluate_samples(
+        model,
+        tasks,
+        tokenizer=tokenizer,
+        limit=limit,
+        include_paths=include_paths,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        allow_code_execution=allow_code_execution,
+        split=split,
+        log_samples=False,
+    )[0]
+
+
+def evaluate_samples(
+    model: str | Path | PreTrainedModel | LM,
+    tasks: list[str],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    limit: int | None = None,
+    include_paths: list[str] | None = None,
+    batch_size: int | str = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    backend: str = "hf",
+    allow_code_execution: bool = False,
+    split: Split = "test",
+    log_samples: bool = True,
+) -> tuple[list[Score], list[dict]]:
+    """Runs ``tasks`` on ``model``; returns the Scores and, with ``log_samples``, one row per
+    document: ``task``, ``doc_id``, ``context`` (the text the model was given) and
+    ``values`` (metric -> value).
 
     ``model`` is a local Hugging Face directory, an in-memory ``PreTrainedModel`` (with its
     ``tokenizer``; used by search trials so that no checkpoint is written), or a built lm-eval
@@ -71,13 +112,15 @@ def evaluate(
     (default: see :mod:`model_glue.devices`), through lm-eval's ``hf`` model or, with
     ``backend="vllm"``, its ``vllm`` model. ``batch_size`` may be ``"auto"``.
     ``allow_code_execution`` is lm-eval's opt-in for tasks that run generated code.
+    ``split``: ``test`` (what a leaderboard reports) or ``proxy`` (what selection reads;
+    never a test document, see :mod:`model_glue.splits`).
     """
     if not tasks:
         raise ValueError("evaluate: no tasks given")
     import lm_eval
     from lm_eval.api.model import LM
 
-    manager = manager_for(tasks, include_paths or ())
+    manager = SplitTaskManager(manager_for(tasks, include_paths or ()), split)
     if isinstance(model, LM):
         lm = model
     elif backend == "vllm" and isinstance(model, str | Path):
@@ -91,7 +134,7 @@ def evaluate(
             confirm_run_unsafe_code=allow_code_execution,
             limit=limit,
             task_manager=manager,
-            log_samples=False,
+            log_samples=log_samples,
             bootstrap_iters=BOOTSTRAP_ITERS,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -100,7 +143,32 @@ def evaluate(
         )
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("evaluate: lm-eval returned no results")
-    return scores_from_results(results)
+    scores = [with_split(sc, results, manager.described) for sc in scores_from_results(results)]
+    return scores, sample_rows(results) if log_samples else []
+
+
+def with_split(score: Score, results: dict[str, Any], described: dict[str, str]) -> Score:
+    """``score`` with the documents it was computed on (a group: its subtasks' splits)."""
+    names = [score.task, *results.get("group_subtasks", {}).get(score.task, [])]
+    splits = sorted({described[n] for n in names if n in described})
+    return dataclasses.replace(score, split=", ".join(splits) or None)
+
+
+def sample_rows(results: dict[str, Any]) -> list[dict]:
+    """lm-eval's logged samples as rows: task, doc_id, context and each metric's value."""
+    rows = []
+    for task, logged in results.get("samples", {}).items():
+        for row in sorted(logged, key=lambda r: r["doc_id"]):
+            values = {
+                m: float(row[m])
+                for m in row.get("metrics", ())
+                if isinstance(row.get(m), numbers.Real)
+            }
+            context = row["arguments"][0][0] if row.get("arguments") else ""
+            rows.append(
+                {"task": task, "doc_id": row["doc_id"], "context": context, "values": values}
+            )
+    return rows
 
 
 def scores_from_results(results: dict[str, Any]) -> list[Score]:

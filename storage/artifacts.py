@@ -324,9 +324,10 @@ class ArtifactStore:
     def sweep_tmp(self, older_than_s: float = 3600) -> int:
         """Remove leftovers of killed writers; return how many entries were removed.
 
-        Covers staging directories (the store's and the download cache's) untouched for
-        ``older_than_s`` whose writer is not a live process on this host, and, on remote
-        stores, artifact directories that never got a manifest.
+        Covers staging directories (the store's and the download cache's) whose writer was a
+        process of this host that is gone (at once), or of another host and untouched for
+        ``older_than_s``, and, on remote stores, artifact directories that never got a
+        manifest.
         """
         now = time.time()
         removed = 0
@@ -337,7 +338,10 @@ class ArtifactStore:
             if not tmp_root.is_dir():
                 continue
             for entry in tmp_root.iterdir():
-                if _writer_alive(entry.name) or now - _newest_mtime(entry) < older_than_s:
+                state = _writer_state(entry.name)
+                if state == "alive" or (
+                    state == "unknown" and now - _newest_mtime(entry) < older_than_s
+                ):
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -423,17 +427,21 @@ def _host() -> str:
     return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
 
 
-def _writer_alive(entry_name: str) -> bool:
+def _writer_state(entry_name: str) -> str:
+    """``alive`` or ``dead`` for a staging entry written on this host (its pid says), else
+    ``unknown`` (another host, or a name without host and pid): only its age tells."""
     parts = entry_name.split("-")
     if len(parts) < 5 or parts[-3] != _host():
-        return False
+        return "unknown"
     try:
         os.kill(int(parts[-2]), 0)
-    except (ValueError, ProcessLookupError):
-        return False
+    except ValueError:
+        return "unknown"
+    except ProcessLookupError:
+        return "dead"
     except PermissionError:
-        return True
-    return True
+        return "alive"
+    return "alive"
 
 
 def _newest_mtime(path: Path) -> float:

@@ -102,9 +102,40 @@ DETAIL_TABLES: dict[str, DetailTable] = {
             "eval_limit",
             "run_id",
             "created_at",
+            "split",
         ),
         ("artifact_id", "task", "metric", "value"),
         key=("artifact_id", "task", "metric", "run_id"),
+    ),
+    "proxy_scores": DetailTable(
+        (
+            "artifact_id",
+            "task",
+            "metric",
+            "value",
+            "n_samples",
+            "eval_limit",
+            "split",
+            "run_id",
+            "created_at",
+        ),
+        ("artifact_id", "task", "metric", "value"),
+        key=("artifact_id", "task", "metric", "run_id"),
+    ),
+    "finals": DetailTable(
+        (
+            "selection_id",
+            "artifact_id",
+            "name",
+            "kind",
+            "proxy_mean",
+            "best_single_id",
+            "best_single_proxy_mean",
+            "run_id",
+            "created_at",
+        ),
+        ("selection_id", "artifact_id"),
+        key=("selection_id", "run_id"),
     ),
     "similarities": DetailTable(
         ("model_a", "model_b", "metric", "tensor_set", "value", "run_id"),
@@ -939,7 +970,18 @@ class LineageDB:
             aggregate_function="first",
         )
         wide = wide.select(["artifact_id", "name", "kind", *columns])
+        finals = self.final_ids(flow_run_id) if flow_run_id else []
         return wide.with_columns(
             pl.mean_horizontal(columns).alias("mean"),
             pl.sum_horizontal([pl.col(c).is_not_null() for c in columns]).alias("n_tasks"),
+            pl.col("artifact_id").is_in(finals).alias("final"),
         ).sort(["mean", "artifact_id"], descending=[True, False], nulls_last=True)
+
+    def final_ids(self, flow_run_id: str) -> list[str]:
+        """The artifact(s) that ``flow_run_id`` chose as its final model."""
+        rows = self._select(
+            "SELECT f.artifact_id FROM finals f JOIN runs r ON r.run_id = f.run_id "
+            "WHERE r.flow_run_id = ?",
+            [flow_run_id],
+        )
+        return rows["artifact_id"].to_list()

@@ -112,6 +112,8 @@ TABLES: tuple[str, ...] = (
         role VARCHAR NOT NULL,
         PRIMARY KEY (parent_id, child_id, role)
     )""",
+    # split: the documents a score was computed on ("test", "validation", or a task's only
+    # split without the slice held out for selection: see model_glue/splits.py)
     """CREATE TABLE IF NOT EXISTS scores (
         artifact_id VARCHAR NOT NULL,
         task VARCHAR NOT NULL,
@@ -120,6 +122,33 @@ TABLES: tuple[str, ...] = (
         stderr DOUBLE,
         n_samples INTEGER,
         eval_limit INTEGER,
+        run_id VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        split VARCHAR
+    )""",
+    # scores on the proxy split: what selection (expert choice, the final model) read;
+    # never shown as a leaderboard
+    """CREATE TABLE IF NOT EXISTS proxy_scores (
+        artifact_id VARCHAR NOT NULL,
+        task VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        n_samples INTEGER,
+        eval_limit INTEGER,
+        split VARCHAR,
+        run_id VARCHAR,
+        created_at TIMESTAMP NOT NULL
+    )""",
+    # the run's final model: the best of the mixture, the merged models and the zoo models
+    # on the proxy split (never below the best single model there)
+    """CREATE TABLE IF NOT EXISTS finals (
+        selection_id VARCHAR NOT NULL,
+        artifact_id VARCHAR NOT NULL,
+        name VARCHAR,
+        kind VARCHAR,
+        proxy_mean DOUBLE,
+        best_single_id VARCHAR,
+        best_single_proxy_mean DOUBLE,
         run_id VARCHAR,
         created_at TIMESTAMP NOT NULL
     )""",
@@ -180,14 +209,18 @@ VIEWS: tuple[str, ...] = (
     # every score with the names a reader wants, and the flow run that produced it
     """CREATE OR REPLACE VIEW v_scores AS
     SELECT s.artifact_id, a.name, a.kind, s.task, s.metric, s.value, s.stderr, s.n_samples,
-           s.eval_limit, s.run_id, r.flow_run_id, s.created_at
+           s.eval_limit, s.split, s.run_id, r.flow_run_id, s.created_at
     FROM scores s
     LEFT JOIN artifacts a ON a.artifact_id = s.artifact_id
     LEFT JOIN runs r ON r.run_id = s.run_id""",
+    # final: the artifact is the final model chosen by the flow run that recorded the score
     """CREATE OR REPLACE VIEW v_leaderboard AS
-    SELECT * FROM v_scores
-    QUALIFY row_number() OVER (PARTITION BY artifact_id, task, metric
-                               ORDER BY created_at DESC, run_id DESC) = 1""",
+    SELECT v.*, EXISTS (SELECT 1 FROM finals f JOIN runs fr ON fr.run_id = f.run_id
+                        WHERE f.artifact_id = v.artifact_id
+                          AND fr.flow_run_id = v.flow_run_id) AS final
+    FROM v_scores v
+    QUALIFY row_number() OVER (PARTITION BY v.artifact_id, v.task, v.metric
+                               ORDER BY v.created_at DESC, v.run_id DESC) = 1""",
     """CREATE OR REPLACE VIEW v_lineage AS
     SELECT e.parent_id, p.name AS parent_name, p.kind AS parent_kind, e.role,
            e.child_id, c.name AS child_name, c.kind AS child_kind,
@@ -249,5 +282,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 4: where each stage ran
     4: ("ALTER TABLE runs ADD COLUMN worker VARCHAR", "ALTER TABLE runs ADD COLUMN device VARCHAR"),
     # 5: the key's identity parts, for glue plan
-    5: ("ALTER TABLE runs ADD COLUMN key_parts JSON", "ALTER TABLE runs ADD COLUMN label VARCHAR"),
+    # 5: what glue plan compares (key parts, labels); the split of each score; proxy_scores
+    # and finals (created by the TABLES pass)
+    5: (
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS key_parts JSON",
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS label VARCHAR",
+        "ALTER TABLE scores ADD COLUMN IF NOT EXISTS split VARCHAR",
+    ),
 }

@@ -1,8 +1,9 @@
 """Stage 5: evaluate a model with lm-evaluation-harness on the configured tasks.
 
-Keyed by the model's content fingerprint, the task list, the limit and a hash of the task
-files themselves (YAML and data), so editing a benchmark re-evaluates every model on it
-while renaming or moving a model does not.
+Keyed by the model's content fingerprint, the task list, the limit, the split (``test``:
+what the leaderboard reports; ``proxy``: what selection reads, with per-document values)
+and a hash of the task files themselves (YAML and data), so editing a benchmark
+re-evaluates every model on it while renaming or moving a model does not.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ def _evaluate(
     dtype: str = "float32",
     backend: str = "hf",
     allow_code_execution: bool = False,
+    split: str = "test",
 ) -> dict:
     """``model``: a ref with name, fingerprint, a local directory ``uri`` and optionally
-    ``loader: mixture`` for mixture directories."""
-    from model_glue.evaluate import evaluate  # lm-eval and transformers: only when evaluating
+    ``loader: mixture`` for mixture directories. ``split``: ``test`` (the leaderboard) or
+    ``proxy`` (selection: the record keeps every document's values and context too)."""
+    # lm-eval and transformers: only when evaluating
+    from model_glue.evaluate import evaluate_samples
 
     target = model["uri"]
     # model-level and block-level mixtures go through our lm-eval model class
@@ -61,7 +65,7 @@ def _evaluate(
         from model_glue.mixture import MixtureLM
 
         target = MixtureLM(pretrained=model["uri"], batch_size=batch_size)  # CPU, float32
-    scores = evaluate(
+    scores, samples = evaluate_samples(
         target,
         tasks,
         limit=limit,
@@ -71,11 +75,14 @@ def _evaluate(
         dtype=dtype,
         backend="hf" if model.get("loader") == "mixture" else backend,
         allow_code_execution=allow_code_execution,
+        split=split,  # type: ignore[arg-type]
+        log_samples=split == "proxy",
     )
     return {
         "fingerprint": model["fingerprint"],
         "tasks": sorted(tasks),
         "limit": limit,
+        "split": split,
         "scores": [
             {
                 "task": s.task,
@@ -83,29 +90,34 @@ def _evaluate(
                 "value": s.value,
                 "stderr": s.stderr,
                 "n_samples": s.n_samples,
+                "split": s.split,
             }
             for s in scores
         ],
+        "samples": samples,
     }
 
 
 def _lineage(call: Call, r: dict) -> Lineage:
     model = call.params["model"]
+    proxy = r.get("split") == "proxy"
+    rows = [{k: v for k, v in sc.items() if not (proxy and k == "stderr")} for sc in r["scores"]]
     return Lineage(
         artifacts=[
             Artifact(
                 r["key"],
                 kind="evaluation",
-                name=f"eval:{model['name']}",
+                name=f"{'proxy-eval' if proxy else 'eval'}:{model['name']}",
                 stage="evaluate",
                 parents=((model["artifact_id"], "input"),),
             )
         ],
-        # scores are per run: a cached evaluation scores the model again for this flow run
+        # scores are per run: a cached evaluation scores the model again for this flow run;
+        # proxy scores (what selection read) stay out of the leaderboard
         details=[
             Details(
-                "scores",
-                r["scores"],
+                "proxy_scores" if proxy else "scores",
+                rows,
                 {"artifact_id": model["artifact_id"], "eval_limit": r["limit"]},
             )
         ],
@@ -116,10 +128,11 @@ STAGE = Stage(
     name="evaluate",
     uses=EVALUATION,
     # what changes the numbers: dtype and backend; not the device index or the batch size
-    key_parts=lambda model, tasks, limit, include_paths, dtype="float32", backend="hf": {
+    key_parts=lambda model, tasks, limit, include_paths, dtype="float32", backend="hf", split="test": {
         "model": model["fingerprint"],
         "tasks": sorted(tasks),
         "limit": limit,
+        "split": split,
         "task_files": task_files_hash(include_paths),
         "numerics": [dtype, backend],
     },

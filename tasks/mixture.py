@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from storage import Artifact, ArtifactStore, Lineage
 from tasks.evaluate import task_files_hash
-from tasks.stage import Call, Stage
+from tasks.stage import RECORD_KIND, Call, Stage
 from tasks.versions import MIXTURE
 
 MIXTURE_KIND = "mixture"
@@ -59,9 +59,11 @@ def _mixture(
     variant: str = "model_level",
     hybrid_k: int = 0,
     top_k: int | None = None,
+    labels: str | None = None,
 ) -> dict:
     """``experts``: refs with name, fingerprint and a local directory ``uri``;
-    ``backbone`` one of them."""
+    ``backbone`` one of them. ``router: linear`` is fitted on the proxy labels of the
+    expert selection whose record key is ``labels`` (model-level mixtures only)."""
     # imported here: transformers' model classes cost seconds, and a cached rerun needs none
     from model_glue.evaluate import quiet_lm_eval
     from model_glue.mixture import (
@@ -78,8 +80,10 @@ def _mixture(
     )
 
     common = {
-        "router": RouterInit(method=router),
-        "prompts": prompts or None,  # prompt-free routers (random) take none
+        "router": _fitted_router(store, labels, experts, backbone, layer, pooling, variant)
+        if router == "linear"
+        else RouterInit(method=router),
+        "prompts": prompts or None,  # prompt-free routers (random, linear) take none
         "expert_names": [e["name"] for e in experts],
     }
     paths = [e["uri"] for e in experts]
@@ -147,6 +151,35 @@ def _mixture(
     }
 
 
+def _fitted_router(
+    store: ArtifactStore,
+    labels: str | None,
+    experts: list[dict],
+    backbone: dict,
+    layer: int,
+    pooling: str,
+    variant: str,
+):
+    """A linear gate fitted on the selection's proxy labels (which expert answers which
+    proxy document), on the features the mixture's router reads."""
+    import torch
+
+    from model_glue.mixture import MixtureError
+    from model_glue.mixture.routers import fit_linear_router
+    from tasks.select import router_features
+
+    if variant != "model_level" or labels is None:
+        raise MixtureError(
+            "mixture.router: linear is fitted on the proxy labels of the expert selection "
+            "of a model_level mixture"
+        )
+    selection = store.get_json(RECORD_KIND, labels)
+    columns = [selection["candidates"].index(e["name"]) for e in experts]
+    correct = torch.tensor(selection["correct"])[:, columns]
+    features = router_features(backbone["uri"], selection["contexts"], layer, pooling)
+    return fit_linear_router(features, correct)
+
+
 def _lineage(call: Call, r: dict) -> Lineage:
     backbone = call.params["backbone"]
     parents = tuple((e["artifact_id"], "expert") for e in call.params["experts"])
@@ -179,8 +212,9 @@ def _describe(r: dict) -> list[str]:
 STAGE = Stage(
     name="mixture",
     uses=MIXTURE,
-    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None: (
+    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None, labels=None: (
         {
+            "labels": labels,
             "experts": [(e["name"], e["fingerprint"]) for e in experts],
             "backbone": backbone["fingerprint"],
             "router": router,

@@ -13,8 +13,9 @@ A stage declares four things and nothing else:
 - ``lineage(call, record) -> Lineage``: the artifacts, edges (with roles) and detail rows
   the call adds to the lineage database, written with the run's row in one transaction.
 
-A :class:`Call` computes its key once, in the flow; the same key is the Prefect cache key,
-the stage's lock, the store key of its record and the ``cache_key`` of its ``runs`` row.
+A :class:`Call` computes its key once, in the flow; the same key is the Prefect cache key
+(with the store's, since a record names paths in its store), the stage's lock, the store
+key of its record and the ``cache_key`` of its ``runs`` row.
 
 Caching rule: Prefect reuses a result only while the stage's record (and, for stages that
 write models, the model directory) is complete in the store; :func:`for_call` asks for a
@@ -171,7 +172,8 @@ class Stage:
             key = params.get("key") or stage.key(
                 {k: v for k, v in params.items() if k not in ("store_url", "key")}
             )
-            return f"{stage.name}-{key}"
+            # a result names paths in its store: another store's cached result is not ours
+            return f"{stage.name}-{key}-{stable_hash(str(params['store_url']))[:8]}"
 
         options = {
             "name": self.name,

@@ -24,5 +24,7 @@ ENGINE = Component("merge-engine", ENGINE_VERSION)
 EVALUATION = Component("evaluation", "1", uses=(LM_EVAL,))
 # the search merges through the engine and scores through lm-eval
 SEARCH = Component("search", "1", uses=(ENGINE, EVALUATION))
-# router accuracy runs lm-eval; hybrids average through the engine's arithmetic
-MIXTURE = Component("mixture", "1", uses=(EVALUATION,))
+# router accuracy runs lm-eval; "2": a linear router fitted on the selection's proxy labels
+MIXTURE = Component("mixture", "2", uses=(EVALUATION,))
+# expert selection (cross-validated linear routing) and the final choice, on proxy scores
+SELECTION = Component("selection", "1", uses=(EVALUATION,))

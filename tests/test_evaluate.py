@@ -102,6 +102,7 @@ def echo_task_dir(tmp_path_factory, tiny_model) -> Path:
     yaml_text = (
         yaml_text.replace("task: demo_add", "task: echo_check")
         .replace("demo_add.jsonl", "echo.jsonl")
+        .replace("demo_add_validation.jsonl", "echo.jsonl")  # proxy documents: unused here
         .replace("tag: demo", "tag: echo")
     )
     (folder / "echo_check.yaml").write_text(yaml_text)
@@ -114,8 +115,9 @@ def test_demo_tasks_load_offline_from_another_cwd(tmp_path, monkeypatch, echo_ta
     assert sorted(tasks) == sorted(DEMO_TASKS)
     for name, task in tasks.items():
         docs = list(task.test_docs())
-        assert len(docs) == 200
+        assert len(docs) == len(_demo_docs(name)) == (150 if name == "demo_add" else 200)
         assert docs[0] == _demo_docs(name)[0]
+        assert len(list(task.validation_docs())) == (50 if name == "demo_add" else 100)
         assert task.config.target_delimiter == ""
         assert task.config.generation_kwargs["until"] == ["\n"]
         assert task.config.generation_kwargs["max_gen_toks"] <= 8

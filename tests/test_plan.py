@@ -26,9 +26,13 @@ def _write_config(root: Path, models: dict[str, Path], **extra) -> Path:
         "name": "plan",
         "store": "store",
         "lineage_db": "lineage.duckdb",
-        "zoo": [{"name": n, "path": str(p)} for n, p in models.items()],
+        "zoo": [
+            {"name": n, "path": str(p)} | ({} if n == "base-a" else {"base": "base-a"})
+            for n, p in models.items()
+        ],
         "similarity": {"threshold": 0.5},
-        "merge": {"method": "linear"},
+        # a task-vector merge on the declared base: whatever the search keeps, it merges
+        "merge": {"method": "task_arithmetic", "params": {"lambda": 0.5}},
         "filter": {"strategy": "average", "proxy_limit": 2, "proxy_tasks": ["demo_add"]},
         "evaluation": {"tasks": ["demo_add"], "limit": 3},
     } | extra
@@ -91,7 +95,7 @@ def test_plan_after_a_run_is_all_fresh_and_names_every_stage(ran):
         e for e in entries if e["status"] != "fresh"
     ]
     assert {e["stage"] for e in entries} == {
-        "fingerprint", "evaluate", "similarity", "cluster", "filter", "merge"
+        "fingerprint", "evaluate", "similarity", "cluster", "filter", "merge", "final"
     }  # fmt: skip
     assert all(e["reason"] == "reused" and e["key"] for e in entries)
 
@@ -145,9 +149,11 @@ def test_a_changed_parameter_is_named_with_its_values(ran, tmp_path):
     cfg = yaml.safe_load((ran / "glue.yaml").read_text())
     cfg["evaluation"]["limit"] = 4
     entries = _plan(_beside(ran, tmp_path, cfg))
-    evals = _by(entries, "evaluate")
+    evals = [e for e in _by(entries, "evaluate") if not e["label"].endswith("(proxy)")]
     assert evals and all(e["status"] == "stale" for e in evals)
     assert "changed parameter limit: 3 -> 4" in evals[0]["reason"]
+    proxies = [e for e in _by(entries, "evaluate") if e["label"].endswith("(proxy)")]
+    assert proxies and all(e["status"] == "fresh" for e in proxies)  # proxy_limit unchanged
     assert all(e["status"] == "fresh" for e in _by(entries, "filter") + _by(entries, "merge"))
 
 
@@ -164,7 +170,7 @@ def test_a_new_engine_version_makes_the_search_stale(ran):
     assert search["status"] == "stale"
     assert f"code version: merge-engine {old} -> merge-engine-test" in search["reason"]
     (merge,) = _by(entries, "merge")  # which members it merges is the search's to say
-    assert (merge["status"], merge["reason"]) == ("stale", "waits on filter of cluster add-a")
+    assert (merge["status"], merge["reason"]) == ("stale", "waits on filter of cluster base-a")
     assert all(
         e["status"] == "fresh" for e in _by(entries, "evaluate") if "merge" not in e["label"]
     )
@@ -206,6 +212,7 @@ def test_a_crash_between_an_artifact_and_its_details_is_recorded_again(project, 
     run_config(project / "glue.yaml")
     assert count("SELECT count(*) FROM similarities") > 0
 
+    n_artifacts = count("SELECT count(*) FROM artifacts WHERE kind = 'similarity'")
     with LineageDB(db_path)._writer() as con:  # both lost
         con.execute("DELETE FROM similarities")
         con.execute("DELETE FROM artifacts WHERE kind = 'similarity'")
@@ -222,7 +229,7 @@ def test_a_crash_between_an_artifact_and_its_details_is_recorded_again(project, 
     assert count("SELECT count(*) FROM artifacts WHERE kind = 'similarity'") == 0
     monkeypatch.setattr(LineageDB, "insert_details", real)
     run_config(project / "glue.yaml")
-    assert count("SELECT count(*) FROM artifacts WHERE kind = 'similarity'") == 1
+    assert count("SELECT count(*) FROM artifacts WHERE kind = 'similarity'") == n_artifacts
     n = count("SELECT count(*) FROM similarities")
     assert n > 0
     run_config(project / "glue.yaml")  # recording again adds nothing: detail rows are keyed

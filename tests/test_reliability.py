@@ -202,7 +202,7 @@ def test_a_killed_run_reruns_to_the_same_leaderboard(demo_zoo, tmp_path):
     assert rerun.returncode == 0, out[-3000:]
     assert _board(db_path) == _board(tmp_path / "clean" / "lineage.duckdb")
     leftovers = [p for p in (tmp_path / "killed" / "store").rglob("*") if ".tmp" in p.parts]
-    assert all(p.is_dir() for p in leftovers)  # no half-written file left in the store
+    assert all(p.is_dir() for p in leftovers), leftovers  # no half-written file left
 
 
 def test_a_full_disk_fails_the_merge_in_one_line_and_commits_nothing(

@@ -38,6 +38,8 @@ def test_prepared_proxy_matches_plain_evaluate(scorer):
     spec = TrialSpec({"add-a": 1.0, "next-a": 1.0})
     fast = scorer(spec)
     per_task = dict(scorer.proxy.last)
-    plain = evaluate(scorer.model, TASKS, tokenizer=scorer.proxy.tokenizer, limit=PROXY_LIMIT)
+    plain = evaluate(
+        scorer.model, TASKS, tokenizer=scorer.proxy.tokenizer, limit=PROXY_LIMIT, split="proxy"
+    )
     assert per_task == {s.task: s.value for s in plain if s.metric == "exact_match"}
     assert fast == pytest.approx(sum(per_task.values()) / 3)

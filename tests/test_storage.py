@@ -246,12 +246,23 @@ def test_sweep_tmp_removes_dead_writers_only(tmp_path: Path) -> None:
     os.utime(dead, (old, old))
     fresh = tmp_path / ".tmp" / f"merged-{KEY2[:16]}-otherhost-12346-feedbeef"
     fresh.mkdir()
+    # a writer of this host that was killed a moment ago: its pid is gone, so at once
+    import subprocess
+    import sys
+
+    from storage.artifacts import _host
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    killed = tmp_path / ".tmp" / f"record-{KEY2[:16]}-{_host()}-{gone}-0badf00d"
+    killed.mkdir()
+    (killed / "data.json").write_text('{"half": ')
     with store.writing("merged", KEY) as d:  # a live writer of this process
         _fill(d)
         os.utime(d, (old, old))
-        assert store.sweep_tmp(older_than_s=3600) == 1
+        assert store.sweep_tmp(older_than_s=3600) == 2
         assert d.exists()
-    assert not dead.exists() and fresh.exists()
+    assert not dead.exists() and not killed.exists() and fresh.exists()
     assert store.exists("merged", KEY, verify="hash")
 
 
@@ -668,12 +679,14 @@ def test_leaderboard_pivot_values(tmp_path: Path) -> None:
         rows.append({"task": "arc", "metric": "acc_norm", "value": 0.3 if n != "base" else 0.6})
         db.record_scores(ids[n], r1, rows, eval_limit=200)
     board = db.leaderboard(metrics={"arc": "acc_norm"})
-    assert board.columns == ["artifact_id", "name", "kind", "add", "arc", "next", "mean", "n_tasks"]
+    assert board.columns == [
+        "artifact_id", "name", "kind", "add", "arc", "next", "mean", "n_tasks", "final"
+    ]  # fmt: skip
     assert board["name"].to_list() == ["mix", "merge", "base"]
-    assert board.row(0)[3:] == pytest.approx((1.0, 0.3, 0.5, 0.6, 3))
+    assert board.row(0)[3:-1] == pytest.approx((1.0, 0.3, 0.5, 0.6, 3))
     # 'merge' was scored twice on 'add': the latest score (0.28) counts, not the old 0.10
-    assert board.row(1)[3:] == pytest.approx((0.28, 0.3, 0.34, 0.92 / 3, 3))
-    assert board.row(2)[3:] == pytest.approx((0.05, 0.6, 0.03, 0.68 / 3, 3))
+    assert board.row(1)[3:-1] == pytest.approx((0.28, 0.3, 0.34, 0.92 / 3, 3))
+    assert board.row(2)[3:-1] == pytest.approx((0.05, 0.6, 0.03, 0.68 / 3, 3))
 
     wide = db.leaderboard()
     assert {"arc:acc", "arc:acc_norm", "add", "next"} <= set(wide.columns)

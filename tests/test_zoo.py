@@ -243,13 +243,19 @@ def test_demo_zoo_recipe_has_every_kind_of_model_the_method_needs():
     assert any(ft.base == "base-b" for ft in fts.values())
 
 
-def test_shipped_test_sets_equal_the_skill_rules():
+def test_shipped_test_and_validation_sets_equal_the_skill_rules_and_never_overlap():
     for skill in SKILLS:
-        shipped = (LM_TASKS_DIR / f"demo_{skill}.jsonl").read_text().splitlines()
-        assert shipped == eval_set_lines(skill), (
-            f"regenerate with python -m model_glue.zoo.eval_sets ({skill})"
-        )
-        assert len(shipped) == 200 and len(set(shipped)) == 200
+        shipped = {}
+        for split, name in (("test", f"demo_{skill}"), ("validation", f"demo_{skill}_validation")):
+            shipped[split] = (LM_TASKS_DIR / f"{name}.jsonl").read_text().splitlines()
+            assert shipped[split] == eval_set_lines(skill, split), (
+                f"regenerate with python -m model_glue.zoo.eval_sets ({skill} {split})"
+            )
+            assert len(set(shipped[split])) == len(shipped[split])
+        prompts = {k: {json.loads(x)["prompt"] for x in v} for k, v in shipped.items()}
+        assert not prompts["test"] & prompts["validation"]
+        assert len(shipped["test"]) == (150 if skill == "add" else 200)
+        assert len(shipped["validation"]) == (50 if skill == "add" else 100)
 
 
 def test_answers_follow_the_rules():

@@ -20,6 +20,7 @@ import torch
 from model_glue.mixture.hidden import layer_inputs
 from model_glue.mixture.model_level import ModelLevelMixture
 from model_glue.mixture.routers import LinearGate, fit_linear_router
+from model_glue.splits import Split, SplitTaskManager
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,17 @@ def expert_correctness(
     samples: dict[str, list[int]] | None = None,
     include_paths: Sequence[str] = (),
     batch_size: int = 32,
+    split: Split = "test",
 ) -> ExpertCorrectness:
     """Run every expert on ``tasks`` through lm-eval and keep each sample's ``metric``
-    (default: each task's only metric; a task with several needs ``metric``)."""
+    (default: each task's only metric; a task with several needs ``metric``), on the
+    ``split``'s documents (``test``: a reported router accuracy; ``proxy``: fitting)."""
     import lm_eval
 
     from model_glue.evaluate import TaskError, manager_for
     from model_glue.mixture.lm import MixtureLM
 
-    manager = manager_for(tasks, include_paths)
+    manager = SplitTaskManager(manager_for(tasks, include_paths), split)
     helper = MixtureLM(mixture, batch_size=batch_size)
     per_expert = []
     for e in range(len(mixture.names)):

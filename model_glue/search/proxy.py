@@ -243,7 +243,8 @@ class ProxyScorer:
 
 
 class LmEvalProxy:
-    """Proxy score = mean over ``tasks`` of one lm-eval metric, on the first ``limit`` documents.
+    """Proxy score = mean over ``tasks`` of one lm-eval metric, on the first ``limit``
+    documents of each task's proxy split (:mod:`model_glue.splits`).
 
     Same numbers as ``model_glue.evaluate.evaluate`` (same task manager, same result
     flattening), but prepared once per model object: ``simple_evaluate`` rebuilds the lm-eval
@@ -302,9 +303,11 @@ class LmEvalProxy:
         from lm_eval.models.huggingface import HFLM
 
         from model_glue.evaluate import manager_for
+        from model_glue.splits import SplitTaskManager
 
         model.eval()
-        manager = manager_for(self.tasks, self.include_paths)
+        # selection reads the proxy split only: never a document the leaderboard reports
+        manager = SplitTaskManager(manager_for(self.tasks, self.include_paths), "proxy")
         with _quiet_lm_eval():
             self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
             self._loaded = manager.load(self.tasks)

@@ -15,7 +15,7 @@ from model_glue.zoo.recipe import ZooRecipe
 
 SIMILARITY_GROUPS = ("attn", "mlp")
 CONFIG_VERSION = (
-    4  # bump when the written config changes: a cached zoo then only rewrites glue.yaml
+    5  # bump when the written config changes: a cached zoo then only rewrites glue.yaml
 )
 _MARKER = f"# written by model-glue's demo zoo builder (config v{CONFIG_VERSION})"
 ROUTER_PROMPTS_PER_TASK = 8
@@ -83,11 +83,14 @@ def write_run_config(zoo_dir: Path, recipe: ZooRecipe) -> Path:
         "filter: {strategy: average, proxy_limit: 100}",
         "merge: {method: linear}",
         f"evaluation: {{tasks: [{', '.join('demo_' + t for t in recipe.eval_tasks)}], limit: null}}",
-        "# the paper's final recipe: a model-level mixture over the clusters' models; each task's",
-        "# router prompts (training-split inputs, never test items) go to its best expert",
+        "# the paper's final recipe: a model-level mixture. Its experts are chosen greedily on the",
+        "# validation (proxy) split among every cluster's model and every model the search rejected,",
+        "# and a linear router is fitted there; the run's final model is the best of the mixture,",
+        "# the merges and the zoo on that split. router: hidden takes these example prompts instead",
+        "# (training-split inputs, never test items; each task's go to its best expert).",
         "mixture:",
         "  variant: model_level",
-        "  router: hidden",
+        "  router: linear",
         "  layer: 2",
         "  prompts:",
     ]

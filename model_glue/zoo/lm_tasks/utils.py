@@ -16,10 +16,18 @@ import datasets
 HERE = Path(__file__).resolve().parent
 
 
-def load_demo_split(data_file: str, **_metadata: object) -> datasets.DatasetDict:
-    """A ``test`` split from ``data_file`` (a jsonl name relative to this folder)."""
+def load_demo_split(
+    data_file: str, validation_file: str | None = None, **_metadata: object
+) -> datasets.DatasetDict:
+    """A ``test`` split from ``data_file`` and a ``validation`` split from
+    ``validation_file`` (jsonl names relative to this folder)."""
+    splits = {"test": data_file} | ({"validation": validation_file} if validation_file else {})
+    return datasets.DatasetDict({name: _rows(file) for name, file in splits.items()})
+
+
+def _rows(data_file: str) -> datasets.Dataset:
     path = HERE / data_file
     if not path.is_file():
         raise FileNotFoundError(f"demo task data {path} is missing")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    return datasets.Dataset.from_list(rows)
