@@ -184,3 +184,82 @@ def test_the_run_config_takes_the_linear_router_and_expert_bounds():
         parse_config(base | {"mixture": {"variant": "ffn_moe", "router": "linear"}})
     with pytest.raises(ConfigError, match="max_experts"):
         parse_config(base | {"mixture": {"variant": "model_level", "max_experts": 1}})
+
+
+def _run(demo_zoo, tmp_path, **extra) -> dict:
+    import yaml
+
+    from flows.glue_recipe import run_config
+
+    models = demo_zoo / "models"
+    cfg = {
+        "name": "selection",
+        "store": str(tmp_path / "store"),
+        "lineage_db": str(tmp_path / "lineage.duckdb"),
+        "zoo": [
+            {"name": "base-a", "path": str(models / "base-a")},
+            {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
+            {"name": "next-a", "path": str(models / "next-a"), "base": "base-a"},
+        ],
+        "evaluation": {"tasks": ["demo_add", "demo_next"], "limit": 40},
+    } | extra
+    path = tmp_path / "glue.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run_config(path)
+
+
+@pytest.mark.slow
+def test_a_rejected_model_with_a_unique_skill_enters_the_mixture(
+    demo_zoo, prefect_harness, tmp_path
+):
+    """The search, judged on demo_add only, rejects next-a from the family's merge; next-a
+    is the only model that can do demo_next, so expert selection brings it back and the
+    final model (the mixture) beats every single model on the test split."""
+    summary = _run(
+        demo_zoo,
+        tmp_path,
+        filter={"strategy": "average", "proxy_tasks": ["demo_add"], "proxy_limit": 30},
+        mixture={"variant": "model_level", "layer": 2},
+    )
+    from storage import LineageDB
+
+    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'search'")["meta"].to_list()
+    assert "next-a" in json.loads(meta)["rejected"]
+    assert "next-a" in summary["mixture"]["experts"]
+    steps = db.query(
+        "SELECT coefficients, accepted FROM trials WHERE strategy = 'expert-selection' ORDER BY trial"
+    )
+    assert steps.height >= 2 and steps["accepted"][0]
+    final = summary["final"]
+    assert final["kind"] == "mixture" and final["gain"] > 0, final
+    board = {r["name"]: r for r in summary["leaderboard"]}
+    assert board[final["name"]]["final"] and sum(r["final"] for r in board.values()) == 1
+
+
+@pytest.mark.slow
+def test_the_guard_hands_over_a_single_model_when_the_combinations_are_worse(
+    demo_zoo, prefect_harness, tmp_path
+):
+    """On demo_add alone, add-a is the best model; a task-arithmetic merge at lambda 2 and a
+    random-router mixture of that merge with another family's base are worse, so the final
+    model is add-a itself."""
+    summary = _run(
+        demo_zoo,
+        tmp_path,
+        zoo=[
+            {"name": "base-a", "path": str(demo_zoo / "models" / "base-a")},
+            {"name": "add-a", "path": str(demo_zoo / "models" / "add-a"), "base": "base-a"},
+            {"name": "last-a", "path": str(demo_zoo / "models" / "last-a"), "base": "base-a"},
+            {"name": "base-b", "path": str(demo_zoo / "models" / "base-b")},  # a 2nd cluster
+        ],
+        merge={"method": "task_arithmetic", "params": {"lambda": 2.0}},
+        evaluation={"tasks": ["demo_add"], "limit": 40},
+        mixture={"variant": "model_level", "router": "random", "layer": 2, "select_experts": False},
+    )
+    final = summary["final"]
+    assert (final["name"], final["kind"]) == ("add-a", "model"), final
+    assert final["gain"] == 0.0 and final["best_single"] == "add-a"
+    board = {r["name"]: r for r in summary["leaderboard"]}
+    assert {r["kind"] for r in board.values()} == {"model", "merged", "mixture"}
+    assert board["add-a"]["final"]
