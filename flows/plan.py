@@ -90,6 +90,10 @@ class Planner:
             return self._stale(c, "its inputs cannot be read (the run reports why)")
         record = c.stage.find(self.store, c.key)
         if record is None:
+            if (error := self._failed_before(c)) is not None:  # same inputs: same failure
+                entry = PlanEntry(stage, c.label, "stale", f"fails again: {error}", c.key)
+                self.entries.append(entry)
+                return Outcome(c.label, "stale", 0.0, None, error)
             return self._stale(c, self._why(c))
         self.entries.append(PlanEntry(stage, c.label, "fresh", "reused", c.key, self._uri(c)))
         return Outcome(c.label, "fresh", 0.0, record)
@@ -101,7 +105,12 @@ class Planner:
         if stage == "fingerprint":  # later calls wait on this model's fingerprint
             name = c.params["name"]
             self.unknown_fingerprints.append(name)
-            record = {"uri": c.params["uri"], "fingerprint": PENDING + name}
+            record = {
+                "uri": c.params["uri"],
+                "fingerprint": PENDING + name,
+                # its group until fingerprinted: the architecture it had, if it was seen
+                "arch_signature": self._last_arch(name) or PENDING + name,
+            }
             self.pending[record["fingerprint"]] = f"fingerprint of {name}"
         elif c.key is not None and stage in PLACEHOLDERS:  # stands for its output
             kind = c.stage.outputs[0] if c.stage.outputs else RECORD_KIND
@@ -167,6 +176,28 @@ class Planner:
         )
         return rows.row(0) if rows.height else None
 
+    def _failed_before(self, c: Call) -> str | None:
+        """The error of the latest run of this call if it failed with the same key."""
+        if self.db is None or c.key is None:
+            return None
+        rows = self.db.query(
+            "SELECT status, cache_key, error FROM runs WHERE stage = ? AND label = ? "
+            "ORDER BY started_at DESC LIMIT 1",
+            [c.stage.name, c.label],
+        )
+        if rows.height and rows["status"][0] == "failed" and rows["cache_key"][0] == c.key:
+            return rows["error"][0] or "failed"
+        return None
+
+    def _last_arch(self, name: str) -> str | None:
+        if self.db is None:
+            return None
+        rows = self.db.query(
+            "SELECT arch_signature FROM models WHERE name = ? ORDER BY last_seen DESC LIMIT 1",
+            [name],
+        )
+        return rows["arch_signature"][0] if rows.height else None
+
     def _names(self) -> dict[str, str]:
         """Artifact ids and fingerprints -> names, to say which input changed."""
         if self.db is None:
@@ -188,7 +219,7 @@ def plan(cfg: RunConfig, store_url: str, db_path: str) -> list[PlanEntry]:
         seen = {e.stage for e in planner.entries}
         for stage in LATER:
             if stage not in seen or stage == "evaluate":
-                label = "merged models and mixture" if stage == "evaluate" else "(all)"
+                label = "merged models, proxy evaluations" if stage == "evaluate" else "(all)"
                 planner.entries.append(PlanEntry(stage, label, "stale", f"waits on {on}"))
     return planner.entries
 

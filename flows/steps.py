@@ -251,14 +251,12 @@ def evaluate(
 def candidates_of(
     clusters: list[list[ModelRef]], searched: list[Cluster], merged: dict[int, ModelRef]
 ) -> list[ModelRef]:
-    """What a mixture may route to: each cluster's model (:func:`experts_of`) and every
-    model its search rejected (a skill the merge could not keep)."""
+    """What a mixture may route to: each cluster's model (:func:`experts_of`), then every
+    zoo model: the ones its search rejected (a skill the merge could not keep) and the ones
+    it merged (a merge can lose a member's skill while raising the cluster's proxy mean)."""
     out = experts_of(clusters, searched, merged)
-    kept = {m.name for m in out}
-    for c in searched:
-        accepted = {a["name"] for a in c.accepted}
-        out += [m for m in c.members if m.name not in accepted and m.name not in kept]
-    return out
+    names = {m.name for m in out}
+    return out + [m for c in clusters for m in c if m.name not in names]
 
 
 @dataclass(frozen=True)

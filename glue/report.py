@@ -139,13 +139,13 @@ def _clusters(db: LineageDB, runs: pl.DataFrame) -> str:
     )
     out = ["<h2>Similarity and clusters</h2>"]
     for t in thresholds.iter_rows(named=True):
-        gap = (
-            f", widest gap {t['gap_low']:.3f}..{t['gap_high']:.3f}"
+        rule = (
+            f"auto: the widest gap, {t['gap_low']:.3f}..{t['gap_high']:.3f}"
             if t["gap_low"] is not None
-            else ""
+            else t["rule"]
         )
         out.append(
-            f"<p>Threshold <b>{t['threshold']:.3f}</b> on {t['metric']} ({t['rule']}{gap}, "
+            f"<p>Threshold <b>{t['threshold']:.3f}</b> on {t['metric']} ({rule}, "
             f"{t['n_pairs']} pairs, architecture {t['arch_signature'][:8]})</p>"
         )
     items = []
@@ -203,6 +203,17 @@ def _mixtures(db: LineageDB, runs: pl.DataFrame) -> str:
             f"{html.escape(str(meta.get('backbone')))}; experts: "
             f"{html.escape(', '.join(str(e) for e in experts))}</p>"
         )
+        selection = runs.filter((pl.col("stage") == "select") & pl.col("cache_key").is_not_null())
+        if selection.height:
+            steps = db.query(
+                "SELECT trial, coefficients AS experts, proxy_score, accepted, reason FROM trials "
+                "WHERE search_id = ? ORDER BY trial",
+                [selection["cache_key"][-1]],
+            )
+            out.append(
+                "<p>Expert selection on the proxy split: each set tried, its cross-validated "
+                "proxy score, and the sets kept.</p>" + _table(steps)
+            )
         accuracy = meta.get("router_accuracy") or []
         if accuracy:
             frame = pl.DataFrame(accuracy).select(
@@ -335,17 +346,26 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _table(df: pl.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    numeric = [df.schema[c].is_numeric() for c in df.columns]
+    head = "".join(
+        f"<th{' class=n' if n else ''}>{html.escape(str(c))}</th>"
+        for c, n in zip(df.columns, numeric, strict=True)
+    )
     rows = []
     for row in df.iter_rows():
-        cells = "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
+        cells = "".join(
+            f"<td{' class=n' if n else ''}>{html.escape(_cell(v))}</td>"
+            for v, n in zip(row, numeric, strict=True)
+        )
         rows.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _cell(v: Any) -> str:
-    if v is None:
+    if v is None or v is False:
         return ""
+    if v is True:
+        return "yes"
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
@@ -362,8 +382,8 @@ _PAGE = """<!doctype html>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
+th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
+.n {{ text-align: right; }}
 img {{ max-width: 100%; display: block; margin: 0.5em 0 1.5em; }}
 .status-failed {{ color: #b00; font-weight: bold; }} .errors {{ color: #b00; }}
 </style></head>
