@@ -123,7 +123,9 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
     mixture = None
     if cfg.mixture.variant != "none":
         rec.section("mixture")
-        mixture = steps.mixture(steps.candidates_of(clusters, searched, merged), proxy, cfg, rec)
+        experts = steps.experts_of(clusters, searched, merged)  # one per cluster
+        candidates = steps.candidates_of(clusters, searched, merged)  # and every zoo model
+        mixture = steps.mixture(experts, candidates, proxy, cfg, rec)
         if mixture is not None:
             steps.evaluate([mixture.ref], cfg, rec)
             proxy |= steps.evaluate([mixture.ref], cfg, rec, split="proxy")

@@ -267,15 +267,20 @@ class Mixture:
 
 
 def mixture(
-    candidates: list[ModelRef], proxy: dict[str, Outcome], cfg: RunConfig, rec: Recorder
+    experts: list[ModelRef],
+    candidates: list[ModelRef],
+    proxy: dict[str, Outcome],
+    cfg: RunConfig,
+    rec: Recorder,
 ) -> Mixture | None:
-    """The mixture (the paper's final recipe). Model-level mixtures choose their experts
-    among the candidates by their proxy score and fit a linear router on the proxy labels
-    (``mixture.select_experts``, ``router: linear``); other variants mix one model per
-    cluster. Everything here reads the proxy split, never the test split."""
+    """The mixture (the paper's final recipe) of one model per cluster (``experts``), or,
+    for model-level mixtures with ``mixture.select_experts``, of the ``candidates`` chosen
+    by their proxy score; a ``linear`` router is fitted on the proxy labels. Everything
+    here reads the proxy split, never the test split."""
     mc, router = cfg.mixture, cfg.mixture.router_used
     metric = cfg.metrics_for(list(cfg.evaluation.tasks))
-    scored = [c for c in candidates if proxy.get(c.name) and proxy[c.name].record]
+    pool = candidates if mc.variant == "model_level" and mc.select_experts else experts
+    scored = [c for c in pool if proxy.get(c.name) and proxy[c.name].record]
     means = means_of({c.name: proxy[c.name] for c in scored})
     labels = None
     selects = mc.variant == "model_level" and (mc.select_experts or router == "linear")
