@@ -3,7 +3,8 @@
 Both read only proxy evaluations (``evaluate`` with ``split: proxy``), never a document the
 leaderboard reports:
 
-- ``select``: greedy expert selection for the model-level mixture
+- ``select``: greedy expert selection for the model-level mixture, among every cluster's
+  model and every zoo model
   (:mod:`model_glue.mixture.selection`); its record keeps the proxy labels (each
   candidate's value on each proxy document), which a ``linear`` router is fitted on.
 - ``final``: the best of the zoo models, the merged models and the mixture by proxy mean;

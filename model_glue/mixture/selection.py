@@ -1,7 +1,7 @@
 """Which models enter the model-level mixture: greedy expert selection on the proxy split.
 
-Candidates are every model the recipe could route to: each cluster's merged model, every
-model that filtering rejected, every singleton. The score of a set of experts is the
+Candidates are every model the recipe could route to: each cluster's merged model (or the
+member that stands for it) and every zoo model, rejected by filtering or not. The score of a set of experts is the
 mixture's proxy score: on each proxy document, the value (e.g. exact match) of the expert
 that a router fitted on the other documents sends it to (``folds``-fold cross-validation of
 the linear router, :func:`~model_glue.mixture.routers.fit_linear_router`). A model-level
