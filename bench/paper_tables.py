@@ -221,7 +221,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     merging = [] if args.only == "mixtures" else merging_table(args.zoo, args.work, args.budget)
     mixing = [] if args.only == "merging" else mixture_table(args.zoo, args.work)
-    args.out.write_text(markdown(merging, mixing, args.zoo))
+    shown = args.zoo.resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    args.out.write_text(markdown(merging, mixing, shown))
     print(f"written {args.out}")
 
 

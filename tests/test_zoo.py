@@ -105,7 +105,8 @@ def test_glue_yaml_lists_the_zoo_and_validates(tiny_zoo):
         {"name": "add-a", "path": "models/add-a", "base": "base-a"},
     ]
     assert data["similarity"]["tensors"] == ["attn", "mlp"]
-    assert data["merge"] == {"method": "linear"}
+    assert data["merge"] == {"method": "ties", "params": {"density": 0.5}}
+    assert data["mixture"]["router"] == "linear"
     assert data["evaluation"] == {"tasks": ["demo_add", "demo_next", "demo_last"], "limit": None}
     # threshold auto: the gap it finds lies between the families' measured similarities
     from model_glue.clustering import auto_threshold
