@@ -124,7 +124,7 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
     if cfg.mixture.variant != "none":
         rec.section("mixture")
         experts = steps.experts_of(clusters, searched, merged)  # one per cluster
-        candidates = steps.candidates_of(clusters, searched, merged)  # and every zoo model
+        candidates = steps.candidates_of(experts, clusters)  # and every zoo model
         mixture = steps.mixture(experts, candidates, proxy, cfg, rec)
         if mixture is not None:
             steps.evaluate([mixture.ref], cfg, rec)

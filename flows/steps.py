@@ -248,15 +248,13 @@ def evaluate(
     return {m.name: o for m, o in zip(models, run_all(rec, calls), strict=True)}
 
 
-def candidates_of(
-    clusters: list[list[ModelRef]], searched: list[Cluster], merged: dict[int, ModelRef]
-) -> list[ModelRef]:
-    """What a mixture may route to: each cluster's model (:func:`experts_of`), then every
-    zoo model: the ones its search rejected (a skill the merge could not keep) and the ones
-    it merged (a merge can lose a member's skill while raising the cluster's proxy mean)."""
-    out = experts_of(clusters, searched, merged)
-    names = {m.name for m in out}
-    return out + [m for c in clusters for m in c if m.name not in names]
+def candidates_of(experts: list[ModelRef], clusters: list[list[ModelRef]]) -> list[ModelRef]:
+    """What a mixture may route to: each cluster's model (``experts``, from
+    :func:`experts_of`), then every zoo model: the ones its search rejected (a skill the
+    merge could not keep) and the ones it merged (a merge can lose a member's skill while
+    raising the cluster's proxy mean)."""
+    names = {m.name for m in experts}
+    return experts + [m for c in clusters for m in c if m.name not in names]
 
 
 @dataclass(frozen=True)

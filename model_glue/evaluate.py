@@ -14,7 +14,7 @@ import io
 import logging
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -152,6 +152,26 @@ def with_split(score: Score, results: dict[str, Any], described: dict[str, str])
     names = [score.task, *results.get("group_subtasks", {}).get(score.task, [])]
     splits = sorted({described[n] for n in names if n in described})
     return dataclasses.replace(score, split=", ".join(splits) or None)
+
+
+def chosen_metric(
+    task: str,
+    available: Sequence[str],
+    metric: str | Mapping[str, str] | None,
+    purpose: str = "search on",
+) -> str:
+    """The metric a proxy task is judged on: ``metric`` (one name, or task -> name), else
+    the task's only metric; anything else is a :class:`TaskError` saying what to set."""
+    wanted = metric.get(task) if isinstance(metric, Mapping) else metric
+    if wanted is not None and wanted in available:
+        return wanted
+    if wanted is None and len(available) == 1:
+        return available[0]
+    asked = "" if wanted is None else f"{wanted!r} is not one of them; "
+    raise TaskError(
+        f"proxy task {task!r} reports several metrics ({', '.join(sorted(available))}): "
+        f"{asked}set filter.proxy_metric to the one to {purpose}"
+    )
 
 
 def sample_rows(results: dict[str, Any]) -> list[dict]:

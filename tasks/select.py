@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from model_glue.evaluate import TaskError
+from model_glue.evaluate import chosen_metric
 from storage import Artifact, ArtifactStore, Details, Lineage
 from tasks.stage import RECORD_KIND, Call, Stage
 from tasks.versions import SELECTION
@@ -24,29 +24,14 @@ from tasks.versions import SELECTION
 KIND_ORDER = {"model": 0, "merged": 1, "mixture": 2}
 
 
-def metric_of(task: str, available: list[str], metric: str | Mapping[str, str] | None) -> str:
-    """The metric a proxy task is judged on: the chosen one, else the task's only one."""
-    wanted = metric.get(task) if isinstance(metric, Mapping) else metric
-    if wanted is not None:
-        if wanted not in available:
-            raise TaskError(
-                f"proxy task {task!r}: metric {wanted!r} not reported (reported: {', '.join(available)})"
-            )
-        return wanted
-    if len(available) != 1:
-        raise TaskError(
-            f"proxy task {task!r} reports several metrics ({', '.join(sorted(available))}): "
-            "set filter.proxy_metric to the one to select on"
-        )
-    return available[0]
-
-
 def proxy_mean(record: dict, metric: str | Mapping[str, str] | None) -> float:
     """Mean over tasks of one metric of a proxy evaluation record."""
     per_task: dict[str, dict[str, float]] = {}
     for sc in record["scores"]:
         per_task.setdefault(sc["task"], {})[sc["metric"]] = sc["value"]
-    values = [v[metric_of(t, sorted(v), metric)] for t, v in sorted(per_task.items())]
+    values = [
+        v[chosen_metric(t, sorted(v), metric, "select on")] for t, v in sorted(per_task.items())
+    ]
     return sum(values) / len(values)
 
 
@@ -61,7 +46,7 @@ def proxy_labels(records: list[dict], metric: str | Mapping[str, str] | None) ->
     correct = []
     for d in docs:
         available = sorted(rows[0][d]["values"])
-        m = metric_of(d[0], available, metric)
+        m = chosen_metric(d[0], available, metric, "select on")
         correct.append([float(r[d]["values"][m]) for r in rows])
     return {
         "tasks": [d[0] for d in docs],

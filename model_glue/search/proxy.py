@@ -320,22 +320,12 @@ class LmEvalProxy:
         self._model = model
 
     def _mean(self, scores: list) -> float:
+        from model_glue.evaluate import chosen_metric
+
         per_task: dict[str, float] = {}
         for task in self.tasks:
-            mine = [s for s in scores if s.task == task]
-            wanted = self.metric.get(task) if isinstance(self.metric, Mapping) else self.metric
-            if wanted is not None:
-                mine = [s for s in mine if s.metric == wanted]
-            if len(mine) != 1:
-                from model_glue.evaluate import TaskError
-
-                available = ", ".join(sorted(s.metric for s in scores if s.task == task))
-                asked = "" if wanted is None else f"{wanted!r} is not one of them; "
-                raise TaskError(
-                    f"proxy task {task!r} reports several metrics ({available}): {asked}"
-                    "set filter.proxy_metric to the one to search on"
-                )
-            per_task[task] = mine[0].value
+            mine = {s.metric: s.value for s in scores if s.task == task}
+            per_task[task] = mine[chosen_metric(task, list(mine), self.metric)]
         self.last = per_task
         return sum(per_task.values()) / len(per_task)
 
