@@ -241,7 +241,7 @@ def evaluate(
             backend=ev.backend,
             allow_code_execution=ev.allow_code_execution,
             split=split,
-            **placement(cfg, m.dtype, mixture=m.loader == "mixture"),
+            **placement(cfg, m.dtype),
         )
         for m in models
     ]
@@ -283,18 +283,20 @@ def mixture(
     labels = None
     selects = mc.variant == "model_level" and (mc.select_experts or router == "linear")
     if selects and len(scored) > 1:
+        backbone = _best(scored, means)
         o = rec.run(
             call(
                 select_experts,
                 f"experts among {len(scored)} candidates",
                 candidates=by_fingerprint(scored),
                 proxy_keys={c.name: proxy[c.name].record["key"] for c in scored},
-                backbone=_best(scored, means),
+                backbone=backbone,
                 layer=mc.layer,
                 pooling=mc.pooling_used,
                 metric=metric,
                 max_experts=mc.max_experts,
                 fixed=not mc.select_experts,
+                **placement(cfg, backbone.dtype),
             )
         )
         if o.record is None:
@@ -314,12 +316,13 @@ def mixture(
         return None
     label = f"mixture-{mc.variant}-{router}"
     accuracy = mc.router_accuracy and mc.variant == "model_level"
+    backbone = _best(experts, means)
     o = rec.run(
         call(
             build_mixture,
             label,
             experts=experts,
-            backbone=_best(experts, means),
+            backbone=backbone,
             router=router,
             layer=mc.layer,
             pooling=mc.pooling_used,
@@ -332,17 +335,20 @@ def mixture(
             hybrid_k=mc.hybrid_k,
             top_k=mc.top_k,
             labels=labels,
+            batch_size=cfg.evaluation.batch_size,
+            **placement(cfg, backbone.dtype),
         )
     )
     if o.record is None:
         return None
     r = o.record
-    # model- and block-level mixtures evaluate through our lm-eval model; FFN-level and
-    # hybrid ones are Mixtral directories that transformers loads (float32, as built)
+    # model- and block-level mixtures evaluate through our lm-eval model, model-level ones
+    # in their models' dtype; FFN-level, hybrid and block-level ones are written in
+    # float32 (Mixtral directories, which transformers loads, and the block-level weights)
     loader = "mixture" if mc.variant in ("model_level", "block_level") else None
     ref = ModelRef(
         label, r["path"], r["fingerprint"], r["artifact_id"], "mixture",
-        dtype=None if loader else "F32", loader=loader,
+        dtype=backbone.dtype if mc.variant == "model_level" else "F32", loader=loader,
     )  # fmt: skip
     return Mixture(ref, r["router_accuracy"], [e.name for e in experts])
 
@@ -395,12 +401,10 @@ def run_all(rec: Recorder, calls: list) -> list[Outcome]:
     return [rec.run(c) for c in calls]
 
 
-def placement(cfg: RunConfig, stored: str | None, mixture: bool = False) -> dict:
-    """Device, batch size and the resolved evaluation dtype (what cache keys hold) for a
-    model stored in ``stored``. Mixtures run on the CPU in float32 (their own loader)."""
+def placement(cfg: RunConfig, stored: str | None) -> dict:
+    """The device and the resolved evaluation dtype (what cache keys hold) for a model
+    stored in ``stored``: evaluations, search trials, router features and mixtures."""
     ev = cfg.evaluation
-    if mixture:
-        return {"device": "cpu", "dtype": "float32"}
     device = resolve_device(ev.device)
     return {"device": device, "dtype": dtype_label(resolve_dtype(ev.dtype, device, stored))}
 

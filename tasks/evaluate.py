@@ -64,7 +64,9 @@ def _evaluate(
     if model.get("loader") == "mixture":
         from model_glue.mixture import MixtureLM
 
-        target = MixtureLM(pretrained=model["uri"], batch_size=batch_size)  # CPU, float32
+        target = MixtureLM(
+            pretrained=model["uri"], batch_size=batch_size, device=device, dtype=dtype
+        )
     scores, samples = evaluate_samples(
         target,
         tasks,

@@ -60,10 +60,14 @@ def _mixture(
     hybrid_k: int = 0,
     top_k: int | None = None,
     labels: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int | str = 32,
 ) -> dict:
     """``experts``: refs with name, fingerprint and a local directory ``uri``;
     ``backbone`` one of them. ``router: linear`` is fitted on the proxy labels of the
-    expert selection whose record key is ``labels`` (model-level mixtures only)."""
+    expert selection whose record key is ``labels`` (model-level mixtures only).
+    Routing, router fitting and router accuracy run on ``device`` in ``dtype``."""
     # imported here: transformers' model classes cost seconds, and a cached rerun needs none
     from model_glue.evaluate import quiet_lm_eval
     from model_glue.mixture import (
@@ -80,7 +84,9 @@ def _mixture(
     )
 
     common = {
-        "router": _fitted_router(store, labels, experts, backbone, layer, pooling, variant)
+        "router": _fitted_router(
+            store, labels, experts, backbone, layer, pooling, variant, device, dtype
+        )
         if router == "linear"
         else RouterInit(method=router),
         "prompts": prompts or None,  # prompt-free routers (random, linear) take none
@@ -99,6 +105,8 @@ def _mixture(
                 # experts that are store artifacts (merged models) travel with the store
                 relative_to=store.root if store.is_local else None,
                 location=store.published_path(MIXTURE_KIND, key) if store.is_local else None,
+                device=device,
+                dtype=dtype,
                 **common,
             )
         elif variant == "block_level":
@@ -115,7 +123,7 @@ def _mixture(
     path = store.local_path(MIXTURE_KIND, key)
     accuracy = []
     if accuracy_tasks and variant == "model_level":
-        mixture = load_mixture(path)
+        mixture = load_mixture(path, device=device, dtype=dtype)
         with quiet_lm_eval():
             labels = expert_correctness(
                 mixture,
@@ -123,6 +131,7 @@ def _mixture(
                 limit=accuracy_limit,
                 metric=accuracy_metric,
                 include_paths=include_paths,
+                batch_size=batch_size,
             )
         accuracy = [
             {
@@ -159,6 +168,8 @@ def _fitted_router(
     layer: int,
     pooling: str,
     variant: str,
+    device: str = "cpu",
+    dtype: str = "float32",
 ):
     """A linear gate fitted on the selection's proxy labels (which expert answers which
     proxy document), on the features the mixture's router reads."""
@@ -176,7 +187,9 @@ def _fitted_router(
     selection = store.get_json(RECORD_KIND, labels)
     columns = [selection["candidates"].index(e["name"]) for e in experts]
     correct = torch.tensor(selection["correct"])[:, columns]
-    features = router_features(backbone["uri"], selection["contexts"], layer, pooling)
+    features = router_features(
+        backbone["uri"], selection["contexts"], layer, pooling, device, dtype
+    )
     return fit_linear_router(features, correct)
 
 
@@ -212,7 +225,8 @@ def _describe(r: dict) -> list[str]:
 STAGE = Stage(
     name="mixture",
     uses=MIXTURE,
-    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None, labels=None: (
+    # what changes the numbers: the dtype that routing runs in, not the device
+    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None, labels=None, dtype="float32": (
         {
             "labels": labels,
             "experts": [(e["name"], e["fingerprint"]) for e in experts],
@@ -223,6 +237,7 @@ STAGE = Stage(
             "prompts": prompts,
             "accuracy": [sorted(accuracy_tasks), accuracy_limit]
             + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
+            "numerics": dtype,
         }
         | ({} if variant == "model_level" else {"variant": [variant, hybrid_k, top_k]})
     ),

@@ -56,12 +56,20 @@ def proxy_labels(records: list[dict], metric: str | Mapping[str, str] | None) ->
     }
 
 
-def router_features(backbone_uri: str, contexts: list[str], layer: int, pooling: str):
-    """The backbone's pooled hidden states entering ``layer`` for each context [N, H]."""
+def router_features(
+    backbone_uri: str,
+    contexts: list[str],
+    layer: int,
+    pooling: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+):
+    """The backbone's pooled hidden states entering ``layer`` for each context [N, H]
+    (float32 on the CPU), the backbone run on ``device`` in ``dtype``."""
     from model_glue.mixture.hidden import layer_inputs
     from model_glue.mixture.loading import load_model, load_tokenizer
 
-    model = load_model(backbone_uri, "router backbone")
+    model = load_model(backbone_uri, "router backbone", device=device, dtype=dtype)
     tokenizer = load_tokenizer(backbone_uri, "router backbone")
     return layer_inputs(model, tokenizer, contexts, [layer], pooling=pooling)[0]
 
@@ -79,9 +87,12 @@ def _select(
     folds: int = 5,
     seed: int = 0,
     fixed: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
     """``candidates``: refs; ``proxy_keys``: each candidate's proxy evaluation record.
-    ``fixed``: keep every candidate (no selection), for the proxy labels alone."""
+    ``fixed``: keep every candidate (no selection), for the proxy labels alone. The
+    router features come from the backbone on ``device`` in ``dtype``."""
     import torch
 
     from model_glue.mixture.selection import (
@@ -94,7 +105,7 @@ def _select(
     names = [c["name"] for c in candidates]
     records = [store.get_json(RECORD_KIND, proxy_keys[n]) for n in names]
     labels = proxy_labels(records, metric)
-    features = router_features(backbone["uri"], labels["contexts"], layer, pooling)
+    features = router_features(backbone["uri"], labels["contexts"], layer, pooling, device, dtype)
     correct = torch.tensor(labels["correct"])
     if fixed:
         score = routed_score(features, correct, range(len(names)), folds=folds, seed=seed)
@@ -160,7 +171,8 @@ def _select_describe(r: dict) -> list[str]:
 SELECT = Stage(
     name="select",
     uses=SELECTION,
-    key_parts=lambda candidates, proxy_keys, backbone, layer, pooling, metric=None, max_experts=None, folds=5, seed=0, fixed=False: {
+    # what changes the numbers: the backbone's dtype, not the device
+    key_parts=lambda candidates, proxy_keys, backbone, layer, pooling, metric=None, max_experts=None, folds=5, seed=0, fixed=False, dtype="float32": {
         "fixed": fixed,
         "candidates": sorted((c["name"], c["fingerprint"]) for c in candidates),
         "proxy": sorted(proxy_keys.items()),
@@ -169,6 +181,7 @@ SELECT = Stage(
         "metric": metric,
         "max_experts": max_experts,
         "cv": [folds, seed],
+        "numerics": dtype,
     },
     lineage=_select_lineage,
     describe=_select_describe,

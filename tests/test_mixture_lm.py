@@ -80,6 +80,45 @@ def test_block_level_lm_routes_on_the_context(zoo, tmp_path):
         assert ll == pytest.approx(loglik(mix.path_model(path), mix.tokenizer, ctx, cont), abs=1e-4)
 
 
+def test_mixtures_load_on_the_asked_device_and_dtype(zoo, tmp_path, monkeypatch):
+    """``device`` and ``dtype`` reach every model of a model-level and a block-level
+    mixture and the HFLM each route is scored with; gates stay float32; a bf16 mixture
+    scores like the float32 one within bf16's precision."""
+    import model_glue.mixture.lm as lm_module
+    from model_glue.devices import DeviceError
+
+    model_level = build_model_level_mixture(
+        [zoo["e1"], zoo["e2"]], tmp_path / "mix", router_backbone=zoo["base"], layer=1,
+        prompts={"e1": ["1+2="], "e2": ["next a="]},
+    )  # fmt: skip
+    block_level = build_block_level_mixture(
+        zoo["base"], [zoo["e1"], zoo["e2"]], tmp_path / "blk", router=RouterInit("random", seed=2)
+    )
+    seen = []
+    real_hflm = lm_module.HFLM
+
+    def spy(pretrained, **kw):
+        seen.append((pretrained.device.type, pretrained.dtype))
+        return real_hflm(pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(lm_module, "HFLM", spy)
+    for path in (model_level, block_level):
+        lm16 = MixtureLM(pretrained=str(path), device="cpu", dtype="bfloat16", batch_size="auto")
+        lm32 = MixtureLM(pretrained=str(path), device="cpu", dtype="float32")
+        params = [(n.split(".")[0], p.dtype) for n, p in lm16.mixture.named_parameters()]
+        assert {d for top, d in params if top not in ("gate", "gates")} == {torch.bfloat16}
+        assert {d for top, d in params if top in ("gate", "gates")} == {torch.float32}
+        assert lm16.route([c for c, _ in PAIRS]) == lm32.route([c for c, _ in PAIRS])
+        got16 = lm16.loglikelihood(requests("loglikelihood", PAIRS))
+        got32 = lm32.loglikelihood(requests("loglikelihood", PAIRS))
+        for (a, _), (b, _) in zip(got16, got32, strict=True):
+            assert a == pytest.approx(b, rel=0.05, abs=0.1)
+    assert set(seen) == {("cpu", torch.bfloat16), ("cpu", torch.float32)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        load_mixture(model_level, device="cuda")
+
+
 def test_mixtral_is_refused_by_the_mixture_lm(zoo, tmp_path):
     out = build_ffn_moe(
         zoo["base"], [zoo["e1"], zoo["e2"]], tmp_path / "moe", router=RouterInit("random")

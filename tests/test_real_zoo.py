@@ -237,7 +237,7 @@ def test_proxy_reads_each_tasks_own_metric():
 
 def test_the_flow_places_stages_by_the_config(monkeypatch):
     """What the recipe hands the evaluate and filter stages: the resolved device and the
-    dtype that their keys hold (mixtures stay float32 on the CPU)."""
+    dtype that their keys hold."""
     from flows.steps import placement as _placement
     from model_glue.config import parse_config
 
@@ -246,10 +246,62 @@ def test_the_flow_places_stages_by_the_config(monkeypatch):
     base = {"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"]}}
     cfg = parse_config(base)
     assert _placement(cfg, "BF16") == {"device": "cuda", "dtype": "bfloat16"}
-    assert _placement(cfg, "BF16", mixture=True) == {"device": "cpu", "dtype": "float32"}
+    assert _placement(cfg, "F32") == {"device": "cuda", "dtype": "float32"}
     cfg = parse_config(
         base | {"evaluation": {"tasks": ["t"], "device": "cuda:1", "dtype": "float16"}}
     )
     assert _placement(cfg, "BF16") == {"device": "cuda:1", "dtype": "float16"}
     cfg = parse_config(base | {"evaluation": {"tasks": ["t"], "device": "cpu"}})
     assert _placement(cfg, "BF16") == {"device": "cpu", "dtype": "float32"}
+
+
+@pytest.mark.slow
+def test_every_model_forward_of_a_run_uses_the_evaluation_dtype(
+    demo_zoo, prefect_harness, tmp_path, monkeypatch
+):
+    """``evaluation.dtype: bfloat16`` reaches every forward pass of a run: zoo evaluations,
+    search trials, the expert selection's router features, the fitted router, router
+    accuracy and the mixture's own evaluation (a spy on every Llama forward)."""
+    import yaml
+    from transformers.models.llama import modeling_llama
+
+    from flows.glue_recipe import run_config
+
+    seen = set()
+    forward = modeling_llama.LlamaModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.add((self.embed_tokens.weight.device.type, self.embed_tokens.weight.dtype))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", spy)
+    models = demo_zoo / "models"
+    config = tmp_path / "glue.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "store": str(tmp_path / "store"),
+                "lineage_db": str(tmp_path / "lineage.duckdb"),
+                "zoo": [
+                    {"name": n, "path": str(models / n), **({"base": "base-a"} if b else {})}
+                    for n, b in [("base-a", False), ("add-a", True), ("next-a", True)]
+                ],
+                "evaluation": {
+                    "tasks": ["demo_add", "demo_next"],
+                    "limit": 12,
+                    "device": "cpu",
+                    "dtype": "bfloat16",
+                },
+                "filter": {"strategy": "average", "proxy_limit": 12},
+                "mixture": {"variant": "model_level", "router": "linear", "layer": 2},
+            }
+        )
+    )
+    summary = run_config(config)
+    assert summary["mixture"] is not None, summary
+    assert seen == {("cpu", torch.bfloat16)}
+    from storage import LineageDB
+
+    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    stages = set(db.query("SELECT DISTINCT stage FROM runs WHERE status = 'completed'")["stage"])
+    assert {"evaluate", "filter", "select", "mixture"} <= stages

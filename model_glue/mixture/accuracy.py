@@ -60,7 +60,7 @@ def expert_correctness(
     limit: int | None = None,
     samples: dict[str, list[int]] | None = None,
     include_paths: Sequence[str] = (),
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     split: Split = "test",
 ) -> ExpertCorrectness:
     """Run every expert on ``tasks`` through lm-eval and keep each sample's ``metric``

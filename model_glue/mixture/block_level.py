@@ -28,6 +28,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from model_glue.devices import resolve_device, resolve_dtype
 from model_glue.mixture.gate import SampleGate
 from model_glue.mixture.generation import greedy_generate
 from model_glue.mixture.hidden import POOLINGS, Pooling, encode, pool
@@ -49,6 +50,7 @@ from model_glue.mixture.routers import RouterInit, init_gates
 MIXTURE_FILE = "mixture.json"
 ROUTER_FILE = "router.safetensors"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_DTYPE = torch.float32  # what the builder writes
 SHARED_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 Route = tuple[int, ...]
 
@@ -68,7 +70,7 @@ class _RoutedLayer(nn.Module):
             [block(hidden_states, *args, **kwargs) for block in owner.experts[self.layer]]
         )
         owner._choices.append(choice)
-        return outs[choice, torch.arange(hidden_states.shape[0])]
+        return outs[choice, torch.arange(hidden_states.shape[0], device=choice.device)]
 
 
 class BlockLevelMixture(nn.Module):
@@ -124,12 +126,17 @@ class BlockLevelMixture(nn.Module):
     ) -> torch.Tensor:
         """[B, layers] expert chosen for each sample at each layer (padding excluded from pooling)."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         self._mask, self._choices = mask, []
         try:
             self._router(input_ids=input_ids, attention_mask=mask, use_cache=False)
             return torch.stack(self._choices, dim=1)
         finally:
             self._mask, self._choices = None, []
+
+    @property
+    def device(self) -> torch.device:
+        return self.shell.lm_head.weight.device
 
     def path_model(self, path: Route) -> LlamaForCausalLM:
         """The dense model a sample routed along ``path`` runs (built once, weights shared)."""
@@ -239,11 +246,15 @@ def build_block_level_mixture(
     num_layers = base.config.num_hidden_layers
     gates = init_gates(router, base, tok, prompts, names, range(num_layers), pooling=pooling)
     base_state = base.state_dict()
-    tensors = {k: base_state[k].detach().float().contiguous().clone() for k in SHARED_KEYS}
+    tensors = {
+        k: base_state[k].detach().to(WEIGHTS_DTYPE).contiguous().clone() for k in SHARED_KEYS
+    }
     for layer in range(num_layers):
         for e, model in enumerate(experts):
             for key, t in model.model.layers[layer].state_dict().items():
-                tensors[f"experts.{layer}.{e}.{key}"] = t.detach().float().contiguous().clone()
+                tensors[f"experts.{layer}.{e}.{key}"] = (
+                    t.detach().to(WEIGHTS_DTYPE).contiguous().clone()
+                )
     with atomic_directory(out_dir) as tmp:
         cfg = copy.deepcopy(base.config)
         cfg.architectures = ["LlamaForCausalLM"]
@@ -266,7 +277,11 @@ def build_block_level_mixture(
     return Path(out_dir).absolute()
 
 
-def load_block_level_mixture(path: str | Path, record: dict) -> BlockLevelMixture:
+def load_block_level_mixture(
+    path: str | Path, record: dict, device: str = "cpu", dtype: str | None = "float32"
+) -> BlockLevelMixture:
+    """The mixture on ``device`` in ``dtype`` (``auto``: see :mod:`model_glue.devices`);
+    its gates stay float32."""
     root = Path(path)
     try:
         names = [e["name"] for e in record["experts"]]
@@ -294,7 +309,13 @@ def load_block_level_mixture(path: str | Path, record: dict) -> BlockLevelMixtur
         layers.append(row)
     gates = load_file(str(root / ROUTER_FILE))["weight"]
     tok = load_tokenizer(root, "block-level mixture")
-    return BlockLevelMixture(_shell_from(config, state), config, layers, gates, names, tok, pooling)
+    mixture = BlockLevelMixture(
+        _shell_from(config, state), config, layers, gates, names, tok, pooling
+    )
+    device = resolve_device(device)
+    mixture.to(device=device, dtype=resolve_dtype(dtype, device, WEIGHTS_DTYPE))
+    mixture.gates.float()
+    return mixture
 
 
 def mixture_from_models(

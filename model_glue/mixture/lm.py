@@ -39,8 +39,13 @@ class MixtureLM(LM):
         batch_size: int | str = 32,
         max_gen_toks: int | None = None,
         route_batch_size: int = 64,
+        device: str = "cpu",
+        dtype: str | None = "float32",
         **hf_kwargs: Any,
     ) -> None:
+        """``device`` and ``dtype`` place a mixture loaded from ``pretrained`` (``auto``:
+        see :mod:`model_glue.devices`); a mixture object is used where it is.
+        ``batch_size`` may be ``"auto"`` (lm-eval's search, per route)."""
         super().__init__()
         source = mixture if mixture is not None else pretrained
         if source is None:
@@ -50,14 +55,14 @@ class MixtureLM(LM):
         if isinstance(source, str | Path):
             from model_glue.mixture.load import load_mixture
 
-            source = load_mixture(source)
+            source = load_mixture(source, device=device, dtype=dtype)
         if not isinstance(source, ModelLevelMixture | BlockLevelMixture):
             raise MixtureError(
                 f"glue-mixture serves model-level and block-level mixtures, not {type(source).__name__} "
                 "(evaluate a Mixtral directory with the 'hf' model)"
             )
         self.mixture = source
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size if batch_size == "auto" else int(batch_size)
         self.route_batch_size = route_batch_size
         self.hf_kwargs = dict(hf_kwargs)
         if max_gen_toks is not None:

@@ -32,13 +32,16 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
-def load_mixture(path: str | Path) -> nn.Module:
+def load_mixture(
+    path: str | Path, *, device: str = "cpu", dtype: str | None = "float32"
+) -> nn.Module:
     """A :class:`ModelLevelMixture`, :class:`BlockLevelMixture`, or (FFN-level and hybrid) the
-    ``MixtralForCausalLM`` that transformers itself loads from the directory."""
+    ``MixtralForCausalLM`` that transformers itself loads from the directory, with its
+    models on ``device`` in ``dtype`` (``auto``: see :mod:`model_glue.devices`)."""
     record = read_record(path)
     kind = record["kind"]
     if kind == "model_level":
-        return load_model_level_mixture(path, record)
+        return load_model_level_mixture(path, record, device, dtype)
     if kind == "block_level":
-        return load_block_level_mixture(path, record)
-    return load_model(path, f"{kind} mixture")
+        return load_block_level_mixture(path, record, device, dtype)
+    return load_model(path, f"{kind} mixture", device=device, dtype=dtype)

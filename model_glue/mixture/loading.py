@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from model_glue.devices import resolve_device, resolve_dtype
 from model_glue.errors import InputError
 
 
@@ -46,16 +47,42 @@ def local_dir(uri: str | Path, what: str) -> Path:
     return path
 
 
-def load_model(source: ModelSource, what: str = "model") -> PreTrainedModel:
-    """A causal LM in float32 eval mode, from a directory or an already loaded model."""
+def load_model(
+    source: ModelSource,
+    what: str = "model",
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+) -> PreTrainedModel:
+    """A causal LM in eval mode, from a directory (safetensors only, no remote code) or an
+    already loaded model (returned as it is). A directory is loaded on ``device`` in
+    ``dtype``; ``None`` or ``auto`` is the evaluation default of :mod:`model_glue.devices`
+    (the checkpoint's own dtype on a GPU, float32 on a CPU)."""
     if isinstance(source, PreTrainedModel):
         return source.eval()
     path = local_dir(source, what)
+    device = resolve_device(device)
+    torch_dtype = placed_dtype(path, device, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError) as e:
         raise MixtureError(f"{what} {path}: cannot be loaded as a causal LM ({e})") from e
-    return model.eval()
+    return model.to(device).eval()
+
+
+def placed_dtype(path: Path, device: str, dtype: str | torch.dtype | None) -> torch.dtype:
+    """``dtype`` resolved for the model directory ``path`` on ``device``; the checkpoint's
+    headers are read only when its own dtype is the answer (``auto`` on a GPU)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    stored = None
+    if dtype in (None, "auto") and device != "cpu":
+        from model_glue.checkpoint import Checkpoint
+
+        stored = Checkpoint(str(path)).main_dtype
+    return resolve_dtype(dtype, device, stored)
 
 
 def load_tokenizer(source: str | Path, what: str = "model") -> PreTrainedTokenizerBase:

@@ -135,6 +135,8 @@ def build_model_level_mixture(
     copy_experts: bool = False,
     relative_to: str | Path | None = None,
     location: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = "float32",
 ) -> Path:
     """Write a model-level mixture directory (see module docstring) and return its path.
 
@@ -156,7 +158,7 @@ def build_model_level_mixture(
     for d, n in zip(dirs, names, strict=True):
         load_tokenizer(d, f"expert {n}")  # refuse now, not at evaluation time
     backbone_dir = local_dir(router_backbone, "router backbone")
-    backbone = load_model(backbone_dir, "router backbone")
+    backbone = load_model(backbone_dir, "router backbone", device=device, dtype=dtype)
     num_layers = backbone.config.num_hidden_layers
     if not 0 <= layer < num_layers:
         raise MixtureError(
@@ -211,7 +213,11 @@ def build_model_level_mixture(
     return Path(out_dir).absolute()
 
 
-def load_model_level_mixture(path: str | Path, record: dict) -> ModelLevelMixture:
+def load_model_level_mixture(
+    path: str | Path, record: dict, device: str = "cpu", dtype: str | None = "float32"
+) -> ModelLevelMixture:
+    """The mixture with its experts and backbone on ``device`` in ``dtype`` (a model that
+    is both an expert and the backbone is loaded once); the gate stays float32."""
     root = Path(path)
 
     def resolve(p: str) -> Path:
@@ -233,7 +239,7 @@ def load_model_level_mixture(path: str | Path, record: dict) -> ModelLevelMixtur
     def model(d: Path, what: str) -> PreTrainedModel:
         key = d.resolve()
         if key not in loaded:
-            loaded[key] = load_model(d, what)
+            loaded[key] = load_model(d, what, device=device, dtype=dtype)
         return loaded[key]
 
     names = [e["name"] for e in experts]
