@@ -78,6 +78,32 @@ def test_device_and_dtype_reach_the_evaluation_model(demo_zoo, monkeypatch):
     assert seen == [("cpu", torch.bfloat16, "auto"), ("cpu", torch.float32, "auto")]
 
 
+def test_the_vllm_backend_gets_the_model_directory_and_dtype(demo_zoo, monkeypatch):
+    """vllm cannot be installed here (it brings its own CUDA torch): a stand-in for
+    lm-eval's ``vllm`` model class sees what a GPU machine's would."""
+    import sys
+    import types
+
+    from model_glue.evaluate import evaluate
+
+    seen = []
+
+    class VLLM:
+        def __init__(self, **kw):
+            seen.append(kw)
+            raise _Stop
+
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")
+    fake.VLLM = VLLM
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    path = demo_zoo / "models" / "add-a"
+    with pytest.raises(_Stop):
+        evaluate(path, ["demo_add"], backend="vllm", device="cpu", dtype="bfloat16", batch_size=8)
+    assert seen == [
+        {"pretrained": str(path), "dtype": "bfloat16", "batch_size": 8, "trust_remote_code": False}
+    ]
+
+
 def test_the_search_model_takes_the_evaluation_dtype(demo_zoo):
     models = demo_zoo / "models"
     scorer = ProxyScorer.from_checkpoints(
