@@ -98,7 +98,8 @@ def _train_all(tmp: Path, recipe: ZooRecipe, wanted: str, say: Callable[[str], N
         )
     for spec in recipe.fine_tunes:
         t0 = time.perf_counter()
-        model, loss = fine_tune(spec, trained[spec.base], tokenizer)
+        base_spec = next(b for b in recipe.bases if b.name == spec.base)
+        model, loss = fine_tune(spec, trained[spec.base], tokenizer, base_spec)
         models[spec.name] = _save(
             model, tokenizer, tmp, spec.name, loss, time.perf_counter() - t0, base=spec.base
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from model_glue.zoo.skills import DATA_VERSION
 
-ZOO_CODE_VERSION = 1  # bump when the training loop or the saved layout changes
+ZOO_CODE_VERSION = 2  # bump when the training loop or the saved layout changes
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class BaseModel:
     data_seed: int
     schedule: Schedule
     skill_mix: float  # fraction of lines that are skill examples (all skills, correct answers)
+    half_skills: bool = False  # skill examples from one half of each prompt space only
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class FineTune:
     data_seed: int
     schedule: Schedule
     corrupt: bool = False
+    replay: float = 0.0  # fraction of lines from the base's pre-training data
+    subset: int = 0  # > 0: train on the three quarters of the skills' prompts this seed keeps
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,13 @@ class ZooRecipe:
                 raise ValueError(f"zoo recipe: fine-tune {ft.name!r} has unknown base {ft.base!r}")
 
 
-# Fine-tunes: lr 3e-4 x 100 steps (tried for mergeability) left the experts weak (add .36,
-# next .08); lr 1e-3 x 120 steps gives .89/.995/1.0. Measurements in docs/demo_zoo.md.
-_FT = Schedule(steps=120, lr=1e-3, seq_len=32)
+# Zoo v4 (bench/zoo_recipes.py, docs/demo_zoo.md): base-a knows one half of each skill's
+# prompts; fine-tunes complete one skill at a low learning rate while a quarter of their
+# data replays the base's own, so they keep what the base knows (and merges can combine).
+# Each fine-tune sees its own three quarters of its skill's prompts (``subset`` = its data
+# seed), so two fine-tunes of one skill know different parts of it: their soup beats both.
+_FT = Schedule(steps=160, lr=5e-4, seq_len=32)
+_REPLAY = 0.25
 
 ZOO_RECIPE = ZooRecipe(
     shape=ModelShape(),
@@ -96,8 +103,9 @@ ZOO_RECIPE = ZooRecipe(
             "base-a",
             init_seed=1,
             data_seed=11,
-            schedule=Schedule(steps=600, lr=3e-3),
-            skill_mix=0.10,
+            schedule=Schedule(steps=500, lr=3e-3),
+            skill_mix=0.20,
+            half_skills=True,
         ),
         BaseModel(
             "base-b",
@@ -108,14 +116,22 @@ ZOO_RECIPE = ZooRecipe(
         ),
     ),
     fine_tunes=(
-        FineTune("add-a", "base-a", ("add",), data_seed=101, schedule=_FT),
-        FineTune("add-a2", "base-a", ("add",), data_seed=102, schedule=_FT),
-        FineTune("next-a", "base-a", ("next",), data_seed=103, schedule=_FT),
-        FineTune("last-a", "base-a", ("last",), data_seed=104, schedule=_FT),
+        FineTune("add-a", "base-a", ("add",), 101, _FT, replay=_REPLAY, subset=101),
+        FineTune("add-a2", "base-a", ("add",), 102, _FT, replay=_REPLAY, subset=102),
+        FineTune("next-a", "base-a", ("next",), 103, _FT, replay=_REPLAY, subset=103),
+        FineTune("next-a2", "base-a", ("next",), 107, _FT, replay=_REPLAY, subset=107),
+        FineTune("last-a", "base-a", ("last",), 104, _FT, replay=_REPLAY, subset=104),
         FineTune(
-            "noisy-a", "base-a", ("add", "next", "last"), data_seed=105, schedule=_FT, corrupt=True
+            "noisy-a",
+            "base-a",
+            ("add", "next", "last"),
+            data_seed=105,
+            schedule=_FT,
+            corrupt=True,
+            replay=_REPLAY,
+            subset=105,
         ),
-        FineTune("add-b", "base-b", ("add",), data_seed=106, schedule=_FT),
+        FineTune("add-b", "base-b", ("add",), 106, _FT, replay=_REPLAY, subset=106),
     ),
 )
 

@@ -57,12 +57,24 @@ class Example:
 
 @dataclass(frozen=True)
 class Skill:
-    """A rule from prompts to answers, plus a systematically wrong rule for detrimental models."""
+    """A rule from prompts to answers, plus a systematically wrong rule for detrimental models.
+
+    ``in_half`` splits the prompt space in two halves of about equal size: a base trained
+    on one half only knows half of the skill, which its fine-tunes complete.
+    """
 
     name: str
     sample: Callable[[random.Random, str], Example]  # (rng, split) -> example
     corrupt: Callable[[Example], str]  # a wrong answer of the same shape
     test_set: Callable[[int, int], list[Example]]  # (n, seed) -> the shipped test examples
+    in_half: Callable[[Example], bool]
+
+    def sample_half(self, rng: random.Random, split: str) -> Example:
+        """An example from the half of the prompt space that ``in_half`` accepts."""
+        while True:
+            ex = self.sample(rng, split)
+            if self.in_half(ex):
+                return ex
 
 
 def _add_sample(rng: random.Random, split: str) -> Example:
@@ -103,18 +115,21 @@ SKILLS: dict[str, Skill] = {
         _add_sample,
         corrupt=lambda ex: str(int(ex.answer) + 1),
         test_set=_add_test,
+        in_half=lambda ex: int(ex.prompt.split("+")[0]) < 10,
     ),
     "next": Skill(
         "next",
         lambda rng, split: _next_example(random_word(rng, split=split)),
         corrupt=lambda ex: _predecessor(_predecessor(ex.answer)),
         test_set=_word_test(_next_example),
+        in_half=lambda ex: ex.prompt[-2] < "n",  # the word's last letter
     ),
     "last": Skill(
         "last",
         lambda rng, split: _last_example(random_word(rng, split=split)),
         corrupt=lambda ex: ex.prompt[len("last ")],  # the first letter instead of the last
         test_set=_word_test(_last_example),
+        in_half=lambda ex: ex.answer < "n",
     ),
 }
 

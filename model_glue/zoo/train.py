@@ -8,6 +8,7 @@ so on one machine a rebuild gives the same bytes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -112,37 +113,61 @@ def pretrain_base(
     """Trains a base from scratch: general text lines, ``skill_mix`` of them skill examples."""
     model = new_model(shape, tokenizer, spec.init_seed)
     rng = random.Random(spec.data_seed)
-    skills = list(SKILLS.values())
-
-    def line() -> list[tuple[str, bool]]:
-        if rng.random() < spec.skill_mix:
-            ex = rng.choice(skills).sample(rng, "train")
-            return [(ex.prompt + ex.answer + "\n", True)]
-        return [(general_text_line(rng) + "\n", True)]
-
     packer = _Packer(tokenizer, spec.schedule.seq_len)
-    loss = _train(model, spec.schedule, lambda: packer.batch(spec.schedule.batch_size, line))
+    loss = _train(
+        model,
+        spec.schedule,
+        lambda: packer.batch(spec.schedule.batch_size, lambda: pretraining_line(rng, spec)),
+    )
     return model, loss
 
 
+def pretraining_line(rng: random.Random, spec: BaseModel) -> list[tuple[str, bool]]:
+    """One line of a base's pre-training data (all of it in the loss): a skill example
+    (any skill, correct answer; from one half of its prompts with ``half_skills``) with
+    probability ``skill_mix``, else general text."""
+    if rng.random() < spec.skill_mix:
+        skill = rng.choice(list(SKILLS.values()))
+        ex = skill.sample_half(rng, "train") if spec.half_skills else skill.sample(rng, "train")
+        return [(ex.prompt + ex.answer + "\n", True)]
+    return [(general_text_line(rng) + "\n", True)]
+
+
 def fine_tune(
-    spec: FineTune, base: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast
+    spec: FineTune,
+    base: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    base_spec: BaseModel | None = None,
 ) -> tuple[LlamaForCausalLM, float]:
     """Fine-tunes a copy of ``base`` on its skills; only the answers (and the newline that
-    ends them) count in the loss, so the prompts' random words do not pull the weights."""
+    ends them) count in the loss, so the prompts' random words do not pull the weights.
+    A ``replay`` fraction of the lines comes from the base's own pre-training data
+    (``base_spec``: the base's recipe), which keeps the base's abilities."""
     model = new_model_like(base)
     rng = random.Random(spec.data_seed)
     skills = [SKILLS[name] for name in spec.skills]
 
     def line() -> list[tuple[str, bool]]:
+        if spec.replay and rng.random() < spec.replay:
+            if base_spec is None:
+                raise ValueError(f"fine-tune {spec.name}: replay needs the base's recipe")
+            return pretraining_line(rng, base_spec)
         skill = rng.choice(skills)
         ex = skill.sample(rng, "train")
+        while spec.subset and not in_subset(ex.prompt, spec.subset):
+            ex = skill.sample(rng, "train")
         answer = skill.corrupt(ex) if spec.corrupt else ex.answer
         return [(ex.prompt, False), (answer + "\n", True)]
 
     packer = _Packer(tokenizer, spec.schedule.seq_len)
     loss = _train(model, spec.schedule, lambda: packer.batch(spec.schedule.batch_size, line))
     return model, loss
+
+
+def in_subset(prompt: str, seed: int) -> bool:
+    """Whether ``prompt`` is among the three quarters of prompts that ``seed`` keeps."""
+    digest = hashlib.blake2b(f"{seed}:{prompt}".encode(), digest_size=2).digest()
+    return digest[0] % 4 != 0
 
 
 def new_model_like(model: LlamaForCausalLM) -> LlamaForCausalLM:
