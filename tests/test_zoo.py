@@ -254,6 +254,16 @@ def test_demo_zoo_recipe_has_every_kind_of_model_the_method_needs():
     assert ZOO_RECIPE.bases[0].half_skills and all(ft.replay > 0 for ft in fts.values())
 
 
+def test_each_fine_tune_subset_keeps_its_own_three_quarters_of_the_prompts():
+    from model_glue.zoo.train import in_subset
+
+    space = [f"{a}+{b}=" for a in range(20) for b in range(10)]
+    kept = {seed: {p for p in space if in_subset(p, seed)} for seed in (101, 102)}
+    for seed, prompts in kept.items():
+        assert 0.65 <= len(prompts) / len(space) <= 0.85, seed
+    assert kept[101] != kept[102] and len(kept[101] | kept[102]) > len(kept[101])
+
+
 def test_half_skills_split_each_prompt_space_in_two():
     rng = random.Random(3)
     for skill in SKILLS.values():
