@@ -42,6 +42,7 @@ from model_glue.mixture import (  # noqa: E402
     router_accuracy,
 )
 from model_glue.mixture.hidden import layer_inputs  # noqa: E402
+from model_glue.zoo.eval_sets import LM_TASKS_DIR  # noqa: E402
 
 EXPERTS = ["add-a", "next-a", "last-a"]
 TASKS = ["demo_add", "demo_next", "demo_last"]
@@ -58,8 +59,9 @@ PROMPTS = {
     }
     for name, pos in POSITIVE.items()
 }
-N_DOCS = 200
-EVAL_IDS = {t: list(range(1, N_DOCS, 2)) for t in TASKS}
+# documents in each task's test split (150 add prompts, 200 next and last words)
+N_DOCS = {t: len((LM_TASKS_DIR / f"{t}.jsonl").read_text().splitlines()) for t in TASKS}
+EVAL_IDS = {t: list(range(1, N_DOCS[t], 2)) for t in TASKS}
 
 
 def timed_lm(lm):
