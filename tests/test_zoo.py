@@ -270,7 +270,9 @@ def test_half_skills_split_each_prompt_space_in_two():
         drawn = [skill.sample(rng, "train") for _ in range(4000)]
         share = sum(map(skill.in_half, drawn)) / len(drawn)
         assert 0.4 <= share <= 0.6, (skill.name, share)
-        assert all(skill.in_half(skill.sample_half(rng, "train")) for _ in range(200))
+        assert all(
+            skill.in_half(skill.sample_where(rng, "train", skill.in_half)) for _ in range(200)
+        )
 
 
 def test_shipped_test_and_validation_sets_equal_the_skill_rules_and_never_overlap():

@@ -69,12 +69,14 @@ class Skill:
     test_set: Callable[[int, int], list[Example]]  # (n, seed) -> the shipped test examples
     in_half: Callable[[Example], bool]
 
-    def sample_half(self, rng: random.Random, split: str) -> Example:
-        """An example from the half of the prompt space that ``in_half`` accepts."""
-        while True:
+    def sample_where(
+        self, rng: random.Random, split: str, keep: Callable[[Example], bool] | None = None
+    ) -> Example:
+        """An example that ``keep`` accepts (any example without it), drawn by rejection."""
+        ex = self.sample(rng, split)
+        while keep is not None and not keep(ex):
             ex = self.sample(rng, split)
-            if self.in_half(ex):
-                return ex
+        return ex
 
 
 def _add_sample(rng: random.Random, split: str) -> Example:

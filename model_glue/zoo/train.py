@@ -128,7 +128,7 @@ def pretraining_line(rng: random.Random, spec: BaseModel) -> list[tuple[str, boo
     probability ``skill_mix``, else general text."""
     if rng.random() < spec.skill_mix:
         skill = rng.choice(list(SKILLS.values()))
-        ex = skill.sample_half(rng, "train") if spec.half_skills else skill.sample(rng, "train")
+        ex = skill.sample_where(rng, "train", skill.in_half if spec.half_skills else None)
         return [(ex.prompt + ex.answer + "\n", True)]
     return [(general_text_line(rng) + "\n", True)]
 
@@ -153,9 +153,9 @@ def fine_tune(
                 raise ValueError(f"fine-tune {spec.name}: replay needs the base's recipe")
             return pretraining_line(rng, base_spec)
         skill = rng.choice(skills)
-        ex = skill.sample(rng, "train")
-        while spec.subset and not in_subset(ex.prompt, spec.subset):
-            ex = skill.sample(rng, "train")
+        ex = skill.sample_where(
+            rng, "train", (lambda e: in_subset(e.prompt, spec.subset)) if spec.subset else None
+        )
         answer = skill.corrupt(ex) if spec.corrupt else ex.answer
         return [(ex.prompt, False), (answer + "\n", True)]
 
