@@ -108,6 +108,11 @@ def test_mixtures_load_on_the_asked_device_and_dtype(zoo, tmp_path, monkeypatch)
         params = [(n.split(".")[0], p.dtype) for n, p in lm16.mixture.named_parameters()]
         assert {d for top, d in params if top not in ("gate", "gates")} == {torch.bfloat16}
         assert {d for top, d in params if top in ("gate", "gates")} == {torch.float32}
+        gates16, gates32 = (
+            [p for n, p in lm.mixture.named_parameters() if n.split(".")[0] in ("gate", "gates")]
+            for lm in (lm16, lm32)
+        )
+        assert all(torch.equal(a, b) for a, b in zip(gates16, gates32, strict=True))
         assert lm16.route([c for c, _ in PAIRS]) == lm32.route([c for c, _ in PAIRS])
         got16 = lm16.loglikelihood(requests("loglikelihood", PAIRS))
         got32 = lm32.loglikelihood(requests("loglikelihood", PAIRS))

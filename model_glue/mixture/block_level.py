@@ -313,8 +313,10 @@ def load_block_level_mixture(
         _shell_from(config, state), config, layers, gates, names, tok, pooling
     )
     device = resolve_device(device)
-    mixture.to(device=device, dtype=resolve_dtype(dtype, device, WEIGHTS_DTYPE))
-    mixture.gates.float()
+    mixture.to(device)
+    # the layers take the dtype; the gates keep their float32 values
+    for part in (mixture.shell, mixture.experts):
+        part.to(dtype=resolve_dtype(dtype, device, WEIGHTS_DTYPE))
     return mixture
 
 

@@ -16,12 +16,7 @@ class SampleGate(nn.Module):
         self.bias = nn.Parameter(b, requires_grad=False)
 
     def scores(self, pooled: torch.Tensor) -> torch.Tensor:
-        # float32 on the pooled state's device, whatever the experts' dtype
-        weight, bias = (
-            self.weight.to(pooled.device, torch.float32),
-            self.bias.to(pooled.device, torch.float32),
-        )
-        return pooled.float() @ weight.T + bias
+        return pooled.float() @ self.weight.T + self.bias
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.scores(pooled).argmax(-1)
