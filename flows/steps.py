@@ -317,6 +317,10 @@ def mixture(
     label = f"mixture-{mc.variant}-{router}"
     accuracy = mc.router_accuracy and mc.variant == "model_level"
     backbone = _best(experts, means)
+    # model-level mixtures run their models in the models' dtype; FFN-level, hybrid and
+    # block-level ones are written in float32 (Mixtral directories, which transformers
+    # loads, and the block-level weights)
+    stored = backbone.dtype if mc.variant == "model_level" else "F32"
     o = rec.run(
         call(
             build_mixture,
@@ -336,19 +340,17 @@ def mixture(
             top_k=mc.top_k,
             labels=labels,
             batch_size=cfg.evaluation.batch_size,
-            **placement(cfg, backbone.dtype),
+            **placement(cfg, stored),
         )
     )
     if o.record is None:
         return None
     r = o.record
-    # model- and block-level mixtures evaluate through our lm-eval model, model-level ones
-    # in their models' dtype; FFN-level, hybrid and block-level ones are written in
-    # float32 (Mixtral directories, which transformers loads, and the block-level weights)
+    # model- and block-level mixtures evaluate through our lm-eval model
     loader = "mixture" if mc.variant in ("model_level", "block_level") else None
     ref = ModelRef(
         label, r["path"], r["fingerprint"], r["artifact_id"], "mixture",
-        dtype=backbone.dtype if mc.variant == "model_level" else "F32", loader=loader,
+        dtype=stored, loader=loader,
     )  # fmt: skip
     return Mixture(ref, r["router_accuracy"], [e.name for e in experts])
 
