@@ -96,26 +96,26 @@ def base_model(name: str, tokenizer):
     return model, seconds
 
 
-def average(models, weights=None):
+def merged(like, method: str, models, base=None, **params):
+    """A copy of ``like`` holding the merge engine's in-memory merge of ``models``."""
     import copy
 
-    weights = weights or [1 / len(models)] * len(models)
-    out = copy.deepcopy(models[0])
+    from model_glue.merge import merge_in_memory
+
+    out = copy.deepcopy(like)
     states = [m.state_dict() for m in models]
     out.load_state_dict(
-        {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) for k in states[0]}
+        merge_in_memory(method, states, base.state_dict() if base else None, params=params)
     )
     return out
 
 
-def task_arithmetic(base, models, lam):
-    import copy
+def average(models):
+    return merged(models[0], "linear", models)
 
-    out = copy.deepcopy(base)
-    b = base.state_dict()
-    states = [m.state_dict() for m in models]
-    out.load_state_dict({k: b[k] + lam * sum(s[k] - b[k] for s in states) for k in b})
-    return out
+
+def task_arithmetic(base, models, lam):
+    return merged(base, "task_arithmetic", models, base, **{"lambda": lam})
 
 
 def scores(model, tokenizer, limit: int) -> dict[str, float]:
