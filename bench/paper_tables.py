@@ -73,6 +73,7 @@ def merging_table(zoo: Path, work: Path, budget: int) -> list[dict]:
     from storage import LineageDB
 
     rows = []
+    members = family_a(zoo)
     for strategy in STRATEGIES:
         for method, params in METHODS.items():
             t0 = time.perf_counter()
@@ -97,7 +98,7 @@ def merging_table(zoo: Path, work: Path, budget: int) -> list[dict]:
             )
             kept = json.loads(meta["meta"][0])["accepted"] if meta.height else []
             row = board.get(merged[0]) if merged else None
-            family = [r for n, r in board.items() if n in family_a(zoo) and r["kind"] == "model"]
+            family = [r for n, r in board.items() if n in members and r["kind"] == "model"]
             best = max(family, key=lambda r: r["mean"], default=None)
             rows.append(
                 {
