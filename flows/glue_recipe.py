@@ -27,7 +27,7 @@ from rich.console import Console
 from flows import steps
 from flows._logging import RunFailed, quiet_handled_failures
 from flows._recorder import Recorder
-from model_glue.config import RunConfig, load_config, validate_tasks
+from model_glue.config import RunConfig, load_config, validate_mixture_families, validate_tasks
 from model_glue.devices import resolve_device
 from model_glue.env import glue_home
 from model_glue.errors import InputError
@@ -52,6 +52,7 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
     try:
         cfg = load_config(config_path)
         validate_tasks(cfg, config_path)  # unknown tasks fail before any stage runs
+        validate_mixture_families(cfg, config_path)  # so does an MoE of an unknown family
         resolve_device(cfg.evaluation.device)  # a GPU named in the config must be there
     except InputError as e:
         raise RunFailed(str(e)) from None
@@ -123,7 +124,7 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
     mixture = None
     if cfg.mixture.variant != "none":
         rec.section("mixture")
-        experts = steps.experts_of(clusters, searched, merged)  # one per cluster
+        experts = steps.experts_of(clusters, searched, merged)  # one per (unfailed) cluster
         candidates = steps.candidates_of(experts, clusters)  # and every zoo model
         mixture = steps.mixture(experts, candidates, proxy, cfg, rec)
         if mixture is not None:

@@ -58,24 +58,36 @@ def fingerprint(cfg: RunConfig, rec: Recorder) -> list[ModelRef]:
                 rec.failures.append(Failure("fingerprint", m.name, why, True))
                 continue
             rec.say(f"kept {m.name} (allow_nonfinite): {why}", "yellow")
+        if o.record.get("layout_inferred"):
+            rec.say(f"{m.name}: {o.record['layout']} (not in the architecture catalog)", "yellow")
         models.append(ModelRef.zoo(o.record, m.name))
     if not models:
         raise RunFailed("no usable model in the zoo")
     return models
 
 
-def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> list[str]:
+@dataclass(frozen=True)
+class Similarities:
+    """The raw-weight similarity records clustering reads, and the models of the groups
+    whose similarity failed (each stays a cluster of its own)."""
+
+    keys: list[str]
+    failed: list[ModelRef] = field(default_factory=list)
+
+
+def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> Similarities:
     """Raw-weight similarity over each architecture group, and task-vector cosine inside
-    each declared base family; returns the group records' keys (what clustering reads)."""
+    each declared base family. A group whose similarity fails leaves its models as they
+    are (the failure is recorded; the rest of the recipe runs)."""
     groups = list(cfg.similarity.groups)
     by_arch: dict[str, list[ModelRef]] = defaultdict(list)
     for m in models:
         by_arch[m.arch_signature or ""].append(m)
-    calls, raw = [], []
+    calls, raw = [], {}
     for arch, members in sorted(by_arch.items()):
         if len(members) < 2:
             continue
-        raw.append(len(calls))
+        raw[len(calls)] = members
         label = f"{len(members)} models, arch {arch[:8]}"
         calls.append(call(compute_similarity, label, models=by_fingerprint(members), groups=groups))
         for base, tunes in _base_families(members, cfg):
@@ -83,32 +95,50 @@ def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> list[st
             family = by_fingerprint([base, *tunes])
             calls.append(call(compute_similarity, label, models=family, groups=groups, base=base))
     outcomes = [rec.run(c) for c in calls]
-    for c, o in zip(calls, outcomes, strict=True):
-        if o.record is None:
-            raise RunFailed(f"similarity {c.label} failed")
-    return [outcomes[i].record["key"] for i in raw]
+    keys, failed = [], []
+    for i, (c, o) in enumerate(zip(calls, outcomes, strict=True)):
+        if o.record is not None:
+            if i in raw:
+                keys.append(o.record["key"])
+        elif o.status != "failed":  # a plan: not computed yet, clustering waits on it
+            raise RunFailed(f"similarity {c.label} has no result")
+        elif i in raw:
+            failed += raw[i]
+            names = ", ".join(m.name for m in raw[i])
+            rec.say(f"similarity {c.label} failed: {names} stay unclustered", "yellow")
+    return Similarities(keys, failed)
 
 
 def cluster(
-    models: list[ModelRef], sim_keys: list[str], cfg: RunConfig, rec: Recorder
+    models: list[ModelRef], sims: Similarities, cfg: RunConfig, rec: Recorder
 ) -> list[list[ModelRef]]:
-    """Complete-linkage clusters inside each architecture group, at the (auto) threshold."""
+    """Complete-linkage clusters inside each architecture group, at the (auto) threshold;
+    the models of a group whose similarity failed are clusters of one."""
     sc = cfg.similarity
+    alone = {m.fingerprint for m in sims.failed}
+    measured = [m for m in models if m.fingerprint not in alone]
+    singletons = [[m] for m in models if m.fingerprint in alone]
+    if not measured:
+        return singletons
     o = rec.run(
         call(
             cluster_zoo,
             f"threshold {sc.threshold} on {sc.metric}",
-            models=by_fingerprint(models),
-            similarity_keys=sim_keys,
+            models=by_fingerprint(measured),
+            similarity_keys=sims.keys,
             metric=sc.metric,
             threshold=sc.threshold,
-            related=_related_pairs(models, cfg),
+            related=_related_pairs(measured, cfg),
         )
     )
     if o.record is None:
-        raise RunFailed("clustering failed")
+        if o.status != "failed":
+            raise RunFailed("clustering has no result")
+        rec.say("clustering failed: every model stays a cluster of its own", "yellow")
+        return [[m] for m in models]
     by_fp = {m.fingerprint: m for m in models}
-    return [[by_fp[m["fingerprint"]] for m in c["members"]] for c in o.record["clusters"]]
+    found = [[by_fp[m["fingerprint"]] for m in c["members"]] for c in o.record["clusters"]]
+    return found + singletons
 
 
 def mergeable(clusters: list[list[ModelRef]], cfg: RunConfig, rec: Recorder) -> list[Cluster]:
@@ -208,7 +238,8 @@ def experts_of(
     clusters: list[list[ModelRef]], searched: list[Cluster], merged: dict[int, ModelRef]
 ) -> list[ModelRef]:
     """One model per cluster: its merged model, else the member that stands alone (a
-    singleton, or the one member its search kept). Clusters that failed have none."""
+    singleton, or the one member its search kept). A cluster whose search or merge failed
+    (or could not run) leaves its members as they are: each stands for itself."""
     kept = {c.index: c for c in searched}
     out = []
     for i, members in enumerate(clusters):
@@ -219,6 +250,8 @@ def experts_of(
         elif i in kept and len(kept[i].accepted) == 1 and kept[i].base is None:
             (only,) = kept[i].accepted
             out.append(next(m for m in members if m.name == only["name"]))
+        else:
+            out.extend(members)
     return out
 
 

@@ -179,10 +179,12 @@ def final_line(f: dict) -> str:
     if f.get("best_single") is None or f.get("test_mean") is None:
         return line
     rel = f" ({f['relative_gain']:+.1%})" if f.get("relative_gain") is not None else ""
+    # every zoo model at 0 on every task: no fraction of the per-task best to give
+    of = f"{f['of_oracle']:.2f}" if f.get("of_oracle") is not None else "n/a"
     return (
         f"{line}; test mean {f['test_mean']:.3f}: {f['gain']:+.3f}{rel} over the best single "
         f"model {f['best_single']} ({f['best_single_test_mean']:.3f}), "
-        f"{f['of_oracle']:.2f} of the per-task best of the zoo ({f['oracle_mean']:.3f})"
+        f"{of} of the per-task best of the zoo ({f['oracle_mean']:.3f})"
     )
 
 
@@ -377,8 +379,9 @@ def mix(
 ) -> None:
     """Build one mixture (model-level, block-level, FFN-level or hybrid) as CONFIG describes.
 
-    See model_glue/mixture/mix_file.py for the keys; FFN-level and hybrid outputs are
-    Mixtral directories that AutoModelForCausalLM loads."""
+    See model_glue/mixture/mix_file.py for the keys; FFN-level and hybrid outputs are MoE
+    directories of the experts' family (Mixtral for Llama and Mistral, Qwen2-MoE, Qwen3-MoE)
+    that AutoModelForCausalLM loads."""
     from model_glue.checkpoint import CheckpointError
     from model_glue.mixture import MixtureError
     from model_glue.mixture.mix_file import build_from_file
@@ -388,6 +391,22 @@ def mix(
     except (MixtureError, CheckpointError, FileNotFoundError) as e:
         _fail(" ".join(str(e).split()))
     console.print(f"mixture written to {path}")
+
+
+@app.command("architectures")
+def architectures(
+    markdown: Annotated[bool, typer.Option(help="The README's Markdown table.")] = False,
+) -> None:
+    """List the declared architectures: where their layers are, their tensor roles, and
+    which FFN-level MoE their experts make. Others get a layout inferred from tensor names."""
+    from model_glue.architectures import ARCHITECTURES, MOE_BUILDERS, markdown_table
+
+    if markdown:
+        print(markdown_table())
+        return
+    for a in ARCHITECTURES:
+        moe = f"; FFN-level MoE as {MOE_BUILDERS[a.moe_builder]}" if a.moe_builder else ""
+        console.print(f"{a.name:<24} {a.layers:<20} {a.describe()}{moe}", highlight=False)
 
 
 @app.command("methods")

@@ -12,7 +12,9 @@ import base64
 import html
 import io
 import json
+import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -48,7 +50,7 @@ def build_report(db: LineageDB, flow_run_id: str | None = None) -> str:
 def write_report(db: LineageDB, out: str | Path, flow_run_id: str | None = None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(build_report(db, flow_run_id), encoding="utf-8")
     tmp.replace(out)
     return out

@@ -22,6 +22,7 @@ from functools import cached_property
 import fsspec
 import torch
 
+from model_glue.architectures import Layout, resolve_layout
 from model_glue.errors import InputError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -271,6 +272,13 @@ class Checkpoint:
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    @cached_property
+    def layout(self) -> Layout:
+        """What each tensor is (the architecture catalog's entry, or an inferred layout);
+        a :class:`~model_glue.architectures.LayoutError` when the tensors contradict it."""
+        shapes = {n: t.shape for n, t in self.tensors.items()}
+        return resolve_layout(self.config, shapes, where=self.uri)
 
     def read_bytes(self, name: str) -> bytes:
         info = self._info(name)

@@ -427,3 +427,41 @@ def validate_tasks(cfg: RunConfig, source: str = "<config>") -> None:
                 f"{source}: {key}: unknown lm-eval task {', '.join(repr(t) for t in bad)} "
                 f"(searched {', '.join(task_folders(paths))} and lm-eval's built-in tasks)"
             )
+
+
+def validate_mixture_families(cfg: RunConfig, source: str = "<config>") -> None:
+    """FFN-level and hybrid mixtures are written as the MoE model of their experts' family,
+    block-level ones from Llama layers: a zoo model of another family is a
+    :class:`ConfigError` before any stage runs (its ``config.json`` is all that is read;
+    an unreadable one is left to fingerprinting to report)."""
+    import json
+
+    import fsspec
+
+    from model_glue.architectures import lookup, moe_families
+    from model_glue.architectures.catalog import BLOCK_LEVEL_FAMILIES
+
+    variant = cfg.mixture.variant
+    if variant not in ("ffn_moe", "hybrid", "block_level"):
+        return
+    for m in cfg.zoo:
+        try:
+            with fsspec.open(m.path.rstrip("/") + "/config.json", "r") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        arch = lookup(config)
+        found = arch.name if arch else (config.get("architectures") or ["unknown"])[0]
+        if variant == "block_level":
+            if arch is None or arch.family not in BLOCK_LEVEL_FAMILIES:
+                raise ConfigError(
+                    f"{source}: mixture.variant: block_level cannot be built from zoo model "
+                    f"{m.name!r} ({found}); supported: LlamaForCausalLM "
+                    "(model_level mixes any architectures)"
+                )
+        elif arch is None or arch.moe_builder is None:
+            raise ConfigError(
+                f"{source}: mixture.variant: {variant} cannot be built from zoo model "
+                f"{m.name!r} ({found}); supported: {'; '.join(moe_families())} "
+                "(model_level mixes any architectures)"
+            )

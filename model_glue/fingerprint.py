@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from model_glue.architectures import config_value
 from model_glue.checkpoint import Checkpoint, _join
 
 FINGERPRINT_VERSION = "1"
@@ -64,6 +65,8 @@ class ModelFingerprint:
     bytes: int
     # floating tensors holding NaN or Inf (found while hashing; no extra read)
     nonfinite: tuple[str, ...] = ()
+    layout: str = ""  # the catalog's layout, or the inferred one, in one line
+    layout_inferred: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -77,9 +80,7 @@ def _sha(data: str | bytes) -> str:
 
 def architecture_signature(ckpt: Checkpoint) -> str:
     """Hash of what must match for two checkpoints to be merged tensor by tensor."""
-    cfg = ckpt.config
-    text_cfg = cfg.get("text_config") or {}
-    keys = {k: cfg.get(k, text_cfg.get(k)) for k in ARCH_KEYS}
+    keys = {k: config_value(ckpt.config, k) for k in ARCH_KEYS}  # n_embd is hidden_size...
     layout = [(n, list(t.shape)) for n, t in ckpt.tensors.items()]
     return _sha(json.dumps({"config": keys, "tensors": layout}, sort_keys=True))[:32]
 
@@ -131,6 +132,7 @@ def fingerprint_checkpoint(
 ) -> ModelFingerprint:
     """Hash a checkpoint's content. Reads every tensor once, in bounded chunks."""
     ckpt = uri if isinstance(uri, Checkpoint) else Checkpoint(str(uri))
+    layout = ckpt.layout  # tensors that contradict the declared architecture fail here
     outer = hashlib.sha256(f"model-glue-fingerprint-v{FINGERPRINT_VERSION}\n".encode())
     total = len(ckpt.tensors)
     nonfinite = []
@@ -158,6 +160,8 @@ def fingerprint_checkpoint(
         n_tensors=len(ckpt.tensors),
         bytes=sum(t.nbytes for t in ckpt.tensors.values()),
         nonfinite=tuple(nonfinite),
+        layout=layout.describe(),
+        layout_inferred=layout.inferred,
     )
 
 

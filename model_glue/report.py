@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 
@@ -35,7 +37,8 @@ def leaderboard_plot(
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=len(columns), loc="upper right")
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
+    # a name of this process's own: two runs on one home never replace each other's file
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out)

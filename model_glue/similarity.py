@@ -4,7 +4,10 @@ The paper's metric: for each attention and MLP projection matrix W [out, in], th
 between the two models' input columns W[:, j], averaged over columns; ``sim_all`` averages
 that over all selected matrices, ``sim_attn`` / ``sim_mlp`` over their subsets. Raw weights,
 not task vectors; embeddings, norms and lm_head are left out by default (norm weights start
-at one and inflate every cosine).
+at one and inflate every cosine). Which tensors are attention or MLP projections, and which
+axis holds their input columns (GPT-2's ``Conv1D`` stores ``[in, out]``), is the checkpoint's
+:class:`~model_glue.architectures.Layout`: fused projections (``qkv_proj``, ``gate_up_proj``)
+are compared as they are stored.
 
 All pairs are computed in ONE streaming pass: for each tensor name the N models' tensors are
 read once and a batched Gram matrix over input columns gives every pair at the same time.
@@ -15,41 +18,29 @@ same pass.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
 
 import torch
 
+from model_glue.architectures import Layout
 from model_glue.checkpoint import Checkpoint
+from model_glue.errors import InputError
 
 SIMILARITY_VERSION = "1"
 
-TENSOR_GROUPS: dict[str, re.Pattern] = {
-    "attn": re.compile(r"(^|\.)layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$"),
-    "mlp": re.compile(r"(^|\.)layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$"),
-    "embed": re.compile(r"(^|\.)(embed_tokens|lm_head)\.weight$"),
-}
 DEFAULT_GROUPS = ("attn", "mlp")
 _COLUMN_CHUNK_ELEMS = 8 * 1024 * 1024  # per model, per chunk of columns
 
 
-def tensor_group(name: str) -> str | None:
-    for group, pattern in TENSOR_GROUPS.items():
-        if pattern.search(name):
-            return group
-    return None
+class SimilarityError(InputError):
+    """The models cannot be compared: no projection matrices, or different layouts."""
 
 
-def select_tensors(names: Iterable[str], groups: Iterable[str] = DEFAULT_GROUPS) -> list[str]:
-    groups = tuple(groups)
-    unknown = set(groups) - TENSOR_GROUPS.keys()
-    if unknown:
-        raise ValueError(
-            f"unknown tensor group(s) {sorted(unknown)}; allowed: {sorted(TENSOR_GROUPS)}"
-        )
-    return [n for n in sorted(names) if tensor_group(n) in groups]
+def select_tensors(layout: Layout, groups: Iterable[str] = DEFAULT_GROUPS) -> list[str]:
+    """The tensors of ``groups`` in ``layout`` (attention/MLP projections, embeddings)."""
+    return layout.select(groups)
 
 
 def column_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,6 +80,7 @@ class SimilarityResult:
     tensors: list[str]
     groups: list[str]
     base: str | None
+    layers: dict[str, int | None] = field(default_factory=dict)  # tensor -> decoder layer
     summary: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     per_tensor: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
 
@@ -109,7 +101,14 @@ class SimilarityResult:
 
     def tensor_records(self) -> list[dict]:
         return [
-            {"model_a": a, "model_b": b, "metric": "column_cosine", "tensor": t, "value": v}
+            {
+                "model_a": a,
+                "model_b": b,
+                "metric": "column_cosine",
+                "tensor": t,
+                "layer": self.layers.get(t),
+                "value": v,
+            }
             for (a, b), values in sorted(self.per_tensor.items())
             for t, v in values.items()
         ]
@@ -141,18 +140,22 @@ def pairwise_similarity(
     if not wanted:
         return result
     first = checkpoints[involved[0]]
-    tensors = select_tensors(first.names(), groups)
+    layout = first.layout
+    tensors = select_tensors(layout, groups)
     if not tensors:
-        raise ValueError(f"{first.uri}: no tensors match groups {groups}")
+        raise SimilarityError(
+            f"{first.uri}: no {'/'.join(groups)} tensors to compare ({layout.describe()})"
+        )
     for m in involved[1:]:
         ck = checkpoints[m]
         for t in tensors:
             if t not in ck.tensors or ck.tensors[t].shape != first.tensors[t].shape:
-                raise ValueError(
+                raise SimilarityError(
                     f"{ck.uri}: tensor {t!r} missing or shaped differently than in {first.uri}; "
                     "similarity is only defined within one architecture"
                 )
     result.tensors = tensors
+    result.layers = {t: layout.layer_of(t) for t in tensors}
     result.base = base.uri if base is not None else None
     idx = {m: i for i, m in enumerate(involved)}
     n = len(involved)
@@ -163,9 +166,10 @@ def pairwise_similarity(
     per_tensor_cos: dict[str, torch.Tensor] = {}
     for k, t in enumerate(tensors):
         stack = torch.stack([checkpoints[m].tensor(t).float() for m in involved])
-        cos = column_cosine_gram(stack) if stack.dim() == 3 else _cos_from_gram(_flat_gram(stack))
+        columns = layout.input_columns(t, stack)  # [N, out, in] whatever the storage
+        cos = column_cosine_gram(columns) if stack.dim() == 3 else _cos_from_gram(_flat_gram(stack))
         per_tensor_cos[t] = cos
-        g = tensor_group(t)
+        g = layout.group_of(t)
         col_sum[g] += cos
         col_count[g] += 1
         flat += _flat_gram(stack)

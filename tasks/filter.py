@@ -80,7 +80,7 @@ def _filter(
                 similarity=scorer.similarity if strategy == "similarity" else None,
                 min_gain=settings["min_gain"],
             )
-    engine_params = engine_model_params(result.spec, scorer.num_layers)
+    engine_params = engine_model_params(result.spec, scorer.layout)
     merge_s = sum(c.merge_seconds for c in scorer.costs)
     eval_s = sum(c.eval_seconds for c in scorer.costs)
     return {

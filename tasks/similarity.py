@@ -50,6 +50,7 @@ def _similarity(
                     "per_tensor": result.per_tensor[(a, b)],
                 },
             )
+    layout = Checkpoint(models[0]["uri"]).layout  # headers only
     rows, tensor_rows = [], []
     for a, b in pairs:
         pair = store.get_json(PAIR_KIND, pair_key(a, b, groups, base_fp))
@@ -60,7 +61,14 @@ def _similarity(
             for m, v in sorted(pair["summary"].items())
         ]
         tensor_rows += [
-            {"model_a": fa, "model_b": fb, "tensor": t, "metric": "column_cosine", "value": v}
+            {
+                "model_a": fa,
+                "model_b": fb,
+                "tensor": t,
+                "layer": layout.layer_of(t),
+                "metric": "column_cosine",
+                "value": v,
+            }
             for t, v in pair["per_tensor"].items()
         ]
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+from model_glue.architectures.catalog import ARCHITECTURES_VERSION
 from model_glue.clustering import CLUSTERING_VERSION
 from model_glue.fingerprint import FINGERPRINT_VERSION
 from model_glue.merge.spec import ENGINE_VERSION
@@ -16,15 +17,18 @@ from model_glue.similarity import SIMILARITY_VERSION
 from tasks.stage import Component
 
 LM_EVAL = Component("lm-eval", version("lm-eval"))
-# "-finite": records say which tensors hold NaN/Inf (the fingerprint itself is unchanged)
-FINGERPRINT = Component("fingerprint", f"{FINGERPRINT_VERSION}-finite")
-SIMILARITY = Component("similarity", SIMILARITY_VERSION)
+# which tensor is which projection of which layer (model_glue.architectures)
+ARCHITECTURES = Component("architectures", ARCHITECTURES_VERSION)
+# "-finite": records say which tensors hold NaN/Inf (the fingerprint itself is unchanged);
+# the layout check leaves out checkpoints whose tensors contradict their architecture
+FINGERPRINT = Component("fingerprint", f"{FINGERPRINT_VERSION}-finite", uses=(ARCHITECTURES,))
+SIMILARITY = Component("similarity", SIMILARITY_VERSION, uses=(ARCHITECTURES,))
 CLUSTERING = Component("clustering", CLUSTERING_VERSION)
-ENGINE = Component("merge-engine", ENGINE_VERSION)
+ENGINE = Component("merge-engine", ENGINE_VERSION, uses=(ARCHITECTURES,))
 EVALUATION = Component("evaluation", "1", uses=(LM_EVAL,))
 # the search merges through the engine and scores through lm-eval
 SEARCH = Component("search", "1", uses=(ENGINE, EVALUATION))
 # router accuracy runs lm-eval; "2": a linear router fitted on the selection's proxy labels
-MIXTURE = Component("mixture", "2", uses=(EVALUATION,))
+MIXTURE = Component("mixture", "2", uses=(EVALUATION, ARCHITECTURES))
 # expert selection (cross-validated linear routing) and the final choice, on proxy scores
 SELECTION = Component("selection", "1", uses=(EVALUATION,))

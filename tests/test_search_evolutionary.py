@@ -98,30 +98,59 @@ def test_bad_input_is_named():
         evolutionary_search(["a", "a"], distance_score)
 
 
+def _layout(arch: str, prefix: str, layers: int = 4):
+    from model_glue.architectures import resolve_layout
+
+    if arch == "GPT2LMHeadModel":
+        per = {
+            "attn.c_attn": (8, 24),
+            "attn.c_proj": (8, 8),
+            "mlp.c_fc": (8, 32),
+            "mlp.c_proj": (32, 8),
+        }
+        outside = {"transformer.wte.weight": (16, 8)}
+    else:
+        per = {f"self_attn.{p}_proj": (8, 8) for p in "qkvo"}
+        per |= {"mlp.gate_proj": (16, 8), "mlp.up_proj": (16, 8), "mlp.down_proj": (8, 16)}
+        outside = {"model.embed_tokens.weight": (16, 8), "lm_head.weight": (16, 8)}
+    shapes = {f"{prefix}.{i}.{p}.weight": s for i in range(layers) for p, s in per.items()}
+    return resolve_layout({"architectures": [arch]}, {**shapes, **outside})
+
+
 def test_layer_groups_are_contiguous_and_other_tensors_go_last():
-    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)]
-    assert [layer_group_of(n, 4, 2) for n in names] == [0, 0, 1, 1]
-    assert [layer_group_of(n, 4, 3) for n in names] == [0, 0, 1, 2]
-    assert layer_group_of("model.embed_tokens.weight", 4, 2) == 2
-    assert layer_group_of("lm_head.weight", 4, 2) == 2
-    assert layer_group_of("model.norm.weight", 4, 2) == 2
+    for layout in (
+        _layout("LlamaForCausalLM", "model.layers"),
+        _layout("GPT2LMHeadModel", "transformer.h"),
+    ):
+        layers = sorted({layout.layer_of(n) for n in layout.projections})
+        assert layers == [0, 1, 2, 3]
+        assert [layer_group_of(i, 4, 2) for i in layers] == [0, 0, 1, 1]
+        assert [layer_group_of(i, 4, 3) for i in layers] == [0, 0, 1, 2]
+        for outside in layout.embeddings:
+            assert layer_group_of(layout.layer_of(outside), 4, 2) == 2
     with pytest.raises(ValueError, match="between 1 and the 4 layers"):
-        layer_group_of(names[0], 4, 5)
+        layer_group_of(0, 4, 5)
 
 
 def test_engine_params_translate_groups_into_layer_filters():
     from model_glue.search import engine_model_params
 
     spec = TrialSpec({"a": (0.1, 0.2, 0.3), "b": (1.0, 0.0, 0.5)}, "ties", {"a": 0.4, "b": 0.9})
-    params = engine_model_params(spec, num_layers=4)
+    params = engine_model_params(spec, _layout("LlamaForCausalLM", "model.layers"))
     assert params["a"] == {
         "weight": [
-            {"filter": "layers.0.", "value": 0.1},
-            {"filter": "layers.1.", "value": 0.1},
-            {"filter": "layers.2.", "value": 0.2},
-            {"filter": "layers.3.", "value": 0.2},
+            {"filter": "model.layers.0.", "value": 0.1},
+            {"filter": "model.layers.1.", "value": 0.1},
+            {"filter": "model.layers.2.", "value": 0.2},
+            {"filter": "model.layers.3.", "value": 0.2},
             {"value": 0.3},
         ],
         "density": 0.4,
     }
-    assert engine_model_params(TrialSpec({"a": 0.7}), 4) == {"a": {"weight": 0.7}}
+    # GPT-2's layers are transformer.h.N: the filters follow its layout
+    gpt2 = engine_model_params(spec, _layout("GPT2LMHeadModel", "transformer.h"))
+    assert [e.get("filter") for e in gpt2["b"]["weight"]] == [
+        "transformer.h.0.", "transformer.h.1.", "transformer.h.2.", "transformer.h.3.", None
+    ]  # fmt: skip
+    layout = _layout("LlamaForCausalLM", "model.layers")
+    assert engine_model_params(TrialSpec({"a": 0.7}), layout) == {"a": {"weight": 0.7}}

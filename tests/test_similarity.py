@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from model_glue.checkpoint import Checkpoint
 from model_glue.clustering import cluster_models
-from model_glue.similarity import column_cosine, pairwise_similarity, select_tensors, tensor_group
+from model_glue.architectures import infer_layout
+from model_glue.similarity import column_cosine, pairwise_similarity, select_tensors
 
 
 def _hand_column_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,14 +41,16 @@ def test_tensor_selection_is_the_papers_projection_set():
         "model.layers.0.self_attn.o_proj.weight",
         "model.layers.0.mlp.down_proj.weight",
     ]
-    assert select_tensors(names) == [
+    shapes = {n: (4,) if "norm" in n else (4, 4) for n in names}
+    layout = infer_layout({"architectures": ["SomethingForCausalLM"]}, shapes)
+    assert select_tensors(layout) == [
         "model.layers.0.mlp.down_proj.weight",
         "model.layers.0.self_attn.o_proj.weight",
         "model.layers.0.self_attn.q_proj.weight",
     ]
-    assert tensor_group("lm_head.weight") == "embed"
+    assert layout.group_of("lm_head.weight") == "embed"
     with pytest.raises(ValueError, match="unknown tensor group"):
-        select_tensors(names, ["attention"])
+        select_tensors(layout, ["attention"])
 
 
 def test_pairwise_similarity_against_hand_computation(tiny_llama):
@@ -60,7 +63,7 @@ def test_pairwise_similarity_against_hand_computation(tiny_llama):
         n: load_file(p / "model.safetensors")
         for n, p in [("base", base), ("ft", ft), ("other", other)]
     }
-    names = select_tensors(sds["base"])
+    names = select_tensors(Checkpoint(str(base)).layout)
     assert len(names) == 2 * 7
     for a, b in [("base", "ft"), ("base", "other"), ("ft", "other")]:
         per = [_hand_column_cosine(sds[a][t], sds[b][t]) for t in names]

@@ -214,6 +214,7 @@ def _plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> MergePlan:
         for (name, _), ck in zip(spec.inputs(), checkpoints, strict=True)
     ]
     reference = spec.tokenizer_index()
+    layout = checkpoints[reference].layout
     return plan_merge(
         spec.merge_method,
         layouts,
@@ -221,7 +222,8 @@ def _plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> MergePlan:
         reference=reference,
         vocab_policy=spec.vocab,
         out_dtype=DTYPES[dtype_name(spec.dtype)] if spec.dtype else None,
-        num_layers=checkpoints[reference].config.get("num_hidden_layers"),
+        num_layers=layout.num_layers,
+        layer_of=layout.layer_of,
     )
 
 

@@ -19,7 +19,7 @@ a search over a cluster of N models holds one model plus N copies of one tensor,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ class Merger:
         tokenizer_source: int = 0,
         vocab_sizes: Sequence[int | None] | None = None,
         num_layers: int | None = None,
+        layer_of: Callable[[str], int | None] | None = None,
         threads: int | None = None,
     ) -> None:
         self.method = method if isinstance(method, MergeMethod) else get_method(method)
@@ -99,6 +100,7 @@ class Merger:
             vocab_policy=vocab,
             out_dtype=out,
             num_layers=num_layers,
+            layer_of=layer_of,
         )
         self._defaults = self._checked(
             dict(params or {}), [dict(m) for m in (model_params or [{}] * len(models))]

@@ -18,7 +18,6 @@ mergekit so that its configs carry over:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,18 +99,10 @@ class Param:
         return f"{self.name} ({self.type.__name__}, {scope}, {default}{bounds}): {self.help}"
 
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """Decoder layer number in a tensor name (``model.layers.3.mlp...`` -> 3), if any."""
-    m = _LAYER.search(tensor_name)
-    return int(m.group(1)) if m else None
-
-
-def depth_position(tensor_name: str, num_layers: int) -> float:
-    """``t`` in [0, 1] for gradients: layer / (num_layers - 1); 0 outside the layers."""
-    i = layer_index(tensor_name)
+def depth_position(layer: int | None, num_layers: int) -> float:
+    """``t`` in [0, 1] for gradients: layer / (num_layers - 1); 0 outside the layers
+    (``layer`` None: the tensor's layout puts it outside the decoder layers)."""
+    i = layer
     if i is None or num_layers <= 1:
         return 0.0
     return min(1.0, i / (num_layers - 1))

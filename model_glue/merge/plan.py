@@ -9,14 +9,15 @@ an error that names the model and the tensor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from model_glue.architectures import infer_layout
 from model_glue.errors import InputError
-from model_glue.merge.params import depth_position, layer_index, resolve
+from model_glue.merge.params import depth_position, resolve
 from model_glue.merge.registry import MergeMethod
 
 
@@ -87,7 +88,10 @@ def plan_merge(
     vocab_policy: str,
     out_dtype: torch.dtype | None,
     num_layers: int | None,
+    layer_of: Callable[[str], int | None] | None = None,
 ) -> MergePlan:
+    """``layer_of``: a tensor's decoder layer (the inputs' :class:`Layout`); by default
+    a layout inferred from the reference input's tensor names."""
     ref = layouts[reference]
     names = sorted(ref.shapes)
     for lay in layouts:
@@ -109,8 +113,10 @@ def plan_merge(
     vocab = _align_vocab(vocab_tensors, layouts, reference, vocab_policy)
     if out_dtype is None:
         out_dtype = _dominant_float_dtype(ref)
+    if layer_of is None:
+        layer_of = infer_layout({}, ref.shapes).layer_of
     if num_layers is None:
-        found = [i for i in (layer_index(n) for n in names) if i is not None]
+        found = [i for i in (layer_of(n) for n in names) if i is not None]
         num_layers = max(found) + 1 if found else 0
     jobs = []
     for n in names:
@@ -126,7 +132,7 @@ def plan_merge(
                 out_dtype if merge else ref.dtypes[n],
                 merge,
                 rows,
-                depth_position(n, num_layers),
+                depth_position(layer_of(n), num_layers),
             )
         )
     return MergePlan(

@@ -32,7 +32,11 @@ from model_glue.devices import resolve_device, resolve_dtype
 from model_glue.mixture.gate import SampleGate
 from model_glue.mixture.generation import greedy_generate
 from model_glue.mixture.hidden import POOLINGS, Pooling, encode, pool
-from model_glue.mixture.layout import require_llama, require_same_layout, require_same_tokenizer
+from model_glue.mixture.layout import (
+    require_block_family,
+    require_same_layout,
+    require_same_tokenizer,
+)
 from model_glue.mixture.loading import (
     MixtureError,
     ModelSource,
@@ -237,7 +241,7 @@ def build_block_level_mixture(
     experts = [load_model(s, f"expert {n}") for s, n in zip(expert_uris, names, strict=True)]
     all_names = ["base", *names]
     for m, n in zip([base, *experts], all_names, strict=True):
-        require_llama(m, n)
+        require_block_family(m, n)
     require_same_layout([base, *experts], all_names)
     tok = tokenizer or first_tokenizer([base_uri_or_model, *expert_uris])
     if tok is None:

@@ -1,15 +1,24 @@
-"""FFN-level mixture: a transformers ``MixtralForCausalLM`` assembled from dense Llama experts.
+"""FFN-level mixture: a transformers MoE model assembled from dense experts of one family.
 
 Attention, embeddings and norms come from one (merged) base model; expert e of every layer is
-source model e's MLP; one gate per layer routes each token to its top-k experts. The first
-``dense_layers`` layers can instead keep the base's own MLP (the hybrid variant): Mixtral has no
-dense layers, so there every expert slot holds that same MLP, and since the top-k weights sum to
-one the layer computes exactly the dense MLP whatever the gate says.
+source model e's MLP; one gate per layer routes each token to its top-k experts. What is
+written depends on the family (the catalog's ``moe_builder``): Llama and Mistral experts make a
+``MixtralForCausalLM``, Qwen2 experts a ``Qwen2MoeForCausalLM``, Qwen3 experts a
+``Qwen3MoeForCausalLM``.
 
-Layout (transformers 5.x): in memory Mixtral fuses each layer's experts into
+The first ``dense_layers`` layers can instead keep the base's own MLP (the hybrid variant).
+Qwen MoE configs have dense layers of their own (``mlp_only_layers``); Mixtral has none, so
+there every expert slot holds the base's MLP, and since the top-k weights sum to one the
+layer computes exactly the dense MLP whatever the gate says.
+
+Qwen2-MoE adds an always-on shared expert with a sigmoid gate: it is the base's MLP, its gate
+is zero (a weight of 1/2) and the routed experts' down projections are halved, so a layer
+computes 1/2 base MLP + 1/2 routed mixture (a mixture of identical experts is the base).
+
+Layout (transformers 5.x): in memory every one of these MoE blocks fuses its experts into
 ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate rows first, then up) and ``mlp.experts.down_proj``
-[E, H, I]; ``save_pretrained`` writes the classic per-expert names
-(``block_sparse_moe.experts.{e}.w1/w2/w3``, as mergekit-moe and vLLM expect) and
+[E, H, I]; ``save_pretrained`` writes each family's per-expert names (Mixtral's
+``block_sparse_moe.experts.{e}.w1/w2/w3``, as mergekit-moe and vLLM expect) and
 ``from_pretrained`` fuses them back. We fill the in-memory module and let transformers write it.
 """
 
@@ -17,12 +26,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from model_glue.mixture.layout import require_llama, require_same_layout, require_same_tokenizer
+from model_glue.architectures import lookup
+from model_glue.mixture.layout import (
+    require_moe_family,
+    require_same_layout,
+    require_same_tokenizer,
+)
 from model_glue.mixture.loading import (
     MixtureError,
     ModelSource,
@@ -37,24 +53,31 @@ from model_glue.mixture.prompts import PromptsInput
 from model_glue.mixture.routers import RouterInit, init_gates
 
 MIXTURE_FILE = "mixture.json"
-COPIED_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "attention_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-)
+# the base config's keys that never carry over to the MoE config
+_NOT_COPIED = {"architectures", "model_type", "transformers_version", "auto_map", "_name_or_path",
+               "dtype", "torch_dtype", "layer_types", "mlp_only_layers"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MoeTarget:
+    """What an FFN-level mixture of one family is written as."""
+
+    config_class: str
+    num_experts_key: str
+    expert_size_key: str | None  # None: experts have the dense intermediate size
+    shared_expert: bool = False  # Qwen2-MoE: the base's MLP, always on
+    dense_layers_key: str | None = None  # a list of layers that keep a dense MLP
+
+
+TARGETS: dict[str, MoeTarget] = {
+    "mixtral": MoeTarget("MixtralConfig", "num_local_experts", None),
+    "qwen2_moe": MoeTarget(
+        "Qwen2MoeConfig", "num_experts", "moe_intermediate_size", True, "mlp_only_layers"
+    ),
+    "qwen3_moe": MoeTarget(
+        "Qwen3MoeConfig", "num_experts", "moe_intermediate_size", False, "mlp_only_layers"
+    ),
+}
 
 
 def default_top_k(num_experts: int) -> int:
@@ -62,47 +85,84 @@ def default_top_k(num_experts: int) -> int:
     return 1 if num_experts <= 2 else 2
 
 
-def mixtral_config(base: PreTrainedModel, num_experts: int, top_k: int) -> MixtralConfig:
-    """A Mixtral config whose attention, norms and RoPE reproduce the Llama ``base`` exactly."""
-    cfg = base.config
-    kwargs = {k: getattr(cfg, k) for k in COPIED_KEYS if hasattr(cfg, k)}
-    return MixtralConfig(
-        **kwargs,
-        rope_parameters=dict(cfg.rope_parameters),
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        sliding_window=None,
-        router_jitter_noise=0.0,
-    )
+def moe_config(
+    base: PreTrainedModel, builder: str, num_experts: int, top_k: int, dense_layers: int = 0
+) -> PretrainedConfig:
+    """The MoE config whose attention, norms and RoPE reproduce the dense ``base`` exactly."""
+    target = TARGETS[builder]
+    cls = getattr(transformers, target.config_class)
+    known = set(cls().to_dict())
+    src = base.config.to_dict()
+    kwargs = {k: v for k, v in src.items() if k in known and k not in _NOT_COPIED}
+    kwargs[target.num_experts_key] = num_experts
+    kwargs["num_experts_per_tok"] = top_k
+    if target.expert_size_key:
+        kwargs[target.expert_size_key] = base.config.intermediate_size
+        kwargs["norm_topk_prob"] = True  # top-k weights sum to one, as Mixtral's
+        kwargs["decoder_sparse_step"] = 1
+    if target.shared_expert:
+        kwargs["shared_expert_intermediate_size"] = base.config.intermediate_size
+    if target.dense_layers_key:
+        kwargs[target.dense_layers_key] = list(range(dense_layers))
+    if "router_jitter_noise" in known:
+        kwargs["router_jitter_noise"] = 0.0
+    return cls(**kwargs)
+
+
+def _dense_mlp(model: PreTrainedModel, layer: int) -> dict[str, torch.Tensor]:
+    """``gate``, ``up``, ``down`` weights of a dense expert's layer, by the catalog's roles."""
+    arch = lookup(model.config.to_dict())
+    state = model.state_dict()
+    out = {}
+    for role in ("gate", "up", "down"):
+        key = f"{arch.layers}.{layer}.{arch.mlp[role]}.weight"
+        if key not in state:
+            raise MixtureError(f"{arch.name}: no tensor {key!r} for the experts' MLP")
+        out[role] = state[key]
+    return out
 
 
 @torch.no_grad()
-def assemble_mixtral(
+def assemble_moe(
     base: PreTrainedModel,
     experts: Sequence[PreTrainedModel],
     gates: torch.Tensor,
     *,
     top_k: int,
     dense_layers: int = 0,
-) -> MixtralForCausalLM:
-    """The in-memory Mixtral; ``gates`` [layers, E, H] are used from layer ``dense_layers`` on."""
-    cfg = mixtral_config(base, len(experts), top_k)
-    moe = MixtralForCausalLM(cfg).eval()
+) -> PreTrainedModel:
+    """The in-memory MoE model; ``gates`` [layers, E, H] are used from layer ``dense_layers`` on."""
+    builder = require_moe_family(base, "base")
+    target = TARGETS[builder]
+    cfg = moe_config(base, builder, len(experts), top_k, dense_layers)
+    moe = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    arch = lookup(base.config.to_dict())
     src = base.state_dict()
     dst = moe.state_dict()
     filled = set()
+    mlp_paths = {f".{p}." for p in arch.mlp.values()}
     for key, tensor in src.items():
-        if ".mlp." not in key and key in dst:
+        if key in dst and not any(p in key + "." for p in mlp_paths):
             dst[key].copy_(tensor)
             filled.add(key)
+    own_dense = target.dense_layers_key is not None
     for layer in range(cfg.num_hidden_layers):
+        prefix = f"{arch.layers}.{layer}.mlp"
+        if layer < dense_layers and own_dense:  # a plain MLP: the base's own
+            for role, t in _dense_mlp(base, layer).items():
+                key = f"{prefix}.{role}_proj.weight"
+                dst[key].copy_(t)
+                filled.add(key)
+            continue
         owners = [base] * len(experts) if layer < dense_layers else list(experts)
-        mlps = [m.model.layers[layer].mlp for m in owners]
-        prefix = f"model.layers.{layer}.mlp"
+        mlps = [_dense_mlp(m, layer) for m in owners]
+        down_scale = 0.5 if target.shared_expert else 1.0
         dst[f"{prefix}.experts.gate_up_proj"].copy_(
-            torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlps])
+            torch.stack([torch.cat([m["gate"], m["up"]]) for m in mlps])
         )
-        dst[f"{prefix}.experts.down_proj"].copy_(torch.stack([m.down_proj.weight for m in mlps]))
+        dst[f"{prefix}.experts.down_proj"].copy_(
+            torch.stack([m["down"] for m in mlps]) * down_scale
+        )
         gate = gates[layer] if layer >= dense_layers else torch.zeros_like(gates[layer])
         dst[f"{prefix}.gate.weight"].copy_(gate)
         filled |= {
@@ -110,9 +170,19 @@ def assemble_mixtral(
             f"{prefix}.experts.down_proj",
             f"{prefix}.gate.weight",
         }
+        if target.shared_expert:
+            for role, t in _dense_mlp(base, layer).items():
+                dst[f"{prefix}.shared_expert.{role}_proj.weight"].copy_(t)
+                filled.add(f"{prefix}.shared_expert.{role}_proj.weight")
+            dst[f"{prefix}.shared_expert_gate.weight"].zero_()  # sigmoid(0) = 1/2
+            filled.add(f"{prefix}.shared_expert_gate.weight")
     missing = sorted(set(dst) - filled)
+    if cfg.tie_word_embeddings:
+        missing = [
+            k for k in missing if dst[k].data_ptr() not in {dst[f].data_ptr() for f in filled}
+        ]
     if missing:
-        raise MixtureError(f"base model has no tensor for Mixtral's {missing[0]!r}")
+        raise MixtureError(f"base model has no tensor for {type(moe).__name__}'s {missing[0]!r}")
     return moe
 
 
@@ -128,7 +198,8 @@ def build_ffn_moe(
     expert_names: Sequence[str] | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """Write a ``MixtralForCausalLM`` directory (loadable by ``AutoModelForCausalLM``).
+    """Write an MoE directory of the experts' family (Mixtral, Qwen2-MoE or Qwen3-MoE;
+    loadable by ``AutoModelForCausalLM``).
 
     ``base_uri_or_model`` supplies attention, embeddings, norms, the tokenizer and the hidden
     states the router is initialised from; ``expert_uris`` supply one MLP each per layer.
@@ -147,8 +218,11 @@ def build_ffn_moe(
     base = load_model(base_uri_or_model, "base")
     experts = [load_model(s, f"expert {n}") for s, n in zip(expert_uris, names, strict=True)]
     all_names = ["base", *names]
-    for m, n in zip([base, *experts], all_names, strict=True):
-        require_llama(m, n)
+    builders = {
+        n: require_moe_family(m, n) for m, n in zip([base, *experts], all_names, strict=True)
+    }
+    if len(set(builders.values())) > 1:
+        raise MixtureError(f"FFN-level mixture: experts of different families ({builders})")
     require_same_layout([base, *experts], all_names)
     tok = tokenizer or first_tokenizer([base_uri_or_model, *expert_uris])
     require_same_tokenizer([tok, *[try_tokenizer(s) for s in expert_uris]], all_names)
@@ -159,7 +233,7 @@ def build_ffn_moe(
     if not 1 <= k <= len(experts):
         raise MixtureError(f"top_k = {k} must be in 1..{len(experts)}")
     gates = init_gates(router, base, tok, prompts, names, range(num_layers))
-    moe = assemble_mixtral(base, experts, gates, top_k=k, dense_layers=dense_layers)
+    moe = assemble_moe(base, experts, gates, top_k=k, dense_layers=dense_layers)
     with atomic_directory(out_dir) as tmp:
         moe.save_pretrained(tmp)
         if tok is not None:

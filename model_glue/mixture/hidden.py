@@ -1,7 +1,7 @@
 """Pooled hidden states entering decoder layers: what every router in this package reads.
 
 The paper's ``hidden`` router and the model-level router both look at the residual stream
-*entering* a layer. Forward pre-hooks capture exactly that for Llama and Mixtral alike (no
+*entering* a layer. Forward pre-hooks capture exactly that for every architecture (no
 reliance on how a transformers version numbers ``output_hidden_states``), and the forward stops
 as soon as the deepest requested layer has been seen, so a router at layer k costs k layers.
 """
@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from model_glue.architectures import layers_path
 
 Pooling = Literal["last", "mean", "first"]
 POOLINGS: tuple[str, ...] = ("last", "mean", "first")
@@ -35,12 +37,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: Pooling) -> torch.Tensor
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The model's decoder layers, where its architecture keeps them (the catalog's
+    ``layers`` path: ``model.layers``, ``transformer.h``, ``gpt_neox.layers``...)."""
+    path = layers_path(model.config.to_dict(), model.state_dict().keys())
     try:
-        return model.model.layers
+        layers = model.get_submodule(path)
     except AttributeError:
-        raise ValueError(
-            f"{type(model).__name__}: no decoder layers at model.model.layers"
-        ) from None
+        layers = None
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at {path or 'any path'}")
+    return layers
 
 
 def encode(

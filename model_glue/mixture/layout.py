@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from model_glue.architectures import Architecture, lookup, moe_families
+from model_glue.architectures.catalog import BLOCK_LEVEL_FAMILIES
 from model_glue.mixture.loading import MixtureError
 
 SHAPE_KEYS = (
@@ -26,15 +28,37 @@ SHAPE_KEYS = (
 )
 
 
-def require_llama(model: PreTrainedModel, name: str) -> None:
-    """Weight-level mixtures are built from dense Llama decoders (gate/up/down MLPs, no biases)."""
-    cfg = model.config
-    if cfg.model_type != "llama":
+def family_of(model: PreTrainedModel) -> Architecture | None:
+    """The catalog entry of a loaded model (None: the catalog lacks its architecture)."""
+    return lookup(model.config.to_dict())
+
+
+def require_moe_family(model: PreTrainedModel, name: str) -> str:
+    """The FFN-level MoE builder for ``model``'s family (``mixtral``, ``qwen2_moe``...);
+    a :class:`MixtureError` naming the supported families for any other."""
+    arch = family_of(model)
+    if arch is None or arch.moe_builder is None:
+        found = arch.name if arch else type(model).__name__
         raise MixtureError(
-            f"{name}: model_type {cfg.model_type!r} is not supported (expected 'llama')"
+            f"{name}: an FFN-level mixture cannot be built from {found}; supported: "
+            + "; ".join(moe_families())
         )
-    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False):
-        raise MixtureError(f"{name}: Llama with biases cannot be converted to a Mixtral layout")
+    if getattr(model.config, "mlp_bias", False):
+        raise MixtureError(f"{name}: {arch.name} with MLP biases has no MoE counterpart")
+    return arch.moe_builder
+
+
+def require_block_family(model: PreTrainedModel, name: str) -> None:
+    """Block-level mixtures are built from Llama decoders (LlamaDecoderLayer modules)."""
+    arch = family_of(model)
+    if arch is None or arch.family not in BLOCK_LEVEL_FAMILIES:
+        found = arch.name if arch else type(model).__name__
+        raise MixtureError(
+            f"{name}: a block-level mixture cannot be built from {found}; supported: "
+            "LlamaForCausalLM (use a model-level mixture for other architectures)"
+        )
+    if getattr(model.config, "mlp_bias", False) or getattr(model.config, "attention_bias", False):
+        raise MixtureError(f"{name}: Llama with biases is not supported by block-level mixtures")
 
 
 def require_same_layout(models: Sequence[PreTrainedModel], names: Sequence[str]) -> None:

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import model_glue.merge.methods  # noqa: F401  (registers the merge methods)
+from model_glue.architectures import resolve_layout
 from model_glue.checkpoint import Checkpoint, CheckpointError, LazyTensors, tensor_shapes
 from model_glue.merge.memory import Merger
 from model_glue.merge.registry import get_method
 from model_glue.search.engine_params import engine_model_params
 from model_glue.search.records import TrialSpec
 from model_glue.search.similarity_order import mlp_similarity
-from model_glue.similarity import select_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -88,9 +88,11 @@ class ProxyScorer:
         self.method_params = {k: dict(v) for k, v in (method_params or {}).items()}
         self.costs: list[TrialCost] = []
         self.tensor_names = _check_same_layout(self.states, base)
-        self.num_layers = int(model.config.num_hidden_layers)
+        ref = self.states[min(self.states)]
+        self.layout = resolve_layout(model.config.to_dict(), tensor_shapes(ref))
+        self.num_layers = self.layout.num_layers
         self._target = _check_model_accepts(model, self.tensor_names)
-        self._mlp_names = select_tensors(self.tensor_names, ("mlp",))
+        self._mlp_names = self.layout.select(("mlp",))
         self._mergers: dict[tuple[str, tuple[str, ...]], Merger] = {}
         self._similarity_cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
@@ -168,7 +170,7 @@ class ProxyScorer:
         if len(spec.models) == 1 and spec.method == "linear":
             return dict(self.states[spec.models[0]])  # a one-model average is the model
         merger = self._merger(spec.method, tuple(spec.models))
-        per_model = engine_model_params(spec, self.num_layers)
+        per_model = engine_model_params(spec, self.layout)
         return merger(
             params=self.method_params.get(spec.method),
             model_params=[per_model[name] for name in spec.models],
@@ -181,7 +183,7 @@ class ProxyScorer:
             self.load_into_model(self.states[spec.models[0]])  # one tensor read at a time
             return
         merger = self._merger(spec.method, tuple(spec.models))
-        per_model = engine_model_params(spec, self.num_layers)
+        per_model = engine_model_params(spec, self.layout)
         merger.merge_into(
             self._target,
             params=self.method_params.get(spec.method),
@@ -218,7 +220,7 @@ class ProxyScorer:
             self._similarity_cache.clear()  # only the latest merge is asked about
             merged = self.merge(TrialSpec(dict(current), method))
             merge = self._similarity_cache[key] = {n: merged[n] for n in self._mlp_names}
-        return mlp_similarity(merge, self.states[candidate], candidate_name=candidate)
+        return mlp_similarity(merge, self.states[candidate], self.layout, candidate_name=candidate)
 
     # -- engine plumbing ----------------------------------------------------------------------
 
@@ -235,6 +237,7 @@ class ProxyScorer:
                 self.base if uses_base else None,
                 names=list(models),
                 num_layers=self.num_layers,
+                layer_of=self.layout.layer_of,
             )
         self._mergers[key] = merger  # most recently used last
         while len(self._mergers) > self.max_mergers:
@@ -381,8 +384,9 @@ def _check_model_accepts(model: PreTrainedModel, names: Sequence[str]) -> dict[s
         )
     not_covered = [n for n in own if n not in names]
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    if getattr(model.config, "tie_word_embeddings", False):
-        tied.add("lm_head.weight")
+    # a tied head shares the embedding's storage: covered when the embedding is
+    shared = {own[n].data_ptr() for n in names if n in own}
+    tied |= {n for n in not_covered if own[n].data_ptr() in shared}
     untied = [n for n in not_covered if n not in tied]
     if untied:
         raise CheckpointError(

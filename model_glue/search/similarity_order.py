@@ -12,21 +12,21 @@ from collections.abc import Mapping
 
 import torch
 
-from model_glue.similarity import column_cosine, select_tensors
+from model_glue.architectures import Layout
+from model_glue.similarity import column_cosine
 
 
 def mlp_similarity(
     merge: Mapping[str, torch.Tensor],
     candidate: Mapping[str, torch.Tensor],
+    layout: Layout,
     *,
     candidate_name: str = "candidate",
 ) -> float:
-    """Mean per-column cosine over the MLP matrices of two state dicts."""
-    names = select_tensors(merge.keys(), ("mlp",))
+    """Mean per-column cosine over the MLP matrices (``layout``'s) of two state dicts."""
+    names = [n for n in layout.select(("mlp",)) if n in merge]
     if not names:
-        raise ValueError(
-            "similarity order: the merge has no MLP projection matrices (gate/up/down_proj)"
-        )
+        raise ValueError(f"similarity order: no MLP projection matrices ({layout.describe()})")
     total = 0.0
     for n in names:
         other = candidate.get(n)
@@ -34,5 +34,6 @@ def mlp_similarity(
             raise ValueError(
                 f"similarity order: {candidate_name} lacks tensor {n!r} of shape {tuple(merge[n].shape)}"
             )
-        total += column_cosine(merge[n].float(), other.float())
+        a, b = (layout.input_columns(n, t.float()) for t in (merge[n], other))
+        total += column_cosine(a, b)
     return total / len(names)
