@@ -356,6 +356,7 @@ def _hf_lm(
         # clear errors for a missing dir, no config, pickled weights
         ckpt = Checkpoint(str(directory))
         device = resolve_device(device)
+        _require_loadable(ckpt)
         model = AutoModelForCausalLM.from_pretrained(
             directory,
             use_safetensors=True,
@@ -375,6 +376,25 @@ def _hf_lm(
         return HFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=False
         )
+
+
+class UnloadableModelError(InputError):
+    """transformers has no model class for a checkpoint's architecture."""
+
+
+def _require_loadable(ckpt: Checkpoint) -> None:
+    """One line, not transformers' traceback, for a model type it does not know (a zoo
+    entry of an architecture newer than the installed transformers, or not a causal LM)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(ckpt.uri, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        kind = ckpt.config.get("model_type") or "(none)"
+        first = str(e).split(". ")[0].split("\n")[0]
+        raise UnloadableModelError(
+            f"{ckpt.uri}: transformers cannot load model type {kind!r} ({first})"
+        ) from None
 
 
 def _vllm_lm(model: str | Path, batch_size: int | str, device: str, dtype: str | None) -> LM:

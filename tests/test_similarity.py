@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model_glue.architectures import infer_layout
 from model_glue.checkpoint import Checkpoint
 from model_glue.clustering import cluster_models
-from model_glue.architectures import infer_layout
 from model_glue.similarity import column_cosine, pairwise_similarity, select_tensors
 
 

@@ -26,6 +26,7 @@ _NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 _ATTN_WORDS = ("attn", "attention", "qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "fc", "4h", "gate", "up_proj", "down_proj", "expert")
 _HEAD_WORDS = ("lm_head", "head", "embed_out", "output")
+_EMBED_WORDS = ("emb", "tok", "wte", "wpe", "word")
 
 
 class LayoutError(InputError):
@@ -65,6 +66,7 @@ class Layout:
 
     @property
     def tied(self) -> bool:
+        """No head of its own: the output projection is the token embedding."""
         return self.head is None
 
     def layer_of(self, name: str) -> int | None:
@@ -107,7 +109,7 @@ class Layout:
         per_layer = max(counts.values()) if counts else 0
         how = "inferred" if self.inferred else "declared"
         extra = ", Conv1D [in, out]" if self.transposed else ""
-        tied = ", tied head" if self.tied else ""
+        tied = ", tied head" if self.tied and self.embeddings else ""
         return (
             f"layout of {self.architecture} {how}: {self.num_layers} layers, "
             f"{per_layer} projections each{extra}{tied}"
@@ -255,6 +257,8 @@ def infer_layout(config: Mapping, shapes: Mapping[str, tuple[int, ...]]) -> Layo
         and (vocab is None or s[0] == vocab)
     )  # fmt: skip
     heads = [n for n in outside if any(w in n.lower() for w in _HEAD_WORDS)]
+    if not heads and len(outside) > 1:  # the vocabulary matrix not named like an embedding
+        heads = [n for n in outside if not any(w in n.lower() for w in _EMBED_WORDS)][:1]
     embeddings = tuple(n for n in outside if n not in heads)
     return Layout(
         architecture=name,

@@ -91,7 +91,7 @@ class ProxyScorer:
         ref = self.states[min(self.states)]
         self.layout = resolve_layout(model.config.to_dict(), tensor_shapes(ref))
         self.num_layers = self.layout.num_layers
-        self._target = _check_model_accepts(model, self.tensor_names)
+        self._target = _check_model_accepts(model, self.tensor_names, ref)
         self._mlp_names = self.layout.select(("mlp",))
         self._mergers: dict[tuple[str, tuple[str, ...]], Merger] = {}
         self._similarity_cache: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -374,22 +374,35 @@ def _check_same_layout(states: Mapping[str, StateDict], base: StateDict | None) 
     return sorted(ref)
 
 
-def _check_model_accepts(model: PreTrainedModel, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The model's own tensors to copy merges into; every checkpoint tensor must have one."""
+def _check_model_accepts(
+    model: PreTrainedModel, names: Sequence[str], stored: StateDict
+) -> dict[str, torch.Tensor]:
+    """The model's own tensor for each checkpoint tensor (merges are copied into them).
+
+    transformers may rename a tensor on load (GPT-NeoX's ``embed_out`` is ``lm_head`` in
+    memory): a checkpoint name the model lacks is matched to the one unmatched model tensor
+    of its shape holding the same values (the model was loaded from ``stored``)."""
     own = model.state_dict()
-    missing_in_model = [n for n in names if n not in own]
-    if missing_in_model:
-        raise CheckpointError(
-            f"{type(model).__name__} has no tensor(s) {missing_in_model[:3]} of the checkpoints"
-        )
-    not_covered = [n for n in own if n not in names]
+    target = {n: own[n] for n in names if n in own}
+    spare = {k: v for k, v in own.items() if k not in target}
+    for n in (n for n in names if n not in own):
+        value = stored[n]
+        same = [
+            k for k, v in spare.items()
+            if tuple(v.shape) == tuple(value.shape) and torch.equal(v.cpu(), value.to(v.dtype).cpu())
+        ]  # fmt: skip
+        if len(same) != 1:
+            raise CheckpointError(
+                f"{type(model).__name__} has no tensor for {n!r} of the checkpoints "
+                "(transformers stores it under another name or layout in memory)"
+            )
+        target[n] = spare.pop(same[0])
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     # a tied head shares the embedding's storage: covered when the embedding is
-    shared = {own[n].data_ptr() for n in names if n in own}
-    tied |= {n for n in not_covered if own[n].data_ptr() in shared}
-    untied = [n for n in not_covered if n not in tied]
+    shared = {t.data_ptr() for t in target.values()}
+    untied = [k for k, v in spare.items() if k not in tied and v.data_ptr() not in shared]
     if untied:
         raise CheckpointError(
             f"the checkpoints lack tensor(s) {untied[:3]} of {type(model).__name__}"
         )
-    return {n: own[n] for n in names}
+    return target
