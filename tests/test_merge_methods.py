@@ -317,7 +317,7 @@ def test_model_stock_formula():
 
 def test_gradient_and_filter_settings_resolve_per_tensor():
     p = Param("density", float, per_model=True)
-    assert depth_position("model.layers.3.mlp.up_proj.weight", 5) == 0.75
+    assert depth_position(3, 5) == 0.75 and depth_position(None, 5) == 0.0
     assert resolve(p, ([0.0, 1.0],), "model.layers.3.mlp.up_proj.weight", 0.75, "x") == 0.75
     assert resolve(p, ([0.2, 0.4, 1.0],), "a", 0.75, "x") == pytest.approx(0.7)
     setting = [
