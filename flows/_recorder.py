@@ -9,6 +9,7 @@ row (completed, cached, reused or failed) plus what the stage's ``lineage`` says
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -67,6 +68,7 @@ class Recorder:
     def say(self, line: str, style: str | None = None) -> None:
         text = escape(line) if style is None else f"[{style}]{escape(line)}[/]"
         self.console.print(f"  {text}", highlight=False, soft_wrap=True)
+        run_log(line, logging.WARNING if style in ("yellow", "red") else logging.INFO)
 
     def section(self, title: str) -> None:
         self.console.rule(f"[bold]{title}")
@@ -90,9 +92,8 @@ class Recorder:
         futures: list[PrefectFuture] = []
         for c in calls:
             with _resources(c.params.get("device")):
-                futures.append(
-                    for_call(c, store).submit(store_url=self.store_url, key=c.key, **c.params)
-                )
+                task = for_call(c, store).with_options(task_run_name=RunName(c))
+                futures.append(task.submit(store_url=self.store_url, key=c.key, **c.params))
         for fut in futures:
             fut.wait()
         seconds = time.perf_counter() - t0
@@ -166,8 +167,45 @@ class Recorder:
         if o.error is not None:  # one line: the traceback of an unexpected error is Prefect's
             msg += f": [red]{escape(o.error)}[/]"
         self.console.print(msg, highlight=False, soft_wrap=True)
+        plain = f"{o.status} {c.stage.name} {c.label}" + (f": {o.error}" if o.error else "")
+        run_log(plain, logging.ERROR if o.status == "failed" else logging.INFO)
         for line in c.stage.describe(o.record) if o.record is not None else ():
             self.say(line)
+
+
+@dataclass(frozen=True)
+class RunName:
+    """A task run's name in Prefect's UI: the stage and what it computes
+    (``evaluate · add-a``). A callable, so that braces in a label are not a template."""
+
+    text: str
+
+    def __init__(self, c: Call) -> None:
+        object.__setattr__(self, "text", f"{c.stage.name} · {c.label}")
+
+    def __call__(self) -> str:
+        return self.text
+
+
+_RUN_LOGGER = "model_glue.run"
+
+
+def run_log(message: str, level: int = logging.INFO) -> None:
+    """``message`` into the current flow run's logs in Prefect (its run page), not on the
+    console: the console already has the line, and Prefect's own loggers are at WARNING.
+    Outside a flow run (``glue plan``) this does nothing."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    logger = logging.getLogger(_RUN_LOGGER)
+    if not logger.handlers:
+        from prefect.logging.handlers import APILogHandler
+
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logger.log(level, message)
 
 
 def _resources(device: Any):

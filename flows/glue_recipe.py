@@ -83,6 +83,8 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
     db.finish_flow_run(
         run_id, "failed" if failures else "completed", "\n".join(failures + notes) or None
     )
+    if flow_run.id:  # a real flow run: what Prefect's UI shows beside the task runs
+        _publish(summary, db, run_id, store_url, rec)
     if failures:
         raise RunFailed(
             f"{len(failures)} failure(s): "
@@ -91,6 +93,23 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
             summary,
         )
     return summary
+
+
+def _publish(summary: dict, db: LineageDB, run_id: str, store_url: str, rec: Recorder) -> None:
+    """The run's artifacts (leaderboard, final model, clusters) and, when the store is
+    local, ``glue report``'s page for the run; their failure is a warning, never the run's."""
+    from flows.artifacts import publish
+
+    report = None
+    try:
+        if "://" not in store_url or store_url.startswith("file://"):
+            from glue.report import write_report  # the page's renderer; reads the database only
+
+            name = f"{summary.get('config', 'run')}-{run_id[:8]}.html"
+            report = write_report(db, glue_home() / "reports" / name, run_id)
+        publish(summary, db, run_id, report)
+    except Exception as e:  # noqa: BLE001 - artifacts are a view; the run's result stands
+        rec.say(f"artifacts not published: {type(e).__name__}: {e}", "yellow")
 
 
 def _failures(cfg: RunConfig, rec: Recorder) -> list[str]:

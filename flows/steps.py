@@ -88,7 +88,7 @@ def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> Similar
         if len(members) < 2:
             continue
         raw[len(calls)] = members
-        label = f"{len(members)} models, arch {arch[:8]}"
+        label = f"arch {arch[:8]} ({len(members)} models)"
         calls.append(call(compute_similarity, label, models=by_fingerprint(members), groups=groups))
         for base, tunes in _base_families(members, cfg):
             label = f"task vectors of {len(tunes)} fine-tunes of {base.name}"

@@ -923,6 +923,18 @@ class LineageDB:
         """Every artifact derived from ``ref``, transitively."""
         return self._walk(ref, up=False)
 
+    def run_thresholds(self, flow_run_id: str) -> pl.DataFrame:
+        """The similarity threshold of each architecture group, as the flow run's
+        clustering chose it (rule, value, the gap it sits in, pairs it was chosen from)."""
+        return self.query(
+            "SELECT t.arch_signature, t.metric, t.rule, t.threshold, t.gap_low, t.gap_high, "
+            "t.n_pairs FROM cluster_thresholds t WHERE t.clustering_id IN ("
+            "  SELECT json_extract_string(r.outputs, '$[0]') FROM runs r"
+            "  WHERE r.flow_run_id = ? AND r.stage = 'cluster' AND r.status != 'failed')"
+            " ORDER BY t.arch_signature",
+            [flow_run_id],
+        )
+
     def leaderboard(
         self, flow_run_id: str | None = None, metrics: Mapping[str, str] | None = None
     ) -> pl.DataFrame:

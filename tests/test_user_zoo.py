@@ -306,3 +306,74 @@ def test_every_mixture_variant_is_built_recorded_and_evaluated(
         assert type(model).__name__ == "MixtralForCausalLM"
     again = run_config(config)
     assert again["counts"]["mixture"] == {"cached": 1}
+
+
+def test_prefect_shows_named_task_runs_artifacts_and_stage_logs(
+    user_dir, prefect_harness, tmp_path
+):
+    """Read back through Prefect's client what its UI shows of a run: every task run
+    names what it computed, the run's artifacts hold its numbers, and its logs hold the
+    stage outcome lines the console printed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.glue_recipe import glue_recipe
+
+    config = _variant(user_dir, "ui.yaml", lineage_db=str(tmp_path / "lineage.duckdb"))
+    state = glue_recipe(str(config), return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    run_id = state.state_details.flow_run_id
+    APILogHandler().flush()  # the run's logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
+        )
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200
+        )
+    names = [r.name for r in runs]
+    models = {row["name"] for row in summary["leaderboard"]}
+    assert len(names) >= 5 + 2 + 1 and all(" · " in n for n in names), names
+    evaluated = {
+        n.split(" · ", 1)[1].removesuffix(" (proxy)") for n in names if n.startswith("evaluate")
+    }
+    assert evaluated == models, (evaluated, models)
+    assert "fingerprint · broken" in names  # the model left out has its (failed) run
+    assert any(n.startswith("similarity · arch ") and "models)" in n for n in names), names
+    assert any(n.startswith("merge · merge-") for n in names), names
+    assert any(n.startswith("filter · ") and "cluster of llama-base" in n for n in names)
+
+    by_key = {a.key: a for a in artifacts}
+    assert {"leaderboard", "final-model", "clusters", "report"} <= by_key.keys(), by_key.keys()
+    table = by_key["leaderboard"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    means = {row["name"]: row["mean"] for row in table}
+    assert means == {row["name"]: round(row["mean"], 4) for row in summary["leaderboard"]}
+    final = summary["final"]
+    assert f"`{final['name']}`" in by_key["final-model"].data
+    assert f"{final['gain']:+.3f}" in by_key["final-model"].data
+    assert "widest-gap" in by_key["clusters"].data and "`llama-sums`" in by_key["clusters"].data
+    link = by_key["report"].data  # markdown: [glue report of mine](file:///...)
+    report = link[link.index("](file://") + len("](file://") : -1]
+    assert Path(report).is_file() and "<html" in Path(report).read_text()[:200].lower()
+
+    lines = [log.message for log in logs]
+    for stage in ("fingerprint", "evaluate", "similarity", "cluster", "merge", "final"):
+        assert any(
+            line.split(" ", 2)[1:2] == [stage]
+            and line.split(" ", 1)[0] in ("completed", "cached", "reused")
+            for line in lines
+        ), (stage, lines[:20])
+    assert any("left out (unreadable" in line or "broken" in line for line in lines), lines[:40]
