@@ -89,29 +89,38 @@ class Recorder:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         store = ArtifactStore(self.store_url)
+        workers = _dask_workers()  # who may take them: named if they vanish
         futures: list[PrefectFuture] = []
         for c in calls:
             with _resources(c.params.get("device")):
                 task = for_call(c, store).with_options(task_run_name=RunName(c))
                 futures.append(task.submit(store_url=self.store_url, key=c.key, **c.params))
-        for fut in futures:
-            fut.wait()
+        lost = _wait(futures, workers)
         seconds = time.perf_counter() - t0
         with self.db.transaction():  # every run row with what it made, or none of them
             outcomes = [
-                self._record(c, fut.state, started, seconds, store)
-                for c, fut in zip(calls, futures, strict=True)
+                self._record(c, fut.state, started, seconds, store, lost.get(i))
+                for i, (c, fut) in enumerate(zip(calls, futures, strict=True))
             ]
         for c, o in zip(calls, outcomes, strict=True):
             self._print(c, o)
         return outcomes
 
     def _record(
-        self, c: Call, state: State, started: datetime, seconds: float, store: ArtifactStore
+        self,
+        c: Call,
+        state: State,
+        started: datetime,
+        seconds: float,
+        store: ArtifactStore,
+        lost: str | None = None,
     ) -> Outcome:
         placed: dict = {}
         expected = False
-        if state.is_completed():
+        if lost is not None:  # Dask gave up on it: its task run never reported a state
+            status, record, error = "failed", None, lost
+            self.failures.append(Failure(c.stage.name, c.label, error, False))
+        elif state.is_completed():
             record, error = state.result(), None
             reused = isinstance(record, dict) and record.pop(REUSED, False)
             placed = record.pop(PLACED, {}) if isinstance(record, dict) else {}
@@ -206,6 +215,80 @@ def run_log(message: str, level: int = logging.INFO) -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     logger.log(level, message)
+
+
+def _dask_workers() -> list[str]:
+    from flows.runners import dask_client
+
+    client = dask_client()
+    if client is None:
+        return []
+    try:
+        return sorted(client.scheduler_info().get("workers", {}))
+    except Exception:  # noqa: BLE001 - only used to name a worker in an error
+        return []
+
+
+def _wait(futures: list[PrefectFuture], workers: list[str] = ()) -> dict[int, str]:  # type: ignore[assignment]
+    """Wait for every future. On Dask a stage can otherwise wait forever: a worker that
+    cannot unpickle it (or runs out of memory) leaves, and the task goes to the next
+    worker, or waits for one when none is left. Such a task is cancelled once it lost
+    more than ``allowed-failures`` workers, or once the cluster has had no worker for
+    ``NO_WORKER_SECONDS``: index -> the one line that says so, naming the worker.
+    Elsewhere: Prefect's own wait."""
+    from flows.runners import allowed_failures, cluster_watch, dask_client
+
+    client = dask_client()
+    wrapped = [getattr(f, "wrapped_future", None) for f in futures]
+    if client is None or any(w is None for w in wrapped):
+        for fut in futures:
+            fut.wait()
+        return {}
+    allowed, lost = allowed_failures(), {}
+    pending = dict(enumerate(wrapped))
+    seen: dict[str, str] = {}  # key -> the last worker seen holding it
+    known: list[str] = list(workers)
+    empty_since = None
+    while pending:
+        try:  # back as soon as it is done; the cluster is only watched while waiting
+            next(iter(pending.values())).result(timeout=POLL_SECONDS)
+        except Exception:  # noqa: BLE001 - not done yet, or failed: its state says which
+            pass
+        pending = {i: w for i, w in pending.items() if not w.done()}
+        if not pending:
+            break
+        try:
+            workers, counts = cluster_watch(client, [w.key for w in pending.values()])
+        except Exception:  # noqa: BLE001 - a scheduler that cannot answer: keep waiting
+            workers, counts = known, {}
+        known = workers or known
+        empty_since = (empty_since or time.monotonic()) if not workers else None
+        for i, w in list(pending.items()):
+            n, where = counts.get(w.key, (0, ""))
+            seen[w.key] = where or seen.get(w.key, "") or (known[-1] if known else "?")
+            why = None
+            if n > allowed:
+                why = f"given to a worker {n} times and lost each time (last: {seen[w.key]})"
+            elif empty_since is not None and time.monotonic() - empty_since > NO_WORKER_SECONDS:
+                why = (
+                    f"the cluster has had no worker for {NO_WORKER_SECONDS:.0f} s "
+                    f"(worker {seen[w.key]} left)"
+                )
+            if why:
+                w.cancel()
+                lost[i] = (
+                    f"DaskWorkerError: {why}; see that worker's log (a worker that cannot "
+                    "import the stage's code closes; one out of memory dies)"
+                )
+                del pending[i]
+    for i, fut in enumerate(futures):
+        if i not in lost:
+            fut.wait()
+    return lost
+
+
+NO_WORKER_SECONDS = 30.0
+POLL_SECONDS = 2.0
 
 
 def _resources(device: Any):

@@ -56,6 +56,10 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
         resolve_device(cfg.evaluation.device)  # a GPU named in the config must be there
     except InputError as e:
         raise RunFailed(str(e)) from None
+    try:
+        _check_workers()  # a Dask worker that cannot load the stages: fail now, by name
+    except InputError as e:
+        raise RunFailed(str(e)) from None
     store_url = store or default_store_url(cfg)
     ArtifactStore(store_url).sweep_tmp()  # leftovers of killed runs
     db = LineageDB(lineage_db or default_db_path(cfg))
@@ -93,6 +97,14 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
             summary,
         )
     return summary
+
+
+def _check_workers() -> None:
+    from flows.runners import check_workers_import, dask_client
+
+    client = dask_client()
+    if client is not None:
+        check_workers_import(client)
 
 
 def _publish(summary: dict, db: LineageDB, run_id: str, store_url: str, rec: Recorder) -> None:

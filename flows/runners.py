@@ -98,3 +98,68 @@ def _project_on_worker_path() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
     if root not in sys.path:  # spawned workers start from this process's sys.path
         sys.path.append(root)
+
+
+# the modules a worker imports to run any stage (its tasks are pickled by reference)
+STAGE_MODULES = (
+    "tasks.stage",
+    "tasks.fingerprint",
+    "tasks.similarity",
+    "tasks.cluster",
+    "tasks.filter",
+    "tasks.merge",
+    "tasks.mixture",
+    "tasks.evaluate",
+    "tasks.select",
+)
+
+
+def dask_client() -> Any | None:
+    """The distributed client of the current flow run's Dask task runner, if any (the
+    runner starts its cluster on first use)."""
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if type(runner).__name__ != "DaskTaskRunner":
+        return None
+    return runner.client
+
+
+def check_workers_import(client: Any) -> None:
+    """Every worker imports the stage modules, or a ConfigError names the worker and the
+    error: a worker that cannot unpickle a stage's task would otherwise take it, close,
+    and be given it again forever (a scratch folder that shadows ``storage``, an older
+    checkout on a remote machine)."""
+    import importlib
+
+    for name in STAGE_MODULES:
+        answers = client.run(importlib.import_module, name, on_error="return")
+        for worker, answer in sorted(answers.items()):
+            if isinstance(answer, BaseException):
+                raise ConfigError(
+                    f"dask worker {worker} cannot import {name} "
+                    f"({type(answer).__name__}: {answer}); it would never run a stage"
+                )
+
+
+def cluster_watch(client: Any, keys: list[str]) -> tuple[list[str], dict[str, tuple[int, str]]]:
+    """The scheduler's workers, and for each task key how many times it was handed to a
+    worker and the worker that has it now ("" when none)."""
+
+    def look(dask_scheduler, keys=keys):  # runs in the scheduler: pickled by value
+        out = {}
+        for key in keys:
+            starts = [s for s in dask_scheduler.story(key) if len(s) > 2 and s[2] == "processing"]
+            ts = dask_scheduler.tasks.get(key)
+            where = ts.processing_on.address if ts is not None and ts.processing_on else ""
+            out[key] = (len(starts), where)
+        return list(dask_scheduler.workers), out
+
+    return client.run_on_scheduler(look)
+
+
+def allowed_failures() -> int:
+    """distributed's ``scheduler.allowed-failures``: how often a task may lose its worker."""
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
