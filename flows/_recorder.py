@@ -233,7 +233,8 @@ def _wait(futures: list[PrefectFuture], workers: list[str] = ()) -> dict[int, st
     """Wait for every future. On Dask a stage can otherwise wait forever: a worker that
     cannot unpickle it (or runs out of memory) leaves, and the task goes to the next
     worker, or waits for one when none is left. Such a task is cancelled once it lost
-    more than ``allowed-failures`` workers, or once the cluster has had no worker for
+    ``allowed-failures`` workers (distributed's own limit, which a worker that closes
+    itself does not count against), or once the cluster has had no worker for
     ``NO_WORKER_SECONDS``: index -> the one line that says so, naming the worker.
     Elsewhere: Prefect's own wait."""
     from flows.runners import allowed_failures, cluster_watch, dask_client
@@ -267,8 +268,8 @@ def _wait(futures: list[PrefectFuture], workers: list[str] = ()) -> dict[int, st
             n, where = counts.get(w.key, (0, ""))
             seen[w.key] = where or seen.get(w.key, "") or (known[-1] if known else "?")
             why = None
-            if n > allowed:
-                why = f"given to a worker {n} times and lost each time (last: {seen[w.key]})"
+            if n >= allowed:
+                why = f"lost the worker running it {n} times (last: {seen[w.key]})"
             elif empty_since is not None and time.monotonic() - empty_since > NO_WORKER_SECONDS:
                 why = (
                     f"the cluster has had no worker for {NO_WORKER_SECONDS:.0f} s "

@@ -143,16 +143,22 @@ def check_workers_import(client: Any) -> None:
 
 
 def cluster_watch(client: Any, keys: list[str]) -> tuple[list[str], dict[str, tuple[int, str]]]:
-    """The scheduler's workers, and for each task key how many times it was handed to a
-    worker and the worker that has it now ("" when none)."""
+    """The scheduler's workers, and for each task key how many times it lost the worker
+    processing it (taken back for any reason but work stealing) and the worker that has
+    it now ("" when none)."""
 
     def look(dask_scheduler, keys=keys):  # runs in the scheduler: pickled by value
         out = {}
+        back = ("released", "waiting", "queued", "no-worker")
         for key in keys:
-            starts = [s for s in dask_scheduler.story(key) if len(s) > 2 and s[2] == "processing"]
+            lost = [
+                s for s in dask_scheduler.story(key)  # (key, start, finish, recs, stimulus, t)
+                if len(s) > 4 and s[1] == "processing" and s[2] in back
+                and not str(s[4]).startswith("steal")
+            ]  # fmt: skip
             ts = dask_scheduler.tasks.get(key)
             where = ts.processing_on.address if ts is not None and ts.processing_on else ""
-            out[key] = (len(starts), where)
+            out[key] = (len(lost), where)
         return list(dask_scheduler.workers), out
 
     return client.run_on_scheduler(look)
