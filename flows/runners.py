@@ -36,6 +36,7 @@ def task_runner(settings: RunnerSettings, kind: str | None = None) -> Any | None
         "threads_per_worker": settings.threads_per_worker,
         "processes": True,
         "dashboard_address": ":0",  # a free port: runs never collide on 8787
+        **_worker_preload(),
     }
     if settings.gpus_per_worker:
         cluster["resources"] = {"GPU": settings.gpus_per_worker}
@@ -77,6 +78,18 @@ def _quiet_dask() -> None:
 
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def _worker_preload() -> dict[str, list[str]]:
+    """Local workers load ``dask_worker_preload.py`` (by path): distributed's shutdown
+    heartbeat error as one line. A preload the user configured is kept instead."""
+    from pathlib import Path
+
+    import dask
+
+    if dask.config.get("distributed.worker.preload", None):
+        return {}
+    return {"preload": [str(Path(__file__).with_name("dask_worker_preload.py"))]}
 
 
 def _project_on_worker_path() -> None:
