@@ -55,6 +55,40 @@ def _decoder(
     )
 
 
+_FUSED_QKV = {"qkv": "self_attention.query_key_value", "o": "self_attention.dense"}
+_DENSE_4H = {"fc_in": "mlp.dense_h_to_4h", "fc_out": "mlp.dense_4h_to_h"}
+
+
+def _transformer_h(
+    name: str,
+    family: str,
+    *,
+    norms: tuple[str, ...],
+    also: tuple[str, ...] = (),
+    model_types: tuple[str, ...] | None = None,
+    attention: dict = _FUSED_QKV,
+    mlp: dict = _DENSE_4H,
+    embeddings: tuple[str, ...] = ("transformer.word_embeddings",),
+    transposed: bool = False,
+) -> Architecture:
+    """A decoder under ``transformer.h`` with ``lm_head`` and ``transformer.ln_f`` (GPT-2
+    and the families that kept its names; the defaults are Falcon's and Bloom's)."""
+    return Architecture(
+        name=name,
+        family=family,
+        names=(name, *also),
+        model_types=model_types or (family,),
+        layers="transformer.h",
+        attention=attention,
+        mlp=mlp,
+        embeddings=embeddings,
+        head="lm_head",
+        final_norm="transformer.ln_f",
+        norms=norms,
+        transposed=transposed,
+    )
+
+
 _QWEN_MOE = {
     "router": "mlp.gate",
     "expert_gate": "mlp.experts.{e}.gate_proj",
@@ -144,45 +178,33 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("gpt_neox",),
         layers="gpt_neox.layers",
         attention={"qkv": "attention.query_key_value", "o": "attention.dense"},
-        mlp={"fc_in": "mlp.dense_h_to_4h", "fc_out": "mlp.dense_4h_to_h"},
+        mlp=_DENSE_4H,
         embeddings=("gpt_neox.embed_in",),
         head="embed_out",
         final_norm="gpt_neox.final_layer_norm",
         norms=_LLAMA_NORMS,
     ),
-    Architecture(
-        name="GPT2LMHeadModel",
-        family="gpt2",
-        names=("GPT2LMHeadModel", "GPT2Model"),
-        model_types=("gpt2",),
-        layers="transformer.h",
+    _transformer_h(
+        "GPT2LMHeadModel",
+        "gpt2",
+        also=("GPT2Model",),
         attention={"qkv": "attn.c_attn", "o": "attn.c_proj"},
         mlp={"fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj"},
         embeddings=("transformer.wte", "transformer.wpe"),
-        head="lm_head",
-        final_norm="transformer.ln_f",
         norms=("ln_1", "ln_2"),
         transposed=True,
     ),
-    Architecture(
-        name="GPTBigCodeForCausalLM",
-        family="gpt_bigcode",
-        names=("GPTBigCodeForCausalLM",),
-        model_types=("gpt_bigcode",),
-        layers="transformer.h",
+    _transformer_h(
+        "GPTBigCodeForCausalLM",
+        "gpt_bigcode",
         attention={"qkv": "attn.c_attn", "o": "attn.c_proj"},
         mlp={"fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj"},
         embeddings=("transformer.wte", "transformer.wpe"),
-        head="lm_head",
-        final_norm="transformer.ln_f",
         norms=("ln_1", "ln_2"),
     ),
-    Architecture(
-        name="GPTJForCausalLM",
-        family="gptj",
-        names=("GPTJForCausalLM",),
-        model_types=("gptj",),
-        layers="transformer.h",
+    _transformer_h(
+        "GPTJForCausalLM",
+        "gptj",
         attention={
             "q": "attn.q_proj",
             "k": "attn.k_proj",
@@ -191,36 +213,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         },
         mlp={"fc_in": "mlp.fc_in", "fc_out": "mlp.fc_out"},
         embeddings=("transformer.wte",),
-        head="lm_head",
-        final_norm="transformer.ln_f",
         norms=("ln_1",),
     ),
-    Architecture(
-        name="FalconForCausalLM",
-        family="falcon",
-        names=("FalconForCausalLM", "RWForCausalLM"),
+    _transformer_h(
+        "FalconForCausalLM",
+        "falcon",
+        also=("RWForCausalLM",),
         model_types=("falcon", "RefinedWebModel", "RefinedWeb"),
-        layers="transformer.h",
-        attention={"qkv": "self_attention.query_key_value", "o": "self_attention.dense"},
-        mlp={"fc_in": "mlp.dense_h_to_4h", "fc_out": "mlp.dense_4h_to_h"},
-        embeddings=("transformer.word_embeddings",),
-        head="lm_head",
-        final_norm="transformer.ln_f",
         norms=("input_layernorm", "ln_attn", "ln_mlp", "post_attention_layernorm"),
     ),
-    Architecture(
-        name="BloomForCausalLM",
-        family="bloom",
-        names=("BloomForCausalLM",),
-        model_types=("bloom",),
-        layers="transformer.h",
-        attention={"qkv": "self_attention.query_key_value", "o": "self_attention.dense"},
-        mlp={"fc_in": "mlp.dense_h_to_4h", "fc_out": "mlp.dense_4h_to_h"},
-        embeddings=("transformer.word_embeddings",),
-        head="lm_head",
-        final_norm="transformer.ln_f",
-        norms=_LLAMA_NORMS,
-    ),
+    _transformer_h("BloomForCausalLM", "bloom", norms=_LLAMA_NORMS),
     Architecture(
         name="MptForCausalLM",
         family="mpt",
