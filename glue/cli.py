@@ -112,10 +112,17 @@ def run(
     Exit codes: 0 the run completed (unreadable zoo models may have been left out, as
     listed); 1 some stage failed (what could run still ran and was recorded); 2 the config
     is invalid (nothing ran)."""
-    from model_glue.config import ConfigError, load_config, validate_tasks
+    from model_glue.config import (
+        ConfigError,
+        load_config,
+        validate_mixture_families,
+        validate_tasks,
+    )
 
-    try:
-        validate_tasks(load_config(config), str(config))  # fail fast, before starting Prefect
+    try:  # fail fast, before starting Prefect
+        cfg = load_config(config)
+        validate_tasks(cfg, str(config))
+        validate_mixture_families(cfg, str(config))
     except ConfigError as e:
         _fail(str(e))
     from flows._logging import RunFailed

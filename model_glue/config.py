@@ -438,8 +438,7 @@ def validate_mixture_families(cfg: RunConfig, source: str = "<config>") -> None:
 
     import fsspec
 
-    from model_glue.architectures import lookup, moe_families
-    from model_glue.architectures.catalog import BLOCK_LEVEL_FAMILIES
+    from model_glue.architectures.catalog import mixture_refusal
 
     variant = cfg.mixture.variant
     if variant not in ("ffn_moe", "hybrid", "block_level"):
@@ -450,18 +449,8 @@ def validate_mixture_families(cfg: RunConfig, source: str = "<config>") -> None:
                 config = json.load(f)
         except (OSError, ValueError):
             continue
-        arch = lookup(config)
-        found = arch.name if arch else (config.get("architectures") or ["unknown"])[0]
-        if variant == "block_level":
-            if arch is None or arch.family not in BLOCK_LEVEL_FAMILIES:
-                raise ConfigError(
-                    f"{source}: mixture.variant: block_level cannot be built from zoo model "
-                    f"{m.name!r} ({found}); supported: LlamaForCausalLM "
-                    "(model_level mixes any architectures)"
-                )
-        elif arch is None or arch.moe_builder is None:
+        if why := mixture_refusal(config, variant):
             raise ConfigError(
-                f"{source}: mixture.variant: {variant} cannot be built from zoo model "
-                f"{m.name!r} ({found}); supported: {'; '.join(moe_families())} "
+                f"{source}: mixture.variant: {variant}: zoo model {m.name!r}: {why} "
                 "(model_level mixes any architectures)"
             )

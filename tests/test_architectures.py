@@ -333,3 +333,41 @@ def test_gpt2_saved_without_its_transformer_prefix_resolves(families, tmp_path):
     layout = Checkpoint(str(bare)).layout
     assert layout.prefix == "h" and layout.num_layers == 2 and layout.transposed
     assert layout.embeddings == ("wte.weight", "wpe.weight") and layout.layer_filter(1) == "h.1."
+
+
+@pytest.mark.parametrize(
+    ("variant", "arch", "supported"),
+    [
+        ("ffn_moe", "GPT2LMHeadModel", "LlamaForCausalLM -> MixtralForCausalLM"),
+        ("hybrid", "GPTNeoXForCausalLM", "Qwen3ForCausalLM -> Qwen3MoeForCausalLM"),
+        ("block_level", "Qwen2ForCausalLM", "supported: LlamaForCausalLM"),
+    ],
+)
+def test_a_weight_level_mixture_of_another_family_is_a_config_error(
+    families, tmp_path, variant, arch, supported
+):
+    """Before any stage runs: ``glue run`` exits 2 with one line naming the config, the
+    key, the zoo model and the families that are supported."""
+    import yaml
+
+    from tests.test_user_zoo import _glue_run
+
+    config = tmp_path / "glue.yaml"
+    zoo = [{"name": n, "path": str(p)} for n, p in families[arch].items()]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "zoo": zoo,
+                "evaluation": {"tasks": ["demo_add"]},
+                "mixture": {"variant": variant, "router": "random", "hybrid_k": 1},
+            }
+        )
+    )
+    proc = _glue_run(config, cwd=tmp_path, home=tmp_path / "home")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    assert f"mixture.variant: {variant}: zoo model 'base'" in lines[0]
+    assert arch in lines[0] and supported in lines[0]
+    assert not (tmp_path / "home" / "store").exists()  # nothing ran

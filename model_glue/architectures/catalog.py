@@ -260,6 +260,21 @@ def lookup(config: dict) -> Architecture | None:
     return None
 
 
+def mixture_refusal(config: dict, variant: str) -> str | None:
+    """Why a model with this ``config.json`` cannot be an expert of a ``variant`` mixture:
+    FFN-level and hybrid ones are written as its family's MoE model, block-level ones from
+    Llama layers (None: it can, or the variant mixes any architecture)."""
+    arch = lookup(config)
+    found = arch.name if arch else (config.get("architectures") or [config.get("model_type")])[0]
+    if variant == "block_level" and (arch is None or arch.family not in BLOCK_LEVEL_FAMILIES):
+        return f"a block-level mixture cannot be built from {found}; supported: LlamaForCausalLM"
+    if variant in ("ffn_moe", "hybrid") and (arch is None or arch.moe_builder is None):
+        return f"an FFN-level mixture cannot be built from {found}; supported: " + "; ".join(
+            moe_families()
+        )
+    return None
+
+
 def moe_families() -> list[str]:
     """Architectures whose dense models an FFN-level mixture can combine, with what it writes."""
     return [f"{a.name} -> {MOE_BUILDERS[a.moe_builder]}" for a in ARCHITECTURES if a.moe_builder]

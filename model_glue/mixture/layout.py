@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from model_glue.architectures import Architecture, lookup, moe_families
-from model_glue.architectures.catalog import BLOCK_LEVEL_FAMILIES
+from model_glue.architectures import Architecture, lookup
+from model_glue.architectures.catalog import mixture_refusal
 from model_glue.mixture.loading import MixtureError
 
 SHAPE_KEYS = (
@@ -36,13 +36,9 @@ def family_of(model: PreTrainedModel) -> Architecture | None:
 def require_moe_family(model: PreTrainedModel, name: str) -> str:
     """The FFN-level MoE builder for ``model``'s family (``mixtral``, ``qwen2_moe``...);
     a :class:`MixtureError` naming the supported families for any other."""
+    if why := mixture_refusal(model.config.to_dict(), "ffn_moe"):
+        raise MixtureError(f"{name}: {why}")
     arch = family_of(model)
-    if arch is None or arch.moe_builder is None:
-        found = arch.name if arch else type(model).__name__
-        raise MixtureError(
-            f"{name}: an FFN-level mixture cannot be built from {found}; supported: "
-            + "; ".join(moe_families())
-        )
     if getattr(model.config, "mlp_bias", False):
         raise MixtureError(f"{name}: {arch.name} with MLP biases has no MoE counterpart")
     return arch.moe_builder
@@ -50,13 +46,8 @@ def require_moe_family(model: PreTrainedModel, name: str) -> str:
 
 def require_block_family(model: PreTrainedModel, name: str) -> None:
     """Block-level mixtures are built from Llama decoders (LlamaDecoderLayer modules)."""
-    arch = family_of(model)
-    if arch is None or arch.family not in BLOCK_LEVEL_FAMILIES:
-        found = arch.name if arch else type(model).__name__
-        raise MixtureError(
-            f"{name}: a block-level mixture cannot be built from {found}; supported: "
-            "LlamaForCausalLM (use a model-level mixture for other architectures)"
-        )
+    if why := mixture_refusal(model.config.to_dict(), "block_level"):
+        raise MixtureError(f"{name}: {why} (use a model-level mixture for other architectures)")
     if getattr(model.config, "mlp_bias", False) or getattr(model.config, "attention_bias", False):
         raise MixtureError(f"{name}: Llama with biases is not supported by block-level mixtures")
 
