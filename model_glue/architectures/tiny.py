@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from model_glue.architectures.catalog import ARCHITECTURES
-
 # architecture -> (transformers config class, its own keyword arguments)
 _MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 24}
 TINY: dict[str, tuple[str, dict]] = {
@@ -101,7 +99,3 @@ def save_tiny(
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return Path(path)
-
-
-def declared_names() -> list[str]:
-    return [a.name for a in ARCHITECTURES]

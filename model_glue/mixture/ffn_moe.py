@@ -33,7 +33,7 @@ import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from model_glue.architectures import lookup
+from model_glue.architectures import Architecture, lookup
 from model_glue.mixture.layout import (
     require_moe_family,
     require_same_layout,
@@ -109,10 +109,10 @@ def moe_config(
     return cls(**kwargs)
 
 
-def _dense_mlp(model: PreTrainedModel, layer: int) -> dict[str, torch.Tensor]:
+def _dense_mlp(
+    arch: Architecture, state: dict[str, torch.Tensor], layer: int
+) -> dict[str, torch.Tensor]:
     """``gate``, ``up``, ``down`` weights of a dense expert's layer, by the catalog's roles."""
-    arch = lookup(model.config.to_dict())
-    state = model.state_dict()
     out = {}
     for role in ("gate", "up", "down"):
         key = f"{arch.layers}.{layer}.{arch.mlp[role]}.weight"
@@ -136,9 +136,12 @@ def assemble_moe(
     target = TARGETS[builder]
     cfg = moe_config(base, builder, len(experts), top_k, dense_layers)
     moe = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # the experts have the base's MoE builder (checked by the builder), and every family with
+    # one keeps its MLP as model.layers.N.mlp.{gate,up,down}_proj: the base's names are theirs
     arch = lookup(base.config.to_dict())
     src = base.state_dict()
     dst = moe.state_dict()
+    states = [m.state_dict() for m in experts]  # once each: names -> their tensors
     filled = set()
     mlp_paths = {f".{p}." for p in arch.mlp.values()}
     for key, tensor in src.items():
@@ -149,13 +152,13 @@ def assemble_moe(
     for layer in range(cfg.num_hidden_layers):
         prefix = f"{arch.layers}.{layer}.mlp"
         if layer < dense_layers and own_dense:  # a plain MLP: the base's own
-            for role, t in _dense_mlp(base, layer).items():
+            for role, t in _dense_mlp(arch, src, layer).items():
                 key = f"{prefix}.{role}_proj.weight"
                 dst[key].copy_(t)
                 filled.add(key)
             continue
-        owners = [base] * len(experts) if layer < dense_layers else list(experts)
-        mlps = [_dense_mlp(m, layer) for m in owners]
+        owners = [src] * len(experts) if layer < dense_layers else states
+        mlps = [_dense_mlp(arch, state, layer) for state in owners]
         down_scale = 0.5 if target.shared_expert else 1.0
         dst[f"{prefix}.experts.gate_up_proj"].copy_(
             torch.stack([torch.cat([m["gate"], m["up"]]) for m in mlps])
@@ -171,16 +174,15 @@ def assemble_moe(
             f"{prefix}.gate.weight",
         }
         if target.shared_expert:
-            for role, t in _dense_mlp(base, layer).items():
+            for role, t in _dense_mlp(arch, src, layer).items():
                 dst[f"{prefix}.shared_expert.{role}_proj.weight"].copy_(t)
                 filled.add(f"{prefix}.shared_expert.{role}_proj.weight")
             dst[f"{prefix}.shared_expert_gate.weight"].zero_()  # sigmoid(0) = 1/2
             filled.add(f"{prefix}.shared_expert_gate.weight")
     missing = sorted(set(dst) - filled)
-    if cfg.tie_word_embeddings:
-        missing = [
-            k for k in missing if dst[k].data_ptr() not in {dst[f].data_ptr() for f in filled}
-        ]
+    if cfg.tie_word_embeddings:  # a tied head shares a filled tensor's storage
+        shared = {dst[f].data_ptr() for f in filled}
+        missing = [k for k in missing if dst[k].data_ptr() not in shared]
     if missing:
         raise MixtureError(f"base model has no tensor for {type(moe).__name__}'s {missing[0]!r}")
     return moe
