@@ -54,10 +54,7 @@ def glue_recipe(config_path: str, store: str | None = None, lineage_db: str | No
         validate_tasks(cfg, config_path)  # unknown tasks fail before any stage runs
         validate_mixture_families(cfg, config_path)  # so does an MoE of an unknown family
         resolve_device(cfg.evaluation.device)  # a GPU named in the config must be there
-    except InputError as e:
-        raise RunFailed(str(e)) from None
-    try:
-        _check_workers()  # a Dask worker that cannot load the stages: fail now, by name
+        _check_workers()  # so must a Dask worker that can load the stages (else: by name)
     except InputError as e:
         raise RunFailed(str(e)) from None
     store_url = store or default_store_url(cfg)

@@ -61,8 +61,7 @@ class Layout:
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        pattern = re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\." if self.prefix else r"^$.")
-        object.__setattr__(self, "_layer_re", pattern)
+        object.__setattr__(self, "_layer_re", re.compile(rf"^{re.escape(self.prefix)}\.(\d+)\."))
 
     @property
     def tied(self) -> bool:
@@ -71,7 +70,7 @@ class Layout:
 
     def layer_of(self, name: str) -> int | None:
         """Decoder layer number of a tensor name; None outside the layers."""
-        m = self._layer_re.match(name)
+        m = self._layer_re.match(name) if self.prefix else None  # no layers found
         return int(m.group(1)) if m else None
 
     def layer_filter(self, i: int) -> str:
