@@ -31,7 +31,7 @@ from model_glue.config import RunConfig, load_config, validate_mixture_families,
 from model_glue.devices import resolve_device
 from model_glue.env import glue_home
 from model_glue.errors import InputError
-from storage import ArtifactStore, LineageDB, LineageLockedError
+from storage import ArtifactStore, LineageDB, LineageLockedError, default_lineage_path
 from tasks.stage import stable_hash
 
 
@@ -40,7 +40,7 @@ def default_store_url(cfg: RunConfig) -> str:
 
 
 def default_db_path(cfg: RunConfig) -> str:
-    return cfg.lineage_db or str(glue_home() / "lineage.duckdb")
+    return cfg.lineage_db or str(default_lineage_path())
 
 
 @flow(name="model-glue-recipe", log_prints=False, validate_parameters=False)
@@ -160,8 +160,11 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
             proxy |= steps.evaluate([mixture.ref], cfg, rec, split="proxy")
     rec.section("final")
     made = list(merged.values()) + ([mixture.ref] if mixture else [])
-    chosen = steps.final(zoo + made, proxy, cfg, rec)
-    board = rec.db.leaderboard(flow_run_id=rec.flow_run_id) if rec.flow_run_id else None
+    steps.final(zoo + made, proxy, cfg, rec)
+    board = final = None
+    if rec.flow_run_id:  # a run, not a plan: what it recorded
+        board = rec.db.leaderboard(flow_run_id=rec.flow_run_id)
+        final = rec.db.headline(rec.flow_run_id, board=board)
     return {
         "config": cfg.name,
         "failures": _failures(cfg, rec),
@@ -176,42 +179,9 @@ def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
             "experts": mixture.experts,
             "router_accuracy": mixture.router_accuracy,
         },
-        "final": None if chosen is None or board is None else headline(chosen, board),
+        "final": None if final is None else final.to_dict(),
         "leaderboard": [] if board is None else board.to_dicts(),
     }
-
-
-def headline(chosen: dict, board) -> dict:
-    """The final model against the best single zoo model and the per-task best of the zoo,
-    on the test split (the paper's headline figure)."""
-    rows = {r["name"]: r for r in board.to_dicts()}
-    tasks = [
-        c
-        for c in board.columns
-        if c not in ("artifact_id", "name", "kind", "mean", "n_tasks", "final")
-    ]
-    zoo = [r for r in rows.values() if r["kind"] == "model" and r["mean"] is not None]
-    final = rows.get(chosen["final"]["name"], {})
-    out = {
-        "name": chosen["final"]["name"],
-        "kind": chosen["final"]["kind"],
-        "proxy_mean": chosen["final"]["proxy_mean"],
-        "test_mean": final.get("mean"),
-    }
-    if zoo and final.get("mean") is not None:
-        best = max(zoo, key=lambda r: r["mean"])
-        oracle = sum(max(r[t] or 0.0 for r in zoo) for t in tasks) / len(tasks)
-        out |= {
-            "best_single": best["name"],
-            "best_single_test_mean": best["mean"],
-            "gain": final["mean"] - best["mean"],
-            "relative_gain": (final["mean"] - best["mean"]) / best["mean"]
-            if best["mean"]
-            else None,
-            "oracle_mean": oracle,
-            "of_oracle": final["mean"] / oracle if oracle else None,
-        }
-    return out
 
 
 def run_config(

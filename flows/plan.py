@@ -26,6 +26,7 @@ from flows._logging import RunFailed
 from flows._recorder import Failure, Outcome
 from model_glue.config import RunConfig
 from storage import ArtifactCorruptError, ArtifactNotFoundError, ArtifactStore, LineageDB
+from storage.queries import PreviousCall
 from tasks.stage import RECORD_KIND, Call, parse_versions
 
 PENDING = "pending:"
@@ -165,45 +166,24 @@ class Planner:
                 return f"corrupt artifact: {' '.join(str(e).split())}"
         return "artifact incomplete"
 
-    def _previous(self, c: Call) -> tuple | None:
-        if self.db is None:
-            return None
-        rows = self.db.query(
-            "SELECT cache_key, code_version, key_parts FROM runs WHERE stage = ? AND label = ? "
-            "AND status <> 'failed' AND cache_key IS NOT NULL "
-            "ORDER BY started_at DESC LIMIT 1",
-            [c.stage.name, c.label],
-        )
-        return rows.row(0) if rows.height else None
+    def _previous(self, c: Call) -> PreviousCall | None:
+        return None if self.db is None else self.db.previous_call(c.stage.name, c.label)
 
     def _failed_before(self, c: Call) -> str | None:
         """The error of the latest run of this call if it failed with the same key."""
         if self.db is None or c.key is None:
             return None
-        rows = self.db.query(
-            "SELECT status, cache_key, error FROM runs WHERE stage = ? AND label = ? "
-            "ORDER BY started_at DESC LIMIT 1",
-            [c.stage.name, c.label],
-        )
-        if rows.height and rows["status"][0] == "failed" and rows["cache_key"][0] == c.key:
-            return rows["error"][0] or "failed"
+        last = self.db.last_run_of(c.stage.name, c.label)
+        if last and last["status"] == "failed" and last["cache_key"] == c.key:
+            return last["error"] or "failed"
         return None
 
     def _last_arch(self, name: str) -> str | None:
-        if self.db is None:
-            return None
-        rows = self.db.query(
-            "SELECT arch_signature FROM models WHERE name = ? ORDER BY last_seen DESC LIMIT 1",
-            [name],
-        )
-        return rows["arch_signature"][0] if rows.height else None
+        return None if self.db is None else self.db.arch_signature_of(name)
 
     def _names(self) -> dict[str, str]:
         """Artifact ids and fingerprints -> names, to say which input changed."""
-        if self.db is None:
-            return {}
-        rows = self.db.query("SELECT artifact_id, name FROM artifacts WHERE name IS NOT NULL")
-        return dict(rows.iter_rows())
+        return {} if self.db is None else self.db.artifact_names()
 
 
 def plan(cfg: RunConfig, store_url: str, db_path: str) -> list[PlanEntry]:

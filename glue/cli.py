@@ -32,10 +32,6 @@ DbOption = Annotated[
 ]
 
 
-def _db_path(db: str | None) -> str:
-    return db or str(glue_home() / "lineage.duckdb")
-
-
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -248,7 +244,7 @@ def report(
     from storage import LineageDB, LineageError
 
     try:
-        path = write_report(LineageDB(_db_path(db), read_only=True), out, flow_run)
+        path = write_report(LineageDB(db, read_only=True), out, flow_run)
     except LineageError as e:
         _fail(str(e))
     console.print(f"report written to {path}")
@@ -261,20 +257,14 @@ def leaderboard(
 ) -> None:
     """Print the leaderboard of a flow run (default: the latest finished one) and, for a
     failed run, which stages failed."""
-    from storage import LineageDB
+    from storage import LineageDB, LineageError
 
-    ldb = LineageDB(_db_path(db), read_only=True)
-    where = "status <> 'running'" if flow_run is None else "flow_run_id = ?"
-    run = ldb.query(
-        f"SELECT flow_run_id, status, error FROM flow_runs WHERE {where} "
-        "ORDER BY started_at DESC LIMIT 1",
-        [] if flow_run is None else [flow_run],
-    )
-    if run.height == 0:
-        _fail(
-            "no finished flow run recorded yet" if flow_run is None else f"no flow run {flow_run!r}"
-        )
-    flow_run, status, error = run.row(0)
+    ldb = LineageDB(db, read_only=True)
+    try:
+        run = ldb.latest_flow_run(flow_run)
+    except LineageError as e:
+        _fail(str(e))
+    flow_run, status, error = run["flow_run_id"], run["status"], run["error"]
     board = ldb.leaderboard(flow_run_id=flow_run)
     if board.height:
         print_leaderboard(board, title=f"Leaderboard (flow run {flow_run}, {status})")
@@ -293,7 +283,7 @@ def lineage(
     """Print the ancestors and descendants of a model or artifact."""
     from storage import LineageDB, LineageError
 
-    ldb = LineageDB(_db_path(db), read_only=True)
+    ldb = LineageDB(db, read_only=True)
     try:
         artifact_id = ldb.resolve(model)
     except LineageError as e:
@@ -337,7 +327,7 @@ def sql(
     from storage import LineageDB, LineageError
 
     try:
-        df = LineageDB(_db_path(db), read_only=True, external_access=allow_files).query(query)
+        df = LineageDB(db, read_only=True, external_access=allow_files).query(query)
     except LineageError as e:
         _fail(str(e))
     except Exception as e:  # DuckDB parser/binder errors: show them plainly

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 import tempfile
 import threading
@@ -22,22 +21,18 @@ from typing import Any
 
 import polars as pl
 
-from storage import LineageDB, LineageError
+from storage import Headline, LineageDB
 
 
 def build_report(db: LineageDB, flow_run_id: str | None = None) -> str:
     """The HTML page for ``flow_run_id`` (default: the latest finished flow run)."""
-    run = _flow_run(db, flow_run_id)
+    run = db.latest_flow_run(flow_run_id)
     fid = run["flow_run_id"]
-    runs = db.query(
-        "SELECT stage, label, status, cache_key, error, seconds FROM runs WHERE flow_run_id = ? "
-        "ORDER BY started_at, run_id",
-        [fid],
-    )
+    runs = db.stage_runs_of(fid)
     board = db.leaderboard(flow_run_id=fid)
     sections = [
         _header(run, runs),
-        _leaderboard(board),
+        _leaderboard(board, _headline(db, fid, board)),
         _clusters(db, runs),
         _searches(db, runs),
         _mixtures(db, runs),
@@ -57,19 +52,13 @@ def write_report(db: LineageDB, out: str | Path, flow_run_id: str | None = None)
 
 
 # ---- sections ---------------------------------------------------------------------------
-def _flow_run(db: LineageDB, flow_run_id: str | None) -> dict:
-    where = "status <> 'running'" if flow_run_id is None else "flow_run_id = ?"
-    rows = db.query(
-        f"SELECT * FROM flow_runs WHERE {where} ORDER BY started_at DESC LIMIT 1",
-        [] if flow_run_id is None else [flow_run_id],
-    )
-    if rows.height == 0:
-        raise LineageError(
-            "no finished flow run recorded yet"
-            if flow_run_id is None
-            else f"no flow run {flow_run_id!r}"
-        )
-    return rows.row(0, named=True)
+def _headline(db: LineageDB, fid: str, board: pl.DataFrame) -> Headline | None:
+    """The final model's headline; without a final model, the best one's by test mean."""
+    if board.height == 0:
+        return None
+    if board["final"].any():
+        return db.headline(fid, board=board)
+    return db.headline(fid, board["artifact_id"][0], board)
 
 
 def _header(run: dict, runs: pl.DataFrame) -> str:
@@ -86,7 +75,7 @@ def _header(run: dict, runs: pl.DataFrame) -> str:
     )
 
 
-def _leaderboard(board: pl.DataFrame) -> str:
+def _leaderboard(board: pl.DataFrame, h: Headline | None) -> str:
     if board.height == 0:
         return "<h2>Leaderboard</h2><p>No scores were recorded in this run.</p>"
     from model_glue.report import leaderboard_plot
@@ -96,21 +85,14 @@ def _leaderboard(board: pl.DataFrame) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = leaderboard_plot(shown.to_dicts(), tasks, Path(tmp) / "board.png")
         png = path.read_bytes()
-    singles = shown.filter(pl.col("kind") == "model")
     note = ""
-    if singles.height and shown.height:
-        best_single = singles.sort("mean", descending=True).row(0, named=True)
-        finals = shown.filter(pl.col("final")) if "final" in shown.columns else shown.head(0)
-        best = (finals if finals.height else shown.sort("mean", descending=True)).row(0, named=True)
-        gain = best["mean"] - best_single["mean"]
-        oracle = sum(shown[t].max() for t in tasks) / len(tasks) if tasks else None
+    if h is not None and h.best_single is not None:
         note = (
-            f"<p>{'Final model' if finals.height else 'Best'}: <b>{html.escape(best['name'])}</b> "
-            f"({best['kind']}, chosen on the proxy split), test mean "
-            f"{best['mean']:.3f}; best single zoo model {html.escape(best_single['name'])} "
-            f"{best_single['mean']:.3f} ({gain:+.3f})"
-            + (f"; per-task best of everything {oracle:.3f}" if oracle is not None else "")
-            + ".</p>"
+            f"<p>{'Final model' if board['final'].any() else 'Best'}: "
+            f"<b>{html.escape(h.name)}</b> ({h.kind}, chosen on the proxy split), test mean "
+            f"{h.test_mean:.3f}; best single zoo model {html.escape(h.best_single)} "
+            f"{h.best_single_test_mean:.3f} ({h.gain:+.3f}); per-task best of the zoo "
+            f"{h.oracle_mean:.3f}.</p>"
         )
     return "<h2>Leaderboard</h2>" + note + _table(shown) + _img(png, "leaderboard")
 
@@ -120,25 +102,12 @@ def _clusters(db: LineageDB, runs: pl.DataFrame) -> str:
     if cluster_runs.height == 0:
         return "<h2>Similarity and clusters</h2><p>No clustering in this run.</p>"
     cid = cluster_runs["cache_key"][-1]
-    members = db.query(
-        "SELECT c.cluster, c.model_fingerprint AS fp, m.name FROM clusters c "
-        "LEFT JOIN models m ON m.fingerprint = c.model_fingerprint "
-        "WHERE c.clustering_id = ? ORDER BY c.cluster, m.name",
-        [cid],
-    )
-    thresholds = db.query(
-        "SELECT arch_signature, metric, rule, threshold, gap_low, gap_high, n_pairs "
-        "FROM cluster_thresholds WHERE clustering_id = ? ORDER BY arch_signature",
-        [cid],
-    )
+    members = db.clusters_of(cid)
+    thresholds = db.thresholds_of(cid)
     metric = thresholds["metric"][0] if thresholds.height else "sim_all"
     fps = members["fp"].to_list()
     names = {fp: n or fp[:8] for fp, n in zip(fps, members["name"], strict=True)}
-    sims = db.query(
-        "SELECT model_a, model_b, value FROM similarities WHERE metric = ? "
-        "AND list_contains(?, model_a) AND list_contains(?, model_b)",
-        [metric, fps, fps],
-    )
+    sims = db.similarities_among(fps, metric)
     out = ["<h2>Similarity and clusters</h2>"]
     for t in thresholds.iter_rows(named=True):
         rule = (
@@ -166,13 +135,8 @@ def _searches(db: LineageDB, runs: pl.DataFrame) -> str:
         return "<h2>Searches</h2><p>No search in this run.</p>"
     out = ["<h2>Searches</h2>"]
     for label, key in searches.select("label", "cache_key").iter_rows():
-        trials = db.query(
-            "SELECT trial, strategy, coefficients, proxy_score, accepted, reason FROM trials "
-            "WHERE search_id = ? ORDER BY trial",
-            [key],
-        )
-        meta = db.query("SELECT meta FROM artifacts WHERE artifact_id = ?", [key])
-        info = json.loads(meta["meta"][0]) if meta.height and meta["meta"][0] else {}
+        trials = db.trials_of(key)
+        info = db.artifact_meta(key)
         out.append(f"<h3>{html.escape(label or key[:12])}</h3>")
         if info:
             rejected = "; ".join(f"{k}: {v}" for k, v in sorted(info.get("rejected", {}).items()))
@@ -192,12 +156,8 @@ def _mixtures(db: LineageDB, runs: pl.DataFrame) -> str:
         return "<h2>Mixture</h2><p>No mixture in this run.</p>"
     out = ["<h2>Mixture</h2>"]
     for label, key in mix.select("label", "cache_key").iter_rows():
-        art = db.query("SELECT meta FROM artifacts WHERE artifact_id = ?", [key])
-        meta = json.loads(art["meta"][0]) if art.height and art["meta"][0] else {}
-        parents = db.query(
-            "SELECT parent_name, role FROM v_lineage WHERE child_id = ? ORDER BY role, parent_name",
-            [key],
-        )
+        meta = db.artifact_meta(key)
+        parents = db.parents_of(key)
         experts = [n for n, r in parents.iter_rows() if r == "expert"]
         out.append(
             f"<h3>{html.escape(label)}</h3><p>variant {meta.get('variant')}, router "
@@ -207,11 +167,10 @@ def _mixtures(db: LineageDB, runs: pl.DataFrame) -> str:
         )
         selection = runs.filter((pl.col("stage") == "select") & pl.col("cache_key").is_not_null())
         if selection.height:
-            steps = db.query(
-                "SELECT trial, coefficients AS experts, proxy_score, accepted, reason FROM trials "
-                "WHERE search_id = ? ORDER BY trial",
-                [selection["cache_key"][-1]],
-            )
+            steps = db.trials_of(selection["cache_key"][-1]).select(
+                "trial", pl.col("coefficients").alias("experts"), "proxy_score", "accepted",
+                "reason",
+            )  # fmt: skip
             out.append(
                 "<p>Expert selection on the proxy split: each set tried, its cross-validated "
                 "proxy score, and the sets kept.</p>" + _table(steps)
@@ -231,20 +190,13 @@ def _mixtures(db: LineageDB, runs: pl.DataFrame) -> str:
 
 
 def _changes(db: LineageDB, run: dict, runs: pl.DataFrame, board: pl.DataFrame) -> str:
-    prev = db.query(
-        "SELECT flow_run_id FROM flow_runs WHERE flow = ? AND started_at < ? "
-        "AND status <> 'running' ORDER BY started_at DESC LIMIT 1",
-        [run["flow"], run["started_at"]],
-    )
+    pid = db.previous_flow_run(run)
     out = ["<h2>What changed since the previous run</h2>"]
-    if prev.height == 0:
+    if pid is None:
         return out[0] + "<p>This is the first recorded run.</p>"
-    pid = prev["flow_run_id"][0]
-    before = db.query(
-        "SELECT label, cache_key FROM runs WHERE flow_run_id = ? AND stage = 'fingerprint'", [pid]
-    )
+    before = db.stage_runs_of(pid).filter(pl.col("stage") == "fingerprint")
     now = runs.filter(pl.col("stage") == "fingerprint").select("label", "cache_key")
-    b, n = dict(before.iter_rows()), dict(now.iter_rows())
+    b, n = dict(before.select("label", "cache_key").iter_rows()), dict(now.iter_rows())
     lines = [f"new model {x}" for x in sorted(n.keys() - b.keys())]
     lines += [f"removed model {x}" for x in sorted(b.keys() - n.keys())]
     lines += [f"changed weights of {x}" for x in sorted(n.keys() & b.keys()) if n[x] != b[x]]

@@ -3,9 +3,18 @@
 The only code of the project that knows store paths and SQL.
 """
 
-from storage.artifacts import ArtifactStore, StoreWriteError
+from storage.artifacts import ArtifactStore
+from storage.commit import StoreWriteError
 from storage.connection import LineageLockedError, ReadOnlyQueryError
-from storage.lineage import Artifact, Details, Lineage, LineageDB, LineageError
+from storage.lineage import (
+    Artifact,
+    Details,
+    Headline,
+    Lineage,
+    LineageDB,
+    LineageError,
+    default_lineage_path,
+)
 from storage.manifest import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -18,6 +27,7 @@ from storage.manifest import (
 __all__ = [
     "Artifact",
     "Details",
+    "Headline",
     "Lineage",
     "ArtifactCorruptError",
     "ArtifactNotFoundError",
@@ -31,4 +41,5 @@ __all__ = [
     "ReadOnlyQueryError",
     "StoreError",
     "StoreWriteError",
+    "default_lineage_path",
 ]

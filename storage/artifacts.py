@@ -1,4 +1,4 @@
-"""Content-addressed artifact store over fsspec.
+"""Content-addressed artifact store over fsspec: addressing, reading and verifying.
 
 Layout: ``<root>/<kind>/<key>/`` holds an artifact's files and ``MANIFEST.json``. The manifest
 is the commit point: a directory without one is an unfinished write and is never read.
@@ -6,18 +6,15 @@ Locally a whole artifact appears at once (``os.rename`` of a staging directory u
 ``<root>/.tmp/``); on object stores the files are uploaded first and the manifest last.
 Artifacts are never modified after commit, which is what lets a flow skip a stage whose
 output key already exists, survive ``kill -9`` mid-write and run twice concurrently.
+How a write is committed: ``storage.commit``; what killed writers leave: ``storage.sweep``.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import shutil
-import socket
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +24,16 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from model_glue.env import glue_home
-from model_glue.errors import InputError
+from storage.commit import (
+    STORAGE_ERRNOS,
+    TMP_DIR,
+    commit_local,
+    commit_remote,
+    local_copy_matches,
+    new_staging,
+    rename_into_place,
+    write_error,
+)
 from storage.manifest import (
     MANIFEST_NAME,
     ArtifactCorruptError,
@@ -40,8 +46,8 @@ from storage.manifest import (
     validate_key,
     validate_kind,
 )
+from storage.sweep import sweep_tmp
 
-TMP_DIR = ".tmp"
 JSON_FILE = "data.json"
 Verify = Literal["none", "size", "hash"]
 
@@ -213,7 +219,7 @@ class ArtifactStore:
                 return cached
         except (FileNotFoundError, ArtifactCorruptError):
             pass
-        staging = self._new_staging(self.cache_dir / TMP_DIR, kind, key)
+        staging = new_staging(self.cache_dir / TMP_DIR, kind, key)
         try:
             for e in m.files:
                 dest = staging / e.name
@@ -226,9 +232,7 @@ class ArtifactStore:
                     )
             (staging / MANIFEST_NAME).write_text(m.to_json())
             cached.parent.mkdir(parents=True, exist_ok=True)
-            _rename_into_place(
-                staging, cached, keep_existing=lambda: _local_copy_matches(cached, m)
-            )
+            rename_into_place(staging, cached, keep_existing=lambda: local_copy_matches(cached, m))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return cached
@@ -251,20 +255,17 @@ class ArtifactStore:
             raise StoreError(f"artifact {kind}/{key}: meta is not JSON-serialisable ({e})") from e
         tmp_root = Path(self.root) / TMP_DIR if self.is_local else self.cache_dir / TMP_DIR
         try:
-            staging = self._new_staging(tmp_root, kind, key)
+            staging = new_staging(tmp_root, kind, key)
         except OSError as e:
-            raise _write_error(self.url, kind, key, e) from None
+            raise write_error(self.url, kind, key, e) from None
         try:
             yield staging
             manifest = build_manifest(staging, kind, key, meta)
-            if self.is_local:
-                self._commit_local(staging, manifest)
-            else:
-                self._commit_remote(staging, manifest)
+            (commit_local if self.is_local else commit_remote)(self, staging, manifest)
         except OSError as e:
-            if e.errno not in _STORAGE_ERRNOS:
+            if e.errno not in STORAGE_ERRNOS:
                 raise
-            raise _write_error(self.url, kind, key, e) from None
+            raise write_error(self.url, kind, key, e) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -275,196 +276,8 @@ class ArtifactStore:
             (d / JSON_FILE).write_text(text)
         return self.uri(kind, key)
 
-    def _commit_local(self, staging: Path, manifest: Manifest) -> None:
-        (staging / MANIFEST_NAME).write_text(manifest.to_json())
-        final = Path(self._path(manifest.kind, manifest.key))
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _rename_into_place(staging, final, keep_existing=lambda: self._existing_is_sound(manifest))
-
-    def _commit_remote(self, staging: Path, manifest: Manifest) -> None:
-        kind, key = manifest.kind, manifest.key
-        if self._existing_is_sound(manifest):
-            return
-        base, manifest_path = self._path(kind, key), self._path(kind, key, MANIFEST_NAME)
-        if self.fs.exists(manifest_path):  # a damaged artifact: un-commit it before replacing files
-            self.fs.rm(manifest_path)
-        for e in manifest.files:
-            self.fs.put_file(str(staging / e.name), self._path(kind, key, e.name))
-        # Files a killed upload left that are not ours would fail verification. A concurrent
-        # writer of this key uploads the same names (same content), so nothing of it goes.
-        ours = {e.name for e in manifest.files}
-        for p in self.fs.find(base):
-            if p[len(base) + 1 :] not in ours:
-                self.fs.rm(p)
-        # The manifest goes last: until it exists, readers treat the key as absent.
-        self.fs.pipe_file(manifest_path, manifest.to_json().encode())
-
-    def _existing_is_sound(self, manifest: Manifest) -> bool:
-        """Is there a committed artifact at this key that we must keep?
-
-        A full hash check, because this runs only when two writers collide or when a caller
-        rewrites an artifact it found damaged; a damaged one is replaced, a sound one kept.
-        """
-        try:
-            self.verify(manifest.kind, manifest.key, full=True)
-        except ArtifactNotFoundError:
-            return False
-        except ArtifactCorruptError:
-            return False
-        return True
-
-    def _new_staging(self, tmp_root: Path, kind: str, key: str) -> Path:
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        # host and pid in the name let sweep_tmp spare the staging dirs of live writers
-        d = tmp_root / f"{kind}-{key[:16]}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        d.mkdir()
-        return d
-
     # ---- maintenance ------------------------------------------------------------------
     def sweep_tmp(self, older_than_s: float = 3600) -> int:
-        """Remove leftovers of killed writers; return how many entries were removed.
-
-        Covers staging directories (the store's and the download cache's) whose writer was a
-        process of this host that is gone (at once), or of another host and untouched for
-        ``older_than_s``, and, on remote stores, artifact directories that never got a
-        manifest.
-        """
-        now = time.time()
-        removed = 0
-        tmp_roots = [self.cache_dir / TMP_DIR]
-        if self.is_local:
-            tmp_roots.insert(0, Path(self.root) / TMP_DIR)
-        for tmp_root in tmp_roots:
-            if not tmp_root.is_dir():
-                continue
-            for entry in tmp_root.iterdir():
-                state = _writer_state(entry.name)
-                if state == "alive" or (
-                    state == "unknown" and now - _newest_mtime(entry) < older_than_s
-                ):
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed += 1
-        if not self.is_local:
-            removed += self._sweep_remote_incomplete(now, older_than_s)
-        return removed
-
-    def _sweep_remote_incomplete(self, now: float, older_than_s: float) -> int:
-        removed = 0
-        for kind_dir in self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []:
-            if not self.fs.isdir(kind_dir) or kind_dir.rstrip("/").rsplit("/", 1)[-1].startswith(
-                "."
-            ):
-                continue
-            for art_dir in self.fs.ls(kind_dir, detail=False):
-                if not self.fs.isdir(art_dir) or self.fs.exists(f"{art_dir}/{MANIFEST_NAME}"):
-                    continue
-                files = self.fs.find(art_dir, detail=True)
-                times = [_info_mtime(i) for i in files.values()]
-                if times and all(t is not None and now - t >= older_than_s for t in times):
-                    self.fs.rm(art_dir, recursive=True)
-                    removed += 1
-        return removed
-
-
-# a full disk, a quota, a read-only mount or missing permissions: the store's condition,
-# reported in one line that names the store, not as a traceback of whoever was writing
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-class StoreWriteError(StoreError, InputError):
-    """The store cannot take a write (full, read-only, no permission); nothing was committed."""
-
-
-def _write_error(url: str, kind: str, key: str, e: OSError) -> StoreWriteError:
-    what = os.strerror(e.errno) if e.errno else str(e)
-    where = f" ({e.filename})" if e.filename else ""
-    return StoreWriteError(
-        f"store {url}: {what} while writing {kind}/{key[:16]}{where}; nothing was committed"
-    )
-
-
-def _rename_into_place(staging: Path, final: Path, *, keep_existing) -> None:
-    """Atomically move ``staging`` to ``final``; keep a sound existing ``final``, replace a bad one."""
-    for _ in range(5):
-        try:
-            os.rename(staging, final)
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        if keep_existing():
-            return
-        # A damaged or unfinished directory holds the name: move it aside atomically, then
-        # retry; if another writer moved it first, the rename below fails harmlessly.
-        trash = final.parent.parent / TMP_DIR / f"evicted-{final.name[:16]}-{uuid.uuid4().hex[:8]}"
-        trash.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(final, trash)
-        except FileNotFoundError:
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
-    raise StoreError(
-        f"could not commit {final}: the directory kept being replaced by other writers"
-    )
-
-
-def _local_copy_matches(directory: Path, m: Manifest) -> bool:
-    try:
-        local = Manifest.from_json((directory / MANIFEST_NAME).read_bytes(), where=str(directory))
-    except (FileNotFoundError, ArtifactCorruptError):
-        return False
-    return local.content_hash == m.content_hash and all(
-        (directory / e.name).is_file() and (directory / e.name).stat().st_size == e.size
-        for e in m.files
-    )
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
-
-
-def _writer_state(entry_name: str) -> str:
-    """``alive`` or ``dead`` for a staging entry written on this host (its pid says), else
-    ``unknown`` (another host, or a name without host and pid): only its age tells."""
-    parts = entry_name.split("-")
-    if len(parts) < 5 or parts[-3] != _host():
-        return "unknown"
-    try:
-        os.kill(int(parts[-2]), 0)
-    except ValueError:
-        return "unknown"
-    except ProcessLookupError:
-        return "dead"
-    except PermissionError:
-        return "alive"
-    return "alive"
-
-
-def _newest_mtime(path: Path) -> float:
-    newest = path.lstat().st_mtime
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirnames, filenames in os.walk(path):
-            for n in dirnames + filenames:
-                try:
-                    newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
-                except FileNotFoundError:
-                    pass
-    return newest
-
-
-def _info_mtime(info: dict) -> float | None:
-    for k in ("mtime", "LastModified", "last_modified", "created", "updated"):
-        v = info.get(k)
-        if v is None:
-            continue
-        if hasattr(v, "timestamp"):
-            return v.timestamp()
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            continue
-    return None
+        """Remove leftovers of killed writers; return how many entries were removed (see
+        :func:`storage.sweep.sweep_tmp`)."""
+        return sweep_tmp(self, older_than_s)

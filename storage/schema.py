@@ -2,20 +2,20 @@
 
 Table and column names are part of the user interface (``glue sql``), so they stay plain.
 All timestamps are UTC. JSON columns hold parameters and input/output lists verbatim, so
-that a later ``glue plan`` can tell which input, code version or parameter changed.
+that ``glue plan`` can tell which input, code version or parameter changed.
 
-To change the schema: bump ``SCHEMA_VERSION``, edit the ``CREATE`` statements (what a fresh
-database gets) and add the statements that bring an existing database from version N-1 to
-N under ``MIGRATIONS[N]``.
+To change the schema: bump ``SCHEMA_VERSION``, edit the ``CREATE`` statements here or the
+detail tables' declarations in ``storage/records.py`` (what a fresh database gets) and add
+the statements that bring an existing database from version N-1 to N under
+``MIGRATIONS[N]``.
 """
 
 from __future__ import annotations
 
+from storage.records import DETAIL_TABLES
+
 SCHEMA_VERSION = 5
 
-# A stage run's status: 'cached' is a Prefect cache hit, 'reused' a run whose stage found
-# its output already complete in the artifact store (Prefect's result was gone) and did
-# no work, 'completed' one that computed its output.
 # the runs table as schema version 2 made it (what migration 2 rebuilds; frozen)
 RUNS_TABLE_V2 = """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
@@ -34,6 +34,10 @@ RUNS_TABLE_V2 = """CREATE TABLE IF NOT EXISTS runs (
         seconds DOUBLE
     )"""
 
+# A stage run's status: 'cached' is a Prefect cache hit, 'reused' a run whose stage found
+# its output already complete in the artifact store (Prefect's result was gone) and did
+# no work, 'completed' one that computed its output ('running': only in databases
+# of older versions, which opened a run before closing it).
 # host: the machine a stage ran on; worker: the Dask worker (or process) that ran it;
 # device: the device its models were on (cpu, cuda:0, ...); key_parts: the identity the
 # run's cache key was hashed from and label the call's name for people (what `glue plan`
@@ -58,6 +62,7 @@ RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
         key_parts JSON,
         label VARCHAR
     )"""
+
 
 TABLES: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS schema_version (
@@ -112,97 +117,13 @@ TABLES: tuple[str, ...] = (
         role VARCHAR NOT NULL,
         PRIMARY KEY (parent_id, child_id, role)
     )""",
-    # split: the documents a score was computed on ("test", "validation", or a task's only
-    # split without the slice held out for selection: see model_glue/splits.py)
-    """CREATE TABLE IF NOT EXISTS scores (
-        artifact_id VARCHAR NOT NULL,
-        task VARCHAR NOT NULL,
-        metric VARCHAR NOT NULL,
-        value DOUBLE,
-        stderr DOUBLE,
-        n_samples INTEGER,
-        eval_limit INTEGER,
-        run_id VARCHAR,
-        created_at TIMESTAMP NOT NULL,
-        split VARCHAR
-    )""",
-    # scores on the proxy split: what selection (expert choice, the final model) read;
-    # never shown as a leaderboard
-    """CREATE TABLE IF NOT EXISTS proxy_scores (
-        artifact_id VARCHAR NOT NULL,
-        task VARCHAR NOT NULL,
-        metric VARCHAR NOT NULL,
-        value DOUBLE,
-        n_samples INTEGER,
-        eval_limit INTEGER,
-        split VARCHAR,
-        run_id VARCHAR,
-        created_at TIMESTAMP NOT NULL
-    )""",
-    # the run's final model: the best of the mixture, the merged models and the zoo models
-    # on the proxy split (never below the best single model there)
-    """CREATE TABLE IF NOT EXISTS finals (
-        selection_id VARCHAR NOT NULL,
-        artifact_id VARCHAR NOT NULL,
-        name VARCHAR,
-        kind VARCHAR,
-        proxy_mean DOUBLE,
-        best_single_id VARCHAR,
-        best_single_proxy_mean DOUBLE,
-        run_id VARCHAR,
-        created_at TIMESTAMP NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS similarities (
-        model_a VARCHAR NOT NULL,
-        model_b VARCHAR NOT NULL,
-        metric VARCHAR NOT NULL,
-        tensor_set VARCHAR NOT NULL,
-        value DOUBLE,
-        run_id VARCHAR
-    )""",
-    """CREATE TABLE IF NOT EXISTS tensor_similarities (
-        model_a VARCHAR NOT NULL,
-        model_b VARCHAR NOT NULL,
-        metric VARCHAR NOT NULL,
-        tensor VARCHAR NOT NULL,
-        layer INTEGER,
-        value DOUBLE,
-        run_id VARCHAR
-    )""",
-    """CREATE TABLE IF NOT EXISTS clusters (
-        clustering_id VARCHAR NOT NULL,
-        cluster INTEGER NOT NULL,
-        model_fingerprint VARCHAR NOT NULL,
-        run_id VARCHAR
-    )""",
-    # the similarity threshold of each architecture group of a clustering: given, or chosen
-    # by ``auto`` (the midpoint of the widest gap, gap_low..gap_high, among pair_values)
-    """CREATE TABLE IF NOT EXISTS cluster_thresholds (
-        clustering_id VARCHAR NOT NULL,
-        arch_signature VARCHAR NOT NULL,
-        metric VARCHAR NOT NULL,
-        rule VARCHAR NOT NULL,
-        threshold DOUBLE NOT NULL,
-        gap_low DOUBLE,
-        gap_high DOUBLE,
-        n_pairs INTEGER NOT NULL,
-        pair_values JSON,
-        run_id VARCHAR,
-        PRIMARY KEY (clustering_id, arch_signature)
-    )""",
-    """CREATE TABLE IF NOT EXISTS trials (
-        search_id VARCHAR NOT NULL,
-        trial INTEGER NOT NULL,
-        strategy VARCHAR,
-        method VARCHAR,
-        coefficients JSON,
-        proxy_score DOUBLE,
-        seconds DOUBLE,
-        accepted BOOLEAN,
-        reason VARCHAR,
-        run_id VARCHAR
-    )""",
+    *(t.ddl for t in DETAIL_TABLES.values()),
 )
+
+# The score that counts for an artifact, task and metric: the latest. ``v_leaderboard``
+# applies it to every score, ``LineageDB.leaderboard`` to one flow run's.
+LATEST_SCORE = """QUALIFY row_number() OVER (PARTITION BY artifact_id, task, metric
+                               ORDER BY created_at DESC, run_id DESC) = 1"""
 
 # Views are recreated on every schema check, so editing them needs no migration.
 VIEWS: tuple[str, ...] = (
@@ -219,8 +140,8 @@ VIEWS: tuple[str, ...] = (
                         WHERE f.artifact_id = v.artifact_id
                           AND fr.flow_run_id = v.flow_run_id) AS final
     FROM v_scores v
-    QUALIFY row_number() OVER (PARTITION BY v.artifact_id, v.task, v.metric
-                               ORDER BY v.created_at DESC, v.run_id DESC) = 1""",
+    """
+    + LATEST_SCORE,
     """CREATE OR REPLACE VIEW v_lineage AS
     SELECT e.parent_id, p.name AS parent_name, p.kind AS parent_kind, e.role,
            e.child_id, c.name AS child_name, c.kind AS child_kind,
@@ -281,7 +202,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (),
     # 4: where each stage ran
     4: ("ALTER TABLE runs ADD COLUMN worker VARCHAR", "ALTER TABLE runs ADD COLUMN device VARCHAR"),
-    # 5: the key's identity parts, for glue plan
     # 5: what glue plan compares (key parts, labels); the split of each score; proxy_scores
     # and finals (created by the TABLES pass)
     5: (

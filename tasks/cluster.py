@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from model_glue.clustering import ThresholdChoice, auto_threshold, cluster_models
 from storage import Artifact, ArtifactStore, Details, Lineage
-from storage.lineage import cluster_rows, threshold_rows
 from tasks.stage import RECORD_KIND, Call, Stage
 from tasks.versions import CLUSTERING
 
@@ -90,10 +89,34 @@ def _thresholds(
     return choices
 
 
+def _cluster_rows(clusters: list[dict]) -> list[dict]:
+    """The record's clusters as ``clusters`` rows: the cluster number is the position."""
+    return [
+        {"model_fingerprint": m["fingerprint"], "cluster": i}
+        for i, c in enumerate(clusters)
+        for m in c["members"]
+    ]
+
+
+def _threshold_rows(thresholds: list[dict]) -> list[dict]:
+    """The record's per-architecture thresholds as ``cluster_thresholds`` rows."""
+    return [
+        {
+            "arch_signature": t["arch_signature"],
+            "rule": t["rule"],
+            "threshold": float(t["threshold"]),
+            "gap_low": t.get("gap_low"),
+            "gap_high": t.get("gap_high"),
+            "n_pairs": len(t.get("values", ())),
+            "pair_values": list(t.get("values", ())),
+        }
+        for t in thresholds
+    ]
+
+
 def _lineage(call: Call, r: dict) -> Lineage:
     keys = call.params["similarity_keys"]
     parents = keys or [m["fingerprint"] for m in call.params["models"]]
-    members = [[m["fingerprint"] for m in c["members"]] for c in r["clusters"]]
     return Lineage(
         artifacts=[
             Artifact(
@@ -105,10 +128,10 @@ def _lineage(call: Call, r: dict) -> Lineage:
             )
         ],
         details=[
-            Details("clusters", cluster_rows(members), {"clustering_id": r["key"]}),
+            Details("clusters", _cluster_rows(r["clusters"]), {"clustering_id": r["key"]}),
             Details(
                 "cluster_thresholds",
-                threshold_rows(r.get("thresholds", [])),
+                _threshold_rows(r.get("thresholds", [])),
                 {"clustering_id": r["key"], "metric": r["metric"]},
             ),
         ],

@@ -19,9 +19,28 @@ def _queries() -> list[str]:
     return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
 
 
+def record(db, flow: str, stage: str, key: str, lineage, at: datetime, label: str = "") -> str:
+    """A stage call as the flow's recorder writes it: its run row, then what its stage's
+    lineage says it made, in one transaction (see flows/_recorder.py)."""
+    with db.transaction():
+        run_id = db.record_run(
+            stage,
+            status="completed",
+            started_at=at,
+            finished_at=at,
+            cache_key=key,
+            code_version=f"{stage}-1",
+            flow_run_id=flow,
+            label=label or key,
+            outputs=[a.artifact_id for a in lineage.artifacts],
+        )
+        db.write(lineage, run_id)
+    return run_id
+
+
 @pytest.fixture
 def history(tmp_path):
-    from storage import LineageDB
+    from storage import Artifact, Details, Lineage, LineageDB
 
     db = LineageDB(tmp_path / "lineage.duckdb")
     for night, (sums_fp, merge_id, sums_value) in enumerate(
@@ -30,47 +49,43 @@ def history(tmp_path):
         flow = f"night-{night}"
         start = T0 + timedelta(days=night)
         db.start_flow_run(flow, flow="model-glue-recipe", started_at=start)
-
-        def run(stage: str, key: str, status: str = "completed", start=start, flow=flow) -> str:
-            return db.record_run(
-                stage,
-                status=status,
-                started_at=start,
-                finished_at=start,
-                cache_key=key,
-                code_version=f"{stage}-1",
-                flow_run_id=flow,
-            )
-
         for name, fp in (("llama-base", "fp-base"), ("llama-sums", sums_fp), ("other", "fp-other")):
-            db.record_model(
-                fp, name=name, uri=f"/zoo/{name}", run_id=run("fingerprint", fp), seen_at=start
-            )
-        m = run("merge", f"key-{merge_id}")
-        db.record_artifact(
+            seen = {"fingerprint": fp, "name": name, "uri": f"/zoo/{name}", "seen_at": start}
+            record(db, flow, "fingerprint", fp, Lineage(models=[seen]), start, name)
+        merged = Artifact(
             merge_id,
             kind="merged",
             name=f"merge-llama-{night}",
-            run_id=m,
-            parents=[sums_fp],
-            role="member",
+            stage="merge",
+            parents=((sums_fp, "member"), ("fp-base", "base")),
         )
-        db.record_edges(["fp-base"], merge_id, m, role="base")
-        x = run("mixture", f"key-mix-{night}")
-        db.record_artifact(
+        record(db, flow, "merge", f"key-{merge_id}", Lineage([merged]), start)
+        mixture = Artifact(
             f"mix-{night}",
             kind="mixture",
             name=f"mixture-{night}",
-            run_id=x,
-            parents=[merge_id, "fp-other"],
-            role="expert",
+            stage="mixture",
+            parents=((merge_id, "expert"), ("fp-other", "expert")),
         )
+        record(db, flow, "mixture", f"key-mix-{night}", Lineage([mixture]), start)
         for artifact, value in ((merge_id, sums_value), ("fp-other", 0.7), (f"mix-{night}", 0.75)):
-            e = run("evaluate", f"key-eval-{artifact}")
-            db.record_scores(
-                artifact, e, [{"task": "my_sums", "metric": "exact_match", "value": value}]
+            key = f"key-eval-{artifact}"
+            evaluation = Lineage(
+                [
+                    Artifact(
+                        key, kind="evaluation", stage="evaluate", parents=((artifact, "input"),)
+                    )
+                ],
+                [
+                    Details(
+                        "scores",
+                        [{"task": "my_sums", "metric": "exact_match", "value": value}],
+                        {"artifact_id": artifact, "eval_limit": 20},
+                    )
+                ],
             )
-        db.finish_flow_run(flow, "completed")
+            record(db, flow, "evaluate", key, evaluation, start)
+        db.finish_flow_run(flow, "completed", finished_at=start + timedelta(hours=1))
     return db
 
 

@@ -21,10 +21,13 @@ import pytest
 
 from model_glue.env import configure_environment
 from storage import (
+    Artifact,
     ArtifactCorruptError,
     ArtifactNotFoundError,
     ArtifactStore,
+    Details,
     InvalidKeyError,
+    Lineage,
     LineageDB,
     LineageError,
     LineageLockedError,
@@ -250,7 +253,7 @@ def test_sweep_tmp_removes_dead_writers_only(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from storage.artifacts import _host
+    from storage.commit import host as _host
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
@@ -269,6 +272,29 @@ def test_sweep_tmp_removes_dead_writers_only(tmp_path: Path) -> None:
 # ---- LineageDB ----------------------------------------------------------------------------
 
 
+T0 = datetime(2024, 5, 1, 12, 0, 0)
+
+
+def _write(db: LineageDB, stage: str, lineage: Lineage, status: str = "completed", **run) -> str:
+    """A stage run as the flow's recorder writes it (flows/_recorder.py): its ``runs`` row,
+    then what the stage's lineage says it made, in one transaction; returns the run id."""
+    with db.transaction():
+        run_id = db.record_run(
+            stage,
+            status=status,
+            started_at=run.pop("started_at", T0),
+            finished_at=run.pop("finished_at", T0),
+            outputs=run.pop("outputs", [a.artifact_id for a in lineage.artifacts]),
+            **run,
+        )
+        db.write(lineage, run_id)
+    return run_id
+
+
+def _merged(artifact_id: str, name: str | None = None, **fields) -> Lineage:
+    return Lineage([Artifact(artifact_id, kind="merged", name=name, stage="merge", **fields)])
+
+
 def _dag(db: LineageDB) -> dict[str, str]:
     """Zoo models a, b, c; m1 = merge(a, b); m2 = merge(m1, c); x = mixture(m2, b); d unrelated."""
     ids = {n: _key(n) for n in ["a", "b", "c", "d", "m1", "m2", "x"]}
@@ -278,39 +304,41 @@ def _dag(db: LineageDB) -> dict[str, str]:
 
 
 def _record_dag(db: LineageDB, ids: dict[str, str]) -> None:
-    for n in "abcd":
-        db.record_model(
-            ids[n],
-            name=f"zoo/{n}",
-            uri=f"/zoo/{n}",
-            architecture="LlamaForCausalLM",
-            param_count=1000,
-        )
-    run = db.start_run("merge", code_version="merge-1")
-    new = db.record_artifact(
-        ids["m1"], kind="merged", name="cluster0-merge", run_id=run, parents=[ids["a"], ids["b"]]
-    )
-    again = db.record_artifact(ids["m1"], kind="merged", parents=[ids["a"]])  # a cache hit
-    assert (new, again) == (True, False)
-    db.record_artifact(ids["m2"], kind="merged", name="cluster0-merge-2", stage="merge", run_id=run)
-    db.record_edges([ids["m1"], ids["c"]], ids["m2"], run)
-    db.record_artifact(ids["x"], kind="mixture", name="final", stage="mixture", run_id=run)
-    db.record_edges([ids["m2"]], ids["x"], run, role="expert")
-    db.record_edges([ids["b"]], ids["x"], run, role="expert")
-    db.finish_run(run, "completed", outputs=[ids["m1"], ids["m2"], ids["x"]])
+    zoo = [
+        {
+            "fingerprint": ids[n],
+            "name": f"zoo/{n}",
+            "uri": f"/zoo/{n}",
+            "architecture": "LlamaForCausalLM",
+            "param_count": 1000,
+        }
+        for n in "abcd"
+    ]
+    _write(db, "fingerprint", Lineage(models=zoo))
+    inputs = lambda *names: tuple((ids[n], "input") for n in names)  # noqa: E731
+    run = _write(db, "merge", _merged(ids["m1"], "cluster0-merge", parents=inputs("a", "b")))
+    # a cache hit records the artifact again: it keeps its producing run and name
+    _write(db, "merge", _merged(ids["m1"], parents=inputs("a")), status="cached")
+    assert db.query("SELECT run_id, name FROM artifacts WHERE artifact_id = ?", [ids["m1"]]).row(
+        0
+    ) == (run, "cluster0-merge")
+    _write(db, "merge", _merged(ids["m2"], "cluster0-merge-2", parents=inputs("m1", "c")))
+    experts = ((ids["m2"], "expert"), (ids["b"], "expert"))
+    mixture = Artifact(ids["x"], kind="mixture", name="final", stage="mixture", parents=experts)
+    _write(db, "mixture", Lineage([mixture]))
 
 
 def test_schema_creation_is_idempotent_and_migrates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import storage.lineage as lineage
+    import storage.db as lineage
 
     current = lineage.SCHEMA_VERSION
     path = tmp_path / "lineage.duckdb"
     db = LineageDB(path)
-    db.record_artifact(KEY, kind="merged", name="m")
+    db.write(_merged(KEY, "m"), None)
     again = LineageDB(path)
-    again.record_artifact(KEY2, kind="merged", name="n")
+    again.write(_merged(KEY2, "n"), None)
     assert again.schema_version() == current
     assert again.query("SELECT count(*) AS n FROM schema_version")["n"][0] == 1
     assert again.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 2
@@ -320,13 +348,13 @@ def test_schema_creation_is_idempotent_and_migrates(
         lineage, "MIGRATIONS", {current + 1: ("ALTER TABLE runs ADD COLUMN note VARCHAR",)}
     )
     migrated = LineageDB(path)
-    migrated.record_artifact(_key("z"), kind="merged")
+    migrated.write(_merged(_key("z")), None)
     assert migrated.schema_version() == current + 1
     assert "note" in migrated.query("SELECT * FROM runs").columns
 
     monkeypatch.setattr(lineage, "SCHEMA_VERSION", current)
     with pytest.raises(LineageError, match=f"schema version {current + 1} is newer"):
-        LineageDB(path).record_artifact(_key("y"), kind="merged")
+        LineageDB(path).write(_merged(_key("y")), None)
 
 
 def test_version_1_database_migrates_to_admit_reused_runs(tmp_path: Path) -> None:
@@ -353,8 +381,7 @@ def test_version_1_database_migrates_to_admit_reused_runs(tmp_path: Path) -> Non
     assert "'reused'" in RUNS_TABLE_V2
 
     db = LineageDB(path)
-    run = db.start_run("merge")
-    db.finish_run(run, "reused")
+    _write(db, "merge", Lineage(), status="reused")
     from storage.schema import SCHEMA_VERSION
 
     assert db.schema_version() == SCHEMA_VERSION
@@ -383,17 +410,21 @@ def test_ancestors_and_descendants_exact_sets(tmp_path: Path) -> None:
     assert db.query(
         "SELECT parent_name, role FROM v_lineage WHERE child_name = 'final' ORDER BY parent_name"
     ).rows() == [("cluster0-merge-2", "expert"), ("zoo/b", "expert")]
-    db.record_edges([ids["m2"]], ids["x"], None, role="expert")  # re-recording an edge is a no-op
+    again = Artifact(ids["x"], kind="mixture", parents=((ids["m2"], "expert"),))
+    db.write(Lineage([again]), None)  # re-recording an edge is a no-op
     assert db.query("SELECT count(*) AS n FROM edges")["n"][0] == 6
     with pytest.raises(LineageError, match="own parent"):
-        db.record_edges([ids["x"]], ids["x"], None)
+        db.write(
+            Lineage([Artifact(ids["x"], kind="mixture", parents=((ids["x"], "input"),))]), None
+        )
 
 
 def test_resolve_by_name_prefix_and_history(tmp_path: Path) -> None:
     db = LineageDB(tmp_path / "l.duckdb")
     a1, a2 = "aaaa1111" + "0" * 56, "aaaa2222" + "0" * 56
-    db.record_artifact(a1, kind="merged", name="cluster0-merge")
-    db.record_artifact(a2, kind="merged", name="other")
+    db.write(
+        Lineage([*_merged(a1, "cluster0-merge").artifacts, *_merged(a2, "other").artifacts]), None
+    )
     assert db.resolve(a1) == a1
     assert db.resolve("cluster0-merge") == a1
     assert db.resolve("aaaa2") == a2
@@ -403,9 +434,9 @@ def test_resolve_by_name_prefix_and_history(tmp_path: Path) -> None:
         db.resolve("nope")
     # a zoo name that later points at new weights resolves to the newest, history kept
     t0 = datetime(2024, 1, 1)
-    db.record_model(_key("v1"), name="org/llama-ft", uri="/zoo/ft", seen_at=t0)
-    db.record_model(_key("v1"), name="org/llama-ft", uri="/zoo/ft", seen_at=t0 + timedelta(days=1))
-    db.record_model(_key("v2"), name="org/llama-ft", uri="/zoo/ft", seen_at=t0 + timedelta(days=2))
+    for fp, day in (("v1", 0), ("v1", 1), ("v2", 2)):
+        seen = {"fingerprint": _key(fp), "name": "org/llama-ft", "uri": "/zoo/ft"}
+        db.write(Lineage(models=[{**seen, "seen_at": t0 + timedelta(days=day)}]), None)
     assert db.resolve("org/llama-ft") == _key("v2")
     hist = db.query(
         "SELECT fingerprint FROM model_names WHERE name = ? ORDER BY seen_at", ["org/llama-ft"]
@@ -441,7 +472,7 @@ def test_query_refuses_writes(tmp_path: Path) -> None:
     reader = LineageDB(db.path, read_only=True)
     assert reader.ancestors("final").height == 5
     with pytest.raises(LineageError, match="opened read-only"):
-        reader.record_artifact(KEY, kind="merged")
+        reader.write(_merged(KEY), None)
     with pytest.raises(LineageError, match="no lineage database at"):
         LineageDB(tmp_path / "missing.duckdb", read_only=True).query("SELECT 1")
     assert not (tmp_path / "missing.duckdb").exists()
@@ -477,7 +508,7 @@ def test_second_process_reads_after_writer_closed(tmp_path: Path) -> None:
 
 def test_reader_waits_for_a_writer_in_another_process(tmp_path: Path) -> None:
     path = tmp_path / "l.duckdb"
-    LineageDB(path).record_artifact(KEY, kind="merged", name="mine")
+    LineageDB(path).write(_merged(KEY, "mine"), None)
     holder = _python(
         f"""
         import duckdb, sys, time
@@ -505,46 +536,54 @@ def test_transaction_is_atomic(tmp_path: Path) -> None:
     db = LineageDB(tmp_path / "l.duckdb")
     with pytest.raises(RuntimeError):
         with db.transaction():
-            run = db.start_run("merge")
-            db.record_artifact(KEY, kind="merged", run_id=run)
+            _write(db, "merge", _merged(KEY))
             raise RuntimeError("stage failed")
     assert db.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 0
     assert db.query("SELECT count(*) AS n FROM runs")["n"][0] == 0
     with db.transaction():
-        run = db.start_run("merge")
-        db.record_artifact(KEY, kind="merged", run_id=run)
+        _write(db, "merge", _merged(KEY))
         assert db.query("SELECT count(*) AS n FROM artifacts")["n"][0] == 1  # reads see own writes
     with pytest.raises(LineageError, match="recorded as kind 'merged', not 'mixture'"):
-        db.record_artifact(KEY, kind="mixture")
+        db.write(Lineage([Artifact(KEY, kind="mixture")]), None)
 
 
 def test_runs_cache_hits_and_views(tmp_path: Path) -> None:
     db = LineageDB(tmp_path / "l.duckdb")
     flow = db.start_flow_run(flow="model_glue", config_hash="c0ffee", params={"threshold": 0.95})
-    t0 = datetime(2024, 5, 1, 12, 0, 0)
-    run = db.start_run(
+    t0 = T0
+    run = _write(
+        db,
         "merge",
+        _merged(KEY, "cluster0-merge"),
         code_version="merge-1",
         cache_key="k1",
         params={"method": "ties"},
         inputs=[_key("a"), _key("b")],
         flow_run_id=flow,
         started_at=t0,
+        finished_at=t0 + timedelta(seconds=2.5),
     )
-    db.record_artifact(KEY, kind="merged", name="cluster0-merge", run_id=run)
-    db.finish_run(run, "completed", outputs=[KEY], finished_at=t0 + timedelta(seconds=2.5))
-    hit = db.record_run(
+    hit = _write(
+        db,
         "merge",
+        _merged(KEY),
         status="cached",
         started_at=t0 + timedelta(seconds=10),
         finished_at=t0 + timedelta(seconds=10.25),
         code_version="merge-1",
         cache_key="k1",
-        outputs=[KEY],
         flow_run_id=flow,
     )
-    failed = db.start_run("evaluate", flow_run_id=flow)
-    db.finish_run(failed, "failed", error="lm-eval: task not found")
+    _write(
+        db,
+        "evaluate",
+        Lineage(),
+        status="failed",
+        error="lm-eval: task not found",
+        flow_run_id=flow,
+        started_at=t0 + timedelta(seconds=11),
+        finished_at=t0 + timedelta(seconds=11),
+    )
     db.finish_flow_run(flow, "failed", error="evaluate failed")
     runs = db.query(
         "SELECT run_id, status, seconds, output_names, flow FROM v_runs ORDER BY started_at"
@@ -566,14 +605,22 @@ def test_runs_cache_hits_and_views(tmp_path: Path) -> None:
         "method": "ties"
     }
     assert db.query("SELECT status, error FROM flow_runs").row(0) == ("failed", "evaluate failed")
+    assert db.query("SELECT count(*) FROM runs WHERE status = 'running'").item() == 0
     with pytest.raises(LineageError, match="run status must be one of"):
-        db.finish_run(run, "done")
-    with pytest.raises(LineageError, match="no run 'missing'"):
-        db.finish_run("missing", "completed")
+        _write(db, "merge", Lineage(), status="done")
+    with pytest.raises(LineageError, match="no flow run 'missing'"):
+        db.finish_flow_run("missing", "completed")
 
 
 def test_bulk_records_similarities_clusters_trials(tmp_path: Path) -> None:
     db = LineageDB(tmp_path / "l.duckdb")
+
+    def count(table: str) -> int:
+        return db.query(f"SELECT count(*) FROM {table}").item()
+
+    def details(table: str, rows: list[dict], run_id: str | None = None, **constants) -> None:
+        db.write(Lineage(details=[Details(table, rows, constants)]), run_id)
+
     n_layers, projs = (
         40,
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -584,11 +631,13 @@ def test_bulk_records_similarities_clusters_trials(tmp_path: Path) -> None:
         for p in projs
     ]
     pairs = [(_key(f"m{i}"), _key(f"m{j}")) for i in range(4) for j in range(i + 1, 4)]  # 6 pairs
-    rows = [(a, b, t, (li % 10) / 10) for a, b in pairs for li, t in enumerate(tensors)]
-    df = pl.DataFrame(
-        rows, schema=["model_a", "model_b", "tensor", "value"], orient="row"
-    ).with_columns(pl.lit("cosine_cols").alias("metric"))
-    assert db.record_tensor_similarities(df, run_id="r1") == 6 * 280
+    rows = [
+        {"model_a": a, "model_b": b, "tensor": t, "value": (li % 10) / 10}
+        for a, b in pairs
+        for li, t in enumerate(tensors)
+    ]
+    details("tensor_similarities", rows, "r1", metric="cosine_cols")
+    assert count("tensor_similarities") == 6 * 280
     per_layer = db.query(
         "SELECT layer, avg(value) AS v FROM tensor_similarities WHERE model_a = ? AND model_b = ? GROUP BY layer ORDER BY layer",
         [pairs[0][0], pairs[0][1]],
@@ -596,30 +645,21 @@ def test_bulk_records_similarities_clusters_trials(tmp_path: Path) -> None:
     assert per_layer["layer"].to_list() == list(range(n_layers))
     # layer 0 holds tensors 0..6 -> values 0.0..0.6, mean 0.3
     assert per_layer["v"][0] == pytest.approx(0.3)
-    assert (
-        db.record_similarities(
-            [
-                {
-                    "model_a": pairs[0][0],
-                    "model_b": pairs[0][1],
-                    "metric": "cosine_cols",
-                    "tensor_set": "mlp",
-                    "value": 0.97,
-                }
-            ]
-        )
-        == 1
-    )
-    assert (
-        db.record_clusters("cl1", {_key("m0"): 0, _key("m1"): 0, _key("m2"): 1}, run_id="r2") == 3
-    )
-    assert db.record_clusters("cl2", [[_key("m0")], [_key("m1"), _key("m2")]]) == 3
+    pair = {"model_a": pairs[0][0], "model_b": pairs[0][1], "metric": "cosine_cols"}
+    details("similarities", [{**pair, "value": 0.97}], tensor_set="mlp")
+    assert count("similarities") == 1
+    members = {_key("m0"): 0, _key("m1"): 0, _key("m2"): 1}
+    cl1 = [{"model_fingerprint": fp, "cluster": c} for fp, c in members.items()]
+    details("clusters", cl1, "r2", clustering_id="cl1")
+    cl2 = [{"model_fingerprint": _key("m0"), "cluster": 0}] + [
+        {"model_fingerprint": _key(m), "cluster": 1} for m in ("m1", "m2")
+    ]
+    details("clusters", cl2, clustering_id="cl2")
     assert db.query(
         "SELECT clustering_id, cluster, count(*) AS n FROM clusters GROUP BY ALL ORDER BY ALL"
     ).rows() == [("cl1", 0, 2), ("cl1", 1, 1), ("cl2", 0, 1), ("cl2", 1, 2)]
     trials = [
         {
-            "search_id": "s",
             "trial": 0,
             "strategy": "coefficient",
             "method": "linear",
@@ -628,7 +668,6 @@ def test_bulk_records_similarities_clusters_trials(tmp_path: Path) -> None:
             "accepted": True,
         },
         {
-            "search_id": "s",
             "trial": 1,
             "strategy": "coefficient",
             "method": "linear",
@@ -638,33 +677,38 @@ def test_bulk_records_similarities_clusters_trials(tmp_path: Path) -> None:
             "reason": "worse",
         },
     ]
-    assert db.record_trials(trials, run_id="r3") == 2
+    details("trials", trials, "r3", search_id="s")
     got = db.query("SELECT trial, coefficients, accepted, reason FROM trials ORDER BY trial").rows()
     assert [(t, json.loads(c), a, r) for t, c, a, r in got] == [
         (0, [0.5, 0.5], True, None),
         (1, [0.9, 0.1], False, "worse"),
     ]
+    # recording a stage's details again (a rerun after a crash, a cache hit) adds nothing
+    details("trials", trials, "r4", search_id="s")
+    details("clusters", cl1, "r5", clustering_id="cl1")
+    details("tensor_similarities", rows, "r6", metric="cosine_cols")
+    assert (count("trials"), count("clusters"), count("tensor_similarities")) == (2, 6, 6 * 280)
     with pytest.raises(
         LineageError, match=r"table 'similarities' lack column\(s\) \['tensor_set'\]"
     ):
-        db.record_similarities(
-            pl.DataFrame({"model_a": ["x"], "model_b": ["y"], "metric": ["c"], "value": [1.0]})
-        )
+        details("similarities", [{"model_a": "x", "model_b": "y", "metric": "c", "value": 1.0}])
 
 
 def test_leaderboard_pivot_values(tmp_path: Path) -> None:
     db = LineageDB(tmp_path / "l.duckdb")
     ids = {n: _key(n) for n in ["base", "merge", "mix"]}
-    for n, i in ids.items():
-        db.record_artifact(i, kind="merged", name=n)
-    old_flow = db.start_flow_run(flow="eval")
-    r0 = db.start_run("evaluate", flow_run_id=old_flow)
-    db.record_scores(
-        ids["merge"], r0, [{"task": "add", "metric": "exact_match", "value": 0.10}], eval_limit=100
-    )
-    time.sleep(0.01)  # created_at orders the rescoring after the first score
-    flow = db.start_flow_run("prefect-flow-run-2", flow="eval")
-    r1 = db.start_run("evaluate", flow_run_id=flow)
+    db.write(Lineage([a for n, i in ids.items() for a in _merged(i, n).artifacts]), None)
+
+    def evaluate(flow: str, artifact_id: str, rows: list[dict], limit: int, at: datetime) -> None:
+        # created_at orders a rescoring after the first score
+        constants = {"artifact_id": artifact_id, "eval_limit": limit, "created_at": at}
+        scores = Lineage(details=[Details("scores", rows, constants)])
+        _write(db, "evaluate", scores, flow_run_id=flow, started_at=at, finished_at=at)
+
+    old_flow = db.start_flow_run(flow="eval", started_at=T0)
+    add = {"task": "add", "metric": "exact_match"}
+    evaluate(old_flow, ids["merge"], [{**add, "value": 0.10}], 100, T0)
+    flow = db.start_flow_run("prefect-flow-run-2", flow="eval", started_at=T0 + timedelta(days=1))
     scores = {
         "base": {"add": 0.05, "next": 0.03},
         "merge": {"add": 0.28, "next": 0.34},
@@ -677,7 +721,7 @@ def test_leaderboard_pivot_values(tmp_path: Path) -> None:
         ]
         rows.append({"task": "arc", "metric": "acc", "value": 0.2})
         rows.append({"task": "arc", "metric": "acc_norm", "value": 0.3 if n != "base" else 0.6})
-        db.record_scores(ids[n], r1, rows, eval_limit=200)
+        evaluate(flow, ids[n], rows, 200, T0 + timedelta(days=1))
     board = db.leaderboard(metrics={"arc": "acc_norm"})
     assert board.columns == [
         "artifact_id", "name", "kind", "add", "arc", "next", "mean", "n_tasks", "final"
