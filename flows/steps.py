@@ -16,12 +16,13 @@ from flows._recorder import Failure, Outcome, Recorder
 from model_glue.config import RunConfig
 from model_glue.devices import dtype_label, resolve_device, resolve_dtype
 from model_glue.merge import METHODS
+from model_glue.mixture.routers.base import ROUTERS
 from tasks.cluster import cluster_zoo
 from tasks.evaluate import evaluate_model
 from tasks.filter import filter_cluster
 from tasks.fingerprint import fingerprint_model
 from tasks.merge import merge_cluster
-from tasks.mixture import assign_prompts, build_mixture
+from tasks.mixture import assign_prompts, mix_experts
 from tasks.refs import ModelRef, by_fingerprint
 from tasks.select import choose_final, select_experts
 from tasks.similarity import compute_similarity
@@ -128,7 +129,8 @@ def cluster(
             similarity_keys=sims.keys,
             metric=sc.metric,
             threshold=sc.threshold,
-            related=_related_pairs(measured, cfg),
+            # the zoo's families inform only the automatic threshold
+            related=_related_pairs(measured, cfg) if sc.threshold == "auto" else [],
         )
     )
     if o.record is None:
@@ -166,7 +168,7 @@ def search(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> list[Clust
     """Selective merging: each cluster's search keeps the members (and coefficients) that
     raise its proxy score. Clusters whose search failed are dropped (the run fails)."""
     fc = cfg.filter
-    todo = [c for c in clusters if fc.strategy != "none" and len(c.members) > 1]
+    todo = [c for c in clusters if fc.spec.search is not None and len(c.members) > 1]
     tasks = list(fc.proxy_tasks or cfg.evaluation.tasks)
     calls = [
         call(
@@ -208,7 +210,7 @@ def merge(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> dict[int, M
     """The merged model of each cluster (by index) that kept two or more members, or any
     on a base; a cluster whose search kept one member and no base is not merged."""
     todo = [c for c in clusters if len(c.accepted) > 1 or (c.accepted and c.base is not None)]
-    strategy = "" if cfg.filter.strategy == "none" else f"-{cfg.filter.strategy}"
+    strategy = f"-{cfg.filter.strategy}" if cfg.filter.spec.search is not None else ""
     calls = []
     for c in todo:
         label = f"merge-{c.anchor}-{cfg.merge.method}{strategy}"
@@ -308,14 +310,15 @@ def mixture(
     for model-level mixtures with ``mixture.select_experts``, of the ``candidates`` chosen
     by their proxy score; a ``linear`` router is fitted on the proxy labels. Everything
     here reads the proxy split, never the test split."""
-    mc, router = cfg.mixture, cfg.mixture.router_used
+    mc = cfg.mixture
+    variant, router = mc.spec, ROUTERS[mc.router_used()]
     metric = cfg.metrics_for(list(cfg.evaluation.tasks))
-    pool = candidates if mc.variant == "model_level" and mc.select_experts else experts
+    selection = variant.routes_samples and (mc.select_experts or router.fitted)
+    pool = candidates if variant.routes_samples and mc.select_experts else experts
     scored = [c for c in pool if proxy.get(c.name) and proxy[c.name].record]
     means = means_of({c.name: proxy[c.name] for c in scored})
     labels = None
-    selects = mc.variant == "model_level" and (mc.select_experts or router == "linear")
-    if selects and len(scored) > 1:
+    if selection and len(scored) > 1:
         backbone = _best(scored, means)
         o = rec.run(
             call(
@@ -325,7 +328,7 @@ def mixture(
                 proxy_keys={c.name: proxy[c.name].record["key"] for c in scored},
                 backbone=backbone,
                 layer=mc.layer,
-                pooling=mc.pooling_used,
+                pooling=mc.pooling,
                 metric=metric,
                 max_experts=mc.max_experts,
                 fixed=not mc.select_experts,
@@ -340,37 +343,31 @@ def mixture(
         experts = scored
     experts = sorted(experts, key=lambda e: e.name)
     prompts = None
-    if mc.prompts and router not in ("linear", "random"):
+    if mc.prompts and router.needs_prompts:
         prompts = assign_prompts([e.name for e in experts], means, dict(mc.prompts))
         experts = [e for e in experts if e.name in prompts]
     if len(experts) < 2:
         best = experts[0].name if experts else "no model"
         rec.say(f"mixture skipped: {best} alone is the best expert set on the proxy split")
         return None
-    label = f"mixture-{mc.variant}-{router}"
-    accuracy = mc.router_accuracy and mc.variant == "model_level"
+    label = f"mixture-{variant.name}-{router.name}"
+    accuracy = variant.routes_samples and mc.router_accuracy
     backbone = _best(experts, means)
-    # model-level mixtures run their models in the models' dtype; FFN-level, hybrid and
-    # block-level ones are written in float32 (Mixtral directories, which transformers
-    # loads, and the block-level weights)
-    stored = backbone.dtype if mc.variant == "model_level" else "F32"
+    # the experts' dtype, or float32 for variants that write their own weights (FFN-level
+    # and hybrid MoE directories, block-level layers)
+    stored = backbone.dtype if variant.in_expert_dtype else "F32"
     o = rec.run(
         call(
-            build_mixture,
+            mix_experts,
             label,
             experts=experts,
             backbone=backbone,
-            router=router,
-            layer=mc.layer,
-            pooling=mc.pooling_used,
+            settings=mc.model_dump(exclude={"prompts"}) | {"router": router.name},
             prompts=prompts or {},
             accuracy_tasks=list(cfg.evaluation.tasks) if accuracy else [],
             accuracy_limit=cfg.evaluation.limit,
             include_paths=list(cfg.evaluation.include_paths),
             accuracy_metric=metric,
-            variant=mc.variant,
-            hybrid_k=mc.hybrid_k,
-            top_k=mc.top_k,
             labels=labels,
             batch_size=cfg.evaluation.batch_size,
             **placement(cfg, stored),
@@ -379,8 +376,8 @@ def mixture(
     if o.record is None:
         return None
     r = o.record
-    # model- and block-level mixtures evaluate through our lm-eval model
-    loader = "mixture" if mc.variant in ("model_level", "block_level") else None
+    # variants with their own model class evaluate through model-glue's lm-eval model
+    loader = "mixture" if variant.own_model_class else None
     ref = ModelRef(
         label, r["path"], r["fingerprint"], r["artifact_id"], "mixture",
         dtype=stored, loader=loader,

@@ -7,12 +7,24 @@ values, e.g. ``glue.yaml: similarity.treshold: unknown key (allowed: groups, thr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model_glue.errors import InputError
+from model_glue.mixture.routers.base import ROUTERS
+from model_glue.mixture.variants import VARIANTS, VariantSettings
+from model_glue.registry import Registry
+from model_glue.search.strategies import STRATEGIES
 
 
 class ConfigError(InputError):
@@ -56,113 +68,62 @@ class MergeSettings(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from model_glue.merge import METHODS
 
-class FilterSettings(_Strict):
-    """Selective merging inside each cluster (``strategy: none`` merges every member)."""
-
-    strategy: Literal["none", "average", "coefficient", "similarity", "evolutionary"] = "none"
-    proxy_tasks: list[str] | None = None  # default: the evaluation tasks
-    # a preset's tasks as the proxy (model-glue-paper-tiny: tinyBenchmarks), with its metrics
-    proxy_preset: Literal["model-glue-paper", "model-glue-paper-tiny"] | None = None
-    # the metric a proxy task is scored on, for tasks that report several: one name for
-    # every task or one per task (default: evaluation.metrics, else the task's only metric;
-    # a task with several and none chosen fails the search)
-    proxy_metric: str | dict[str, str] | None = None
+        if method not in METHODS:
+            raise ValueError(
+                f"unknown merge method {method!r} (allowed: {', '.join(sorted(METHODS))})"
+            )
+        return method
 
     @model_validator(mode="after")
-    def _expand_preset(self) -> FilterSettings:
-        if self.proxy_preset is None:
-            return self
-        from model_glue.presets import preset_tasks
+    def _declared_params(self) -> MergeSettings:
+        """Every parameter and value checked against the method's declarations (the same
+        check ``glue merge`` makes), with the key that holds it."""
+        from model_glue.merge import METHODS
+        from model_glue.merge.params import MergeConfigError, check_setting
+        from model_glue.merge.spec import dtype_name
 
-        metrics = preset_tasks(self.proxy_preset)
-        chosen = self.proxy_metric if isinstance(self.proxy_metric, dict) else {}
-        return self.model_copy(
-            update={
-                "proxy_tasks": list(dict.fromkeys([*metrics, *(self.proxy_tasks or [])])),
-                "proxy_metric": self.proxy_metric
-                if isinstance(self.proxy_metric, str)
-                else metrics | chosen,
-            }
-        )
-
-    proxy_limit: int | None = Field(
-        default=100, gt=0
-    )  # documents per proxy task and trial (paper: ~100)
-    min_gain: float = Field(
-        default=0.0, ge=0.0
-    )  # greedy: a candidate must raise the proxy by this much (paper: 0)
-    grid: list[float] = Field(default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1)
-    budget: int = Field(default=200, gt=0)  # CMA-ES proxy evaluations
-    sigma0: float = Field(default=1 / 6, gt=0)
-    seed: int = 42
-    layer_groups: int = Field(default=0, ge=0)  # 0: one weight per model
-    search_density: bool = False  # also search per-model densities (TIES/DARE)
-
-    def search_settings(self) -> dict:
-        """What the search itself depends on (its cache key), per strategy."""
-        if self.strategy == "evolutionary":
-            keys = ("budget", "sigma0", "seed", "layer_groups", "search_density")
-        else:
-            keys = ("grid", "min_gain")
-        return {"strategy": self.strategy} | {k: getattr(self, k) for k in keys}
-
-
-class MixtureSettings(_Strict):
-    """The final mixture over the clusters' models (``variant: none`` skips it).
-
-    ``model_level``: one expert model per sample; ``block_level``: decoder layers as
-    experts; ``ffn_moe``: a Mixtral directory with the experts' MLPs; ``hybrid``: the first
-    ``hybrid_k`` layers of the experts' average kept dense, the rest FFN-level. The last
-    three need experts of one architecture."""
-
-    variant: Literal["model_level", "block_level", "ffn_moe", "hybrid", "none"] = "model_level"
-    hybrid_k: int = Field(default=0, ge=0)  # hybrid: dense (merged) layers at the bottom
-    top_k: int | None = Field(default=None, ge=1)  # ffn_moe / hybrid: experts per token
-    # linear: fitted on the proxy split (which expert answers which document; model_level
-    # only, the default there); hidden, cheap_embed: the paper's training-free routers on
-    # example prompts; random. Default: linear for model_level, hidden otherwise.
-    router: Literal["linear", "hidden", "cheap_embed", "random"] | None = None
-    # model_level: choose the experts greedily by the mixture's proxy score among every
-    # cluster's model, every model filtering rejected and every singleton (false: one
-    # expert per cluster, as the paper)
-    select_experts: bool = True
-    max_experts: int | None = Field(default=None, ge=2)
-    layer: int = Field(default=1, ge=0)  # the backbone layer whose input the router reads
-    # how a prompt's hidden states become one routing vector (default: last for
-    # model_level, mean for block_level; block_level allows mean and first)
-    pooling: Literal["last", "mean", "first"] | None = None
-    # task name -> example inputs of that task (never test items); each task's prompts go
-    # to the expert that scores best on it, the other tasks' prompts are its negatives
-    prompts: dict[str, list[str]] = Field(default_factory=dict)
-    router_accuracy: bool = True  # model_level: measure it on the evaluation tasks
-
-    @model_validator(mode="after")
-    def _hybrid_needs_k(self) -> MixtureSettings:
-        if self.variant == "hybrid" and self.hybrid_k < 1:
-            raise ValueError("hybrid_k: the hybrid variant needs hybrid_k >= 1 dense layers")
-        if self.router == "linear" and self.variant not in ("model_level", "none"):
-            raise ValueError(
-                f"router: linear is fitted for model_level mixtures; {self.variant} takes "
-                "hidden, cheap_embed or random"
-            )
-        allowed = {"block_level": ("mean", "first"), "model_level": ("last", "mean")}
-        if self.pooling is not None and self.pooling not in allowed.get(
-            self.variant, (self.pooling,)
-        ):
-            raise ValueError(
-                f"pooling: {self.pooling!r} is not allowed for {self.variant} "
-                f"(allowed: {', '.join(allowed[self.variant])})"
-            )
+        method = METHODS[self.method]
+        try:
+            for key, setting in self.params.items():
+                check_setting(method.param(key), setting, f"params.{key}")
+            dtype_name(self.dtype)
+        except MergeConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
-    @property
-    def router_used(self) -> str:
-        return self.router or ("linear" if self.variant == "model_level" else "hidden")
 
-    @property
-    def pooling_used(self) -> str:
-        return self.pooling or ("mean" if self.variant == "block_level" else "last")
+def _tagged(registry: Registry, tag: str, default: str, *extra: type[BaseModel]) -> Any:
+    """A section validated by the settings model of the entry its ``tag`` key names
+    (``default`` when the key is absent): a pydantic discriminated union built from a
+    registry, so that a key of another entry is an unknown key."""
+    members = tuple(e.settings for e in registry) + extra
+
+    def fill(v: Any) -> Any:
+        return {tag: default, **v} if isinstance(v, dict) and tag not in v else v
+
+    return Annotated[Union[members], Field(discriminator=tag), BeforeValidator(fill)]  # noqa: UP007
+
+
+# ``filter``: selective merging inside each cluster, one settings model per strategy
+# (model_glue/search/strategies); ``strategy: none`` merges every member.
+FilterSettings = _tagged(STRATEGIES, "strategy", "none")
+
+
+class NoMixture(_Strict):
+    """``mixture: {variant: none}``: no mixture; the final model is the best merged or
+    zoo model."""
+
+    variant: Literal["none"]
+
+
+# ``mixture``: the final mixture over the clusters' models, one settings model per variant
+# (model_glue/mixture/variants; ``glue mix`` files use the same models).
+MixtureSettings = _tagged(VARIANTS, "variant", "model_level", NoMixture)
 
 
 class EvaluationConfig(_Strict):
@@ -222,9 +183,11 @@ class RunConfig(_Strict):
     lineage_db: str | None = None  # DuckDB file (default: <GLUE_HOME>/lineage.duckdb)
     zoo: list[ZooModel] = Field(min_length=1)
     similarity: SimilarityConfig = SimilarityConfig()
-    filter: FilterSettings = FilterSettings()
+    filter: FilterSettings = Field(
+        default_factory=lambda: STRATEGIES["none"].settings(strategy="none")
+    )
     merge: MergeSettings = MergeSettings()
-    mixture: MixtureSettings = MixtureSettings(variant="none")
+    mixture: MixtureSettings = Field(default_factory=lambda: NoMixture(variant="none"))
     evaluation: EvaluationConfig
     runner: RunnerSettings = RunnerSettings()
     # a zoo model that cannot be read (missing, truncated, pickle-only, ...): "skip" leaves it
@@ -276,12 +239,15 @@ class RunConfig(_Strict):
         for m in self.zoo:
             if m.base is not None and m.base not in names:
                 raise ValueError(f"zoo model {m.name!r}: base {m.base!r} is not a zoo model")
-        if self.mixture.variant != "none" and self.mixture.router_used not in ("random", "linear"):
-            if not self.mixture.prompts:
+        mixture = self.mixture
+        if isinstance(mixture, VariantSettings) and ROUTERS[mixture.router_used()].needs_prompts:
+            if not mixture.prompts:
                 raise ValueError(
-                    f"mixture.prompts: the {self.mixture.router_used!r} router needs example prompts per task"
+                    f"mixture.prompts: the {mixture.router_used()!r} router needs example prompts per task"
                 )
-            unknown = set(self.mixture.prompts) - set(self.evaluation.tasks)
+            if listed := [t for t, p in mixture.prompts.items() if not isinstance(p, list)]:
+                raise ValueError(f"mixture.prompts.{listed[0]}: give a list of example inputs")
+            unknown = set(mixture.prompts) - set(self.evaluation.tasks)
             if unknown:
                 raise ValueError(
                     f"mixture.prompts: {sorted(unknown)} are not evaluation tasks (allowed: {', '.join(self.evaluation.tasks)})"
@@ -300,56 +266,103 @@ class RunConfig(_Strict):
             )
         return ev
 
-    @field_validator("merge")
-    @classmethod
-    def _known_method(cls, merge: MergeSettings) -> MergeSettings:
+    @model_validator(mode="after")
+    def _merge_params_given(self) -> RunConfig:
+        """A parameter the method requires must be set, unless the search sets it."""
         from model_glue.merge import METHODS
 
-        if merge.method not in METHODS:
-            raise ValueError(
-                f"unknown merge method {merge.method!r} (allowed: {', '.join(sorted(METHODS))})"
-            )
-        return merge
+        method = METHODS[self.merge.method]
+        searched = {"density"} if getattr(self.filter, "search_density", False) else set()
+        for p in method.params:
+            if p.required and p.name not in self.merge.params and p.name not in searched:
+                raise ValueError(
+                    f"merge.params.{p.name}: merge method {method.name!r} requires it "
+                    f"({p.describe()})"
+                )
+        return self
 
 
 def _format_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parent, loc, chosen = _walk(model, e["loc"][:-1] if e["loc"] else ())
+        last = [str(e["loc"][-1])] if e["loc"] else []
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            key = ".".join([*loc, *last, e["ctx"]["discriminator"].strip("'")])
+            tags = e["ctx"].get("expected_tags", "")
+            lines.append(
+                f"{source}: {key}: unknown value {e['ctx'].get('tag')!r} (allowed: {tags})"
+            )
+            continue
+        if parent is not None and last and last[0] in _tags(parent):  # the member's own key
+            parent, loc, chosen, last = (*_walk(model, e["loc"]), [])
+        where = ".".join([*loc, *last]) or "<root>"
         if e["type"] == "extra_forbidden":
-            parent = _model_at(model, e["loc"][:-1])
             allowed = (
                 ", ".join(sorted(f.alias or n for n, f in parent.model_fields.items()))
-                if parent
+                if isinstance(parent, type)
                 else ""
             )
+            of = f" of {chosen}" if chosen else ""
             lines.append(
-                f"{source}: {loc}: unknown key" + (f" (allowed: {allowed})" if allowed else "")
+                f"{source}: {where}: unknown key{of}"
+                + (f" (allowed: {allowed})" if allowed else "")
             )
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {msg}" if loc == "<root>" else f"{source}: {loc}: {msg}")
+            lines.append(f"{source}: {msg}" if where == "<root>" else f"{source}: {where}: {msg}")
     return "\n".join(lines)
 
 
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+def _members(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (one, or a union's members)."""
+    args = getattr(annotation, "__args__", ())
+    if hasattr(annotation, "__metadata__"):  # Annotated[X, ...]
+        return _members(args[0])
+    return [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _tag(model: type[BaseModel]) -> tuple[str, str] | None:
+    """A union member's discriminator field and value (``variant``, ``ffn_moe``)."""
+    for name in ("variant", "strategy"):
+        f = model.model_fields.get(name)
+        if f is not None and getattr(f.annotation, "__args__", None):
+            return name, f.annotation.__args__[0]
+    return None
+
+
+def _tags(parent: Any) -> set[str]:
+    return {t[1] for m in (parent if isinstance(parent, list) else []) if (t := _tag(m))}
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[Any, list[str], str]:
+    """The model (or union members) at ``loc``, the location as the user wrote it (union
+    tags left out) and the chosen member (``variant ffn_moe``)."""
     current: Any = model
+    shown: list[str] = []
+    chosen = ""
     for part in loc:
+        if isinstance(current, list):  # a union: pydantic puts the member's tag in loc
+            member = next((m for m in current if (t := _tag(m)) and t[1] == part), None)
+            if member is not None:
+                t = _tag(member)
+                current, chosen = member, f"{t[0]} {t[1]}" if t else ""
+                continue
+            return None, [*shown, str(part)], chosen
+        shown.append(str(part))
         if isinstance(part, int):
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return None
+            return None, shown, chosen
         field = current.model_fields.get(part) or next(
             (f for f in current.model_fields.values() if f.alias == part), None
         )
         if field is None:
-            return None
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        current = next(
-            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), ann
-        )
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+            return None, shown, chosen
+        members = _members(field.annotation)
+        current = members[0] if len(members) == 1 else (members or None)
+        chosen = ""
+    return current, shown, chosen
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
@@ -430,18 +443,18 @@ def validate_tasks(cfg: RunConfig, source: str = "<config>") -> None:
 
 
 def validate_mixture_families(cfg: RunConfig, source: str = "<config>") -> None:
-    """FFN-level and hybrid mixtures are written as the MoE model of their experts' family,
-    block-level ones from Llama layers: a zoo model of another family is a
-    :class:`ConfigError` before any stage runs (its ``config.json`` is all that is read;
-    an unreadable one is left to fingerprinting to report)."""
+    """A mixture variant that accepts only some architectures (FFN-level and hybrid: those
+    with a MoE counterpart; block-level: Llama) refuses a zoo model of another family with a
+    :class:`ConfigError` before any stage runs (its ``config.json`` is all that is read; an
+    unreadable one is left to fingerprinting to report)."""
     import json
 
     import fsspec
 
-    from model_glue.architectures.catalog import mixture_refusal
+    from model_glue.mixture.variants import refusal
 
     variant = cfg.mixture.variant
-    if variant not in ("ffn_moe", "hybrid", "block_level"):
+    if variant == "none" or VARIANTS[variant].refusal is None:
         return
     for m in cfg.zoo:
         try:
@@ -449,7 +462,7 @@ def validate_mixture_families(cfg: RunConfig, source: str = "<config>") -> None:
                 config = json.load(f)
         except (OSError, ValueError):
             continue
-        if why := mixture_refusal(config, variant):
+        if why := refusal(variant, config):
             raise ConfigError(
                 f"{source}: mixture.variant: {variant}: zoo model {m.name!r}: {why} "
                 "(model_level mixes any architectures)"

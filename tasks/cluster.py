@@ -157,16 +157,15 @@ def _describe(r: dict) -> list[str]:
 
 STAGE = Stage(
     name="cluster",
+    compute=_cluster,
     uses=CLUSTERING,
-    key_parts=lambda models, similarity_keys, metric, threshold, related=(): {
-        "models": sorted((m["fingerprint"], m["arch_signature"]) for m in models),
-        "similarity": sorted(similarity_keys),
-        "metric": metric,
-        "threshold": threshold,
-        "related": sorted(sorted(p) for p in related) if threshold == "auto" else [],
+    key_parts=lambda a: {
+        "models": sorted((m["fingerprint"], m["arch_signature"]) for m in a["models"]),
+        "similarity_keys": sorted(a["similarity_keys"]),
+        "related": sorted(sorted(p) for p in a["related"]),
     },
     lineage=_lineage,
     describe=_describe,
 )
 
-cluster_zoo = STAGE.task(_cluster)
+cluster_zoo = STAGE.task()

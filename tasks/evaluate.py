@@ -128,17 +128,19 @@ def _lineage(call: Call, r: dict) -> Lineage:
 
 STAGE = Stage(
     name="evaluate",
+    compute=_evaluate,
     uses=EVALUATION,
-    # what changes the numbers: dtype and backend; not the device index or the batch size
-    key_parts=lambda model, tasks, limit, include_paths, dtype="float32", backend="hf", split="test": {
-        "model": model["fingerprint"],
-        "tasks": sorted(tasks),
-        "limit": limit,
-        "split": split,
-        "task_files": task_files_hash(include_paths),
-        "numerics": [dtype, backend],
+    not_in_key={
+        "batch_size": "lm-eval's scores do not depend on it",
+        "device": "where it runs; the dtype and backend are keyed",
+        "allow_code_execution": "a permission: a task that needs it fails without it",
+    },
+    key_parts=lambda a: {
+        "model": a["model"]["fingerprint"],
+        "tasks": sorted(a["tasks"]),
+        "include_paths": task_files_hash(a["include_paths"]),
     },
     lineage=_lineage,
 )
 
-evaluate_model = STAGE.task(_evaluate)
+evaluate_model = STAGE.task()

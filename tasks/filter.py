@@ -33,14 +33,14 @@ def _filter(
     allow_code_execution: bool = False,
     anchor: str = "",
 ) -> dict:
-    """``settings``: strategy plus its options (grid; budget, sigma0, seed, layer_groups,
-    search_density). ``members`` never include ``base`` (it enters as the task-vector
-    origin); ``anchor`` names the cluster for people (not part of the key)."""
+    """``settings``: the strategy and its own keys (``model_glue/search/strategies``).
+    ``members`` never include ``base`` (it enters as the task-vector origin); ``anchor``
+    names the cluster for people (not part of the key)."""
     # imported here: the search stack (CMA-ES/scipy, transformers) costs seconds; cached reruns skip it
     from model_glue.evaluate import quiet_lm_eval
-    from model_glue.search import evolutionary_search, greedy_selective_merge
     from model_glue.search.engine_params import engine_model_params
     from model_glue.search.proxy import ProxyScorer
+    from model_glue.search.strategies import STRATEGIES
 
     names = sorted(m["name"] for m in members)
     with quiet_lm_eval():
@@ -57,29 +57,10 @@ def _filter(
             batch_size=batch_size,
             allow_code_execution=allow_code_execution,
         )
-        strategy = settings["strategy"]
-        if strategy == "evolutionary":
-            result = evolutionary_search(
-                names,
-                scorer,
-                method=method,
-                layer_groups=settings["layer_groups"],
-                search_density=settings["search_density"],
-                budget=settings["budget"],
-                sigma0=settings["sigma0"],
-                seed=settings["seed"],
-            )
-        else:
-            result = greedy_selective_merge(
-                names,
-                None,
-                scorer,
-                strategy=strategy,
-                method=method,
-                grid=settings["grid"],
-                similarity=scorer.similarity if strategy == "similarity" else None,
-                min_gain=settings["min_gain"],
-            )
+        strategy = STRATEGIES[settings["strategy"]]
+        result = strategy.search(  # type: ignore[misc]
+            names, scorer, method, strategy.settings.model_validate(settings)
+        )
     engine_params = engine_model_params(result.spec, scorer.layout)
     merge_s = sum(c.merge_seconds for c in scorer.costs)
     eval_s = sum(c.eval_seconds for c in scorer.costs)
@@ -126,19 +107,22 @@ def _describe(r: dict) -> list[str]:
 
 STAGE = Stage(
     name="filter",
+    compute=_filter,
     uses=SEARCH,
-    key_parts=lambda members, base, method, params, settings, proxy_tasks, proxy_limit, include_paths, proxy_metric=None, dtype="float32": {
-        "members": sorted((m["name"], m["fingerprint"]) for m in members),
-        "base": base["fingerprint"] if base else None,
-        "method": method,
-        "params": params,
-        "settings": settings,
-        "proxy": [sorted(proxy_tasks), proxy_limit, task_files_hash(include_paths)]
-        + ([proxy_metric] if proxy_metric else []),
-        "dtype": dtype,  # the device and batch size do not change the scores
+    not_in_key={
+        "device": "where it runs; the dtype is keyed",
+        "batch_size": "lm-eval's scores do not depend on it",
+        "allow_code_execution": "a permission: a task that needs it fails without it",
+        "anchor": "a label for people",
+    },
+    key_parts=lambda a: {
+        "members": sorted((m["name"], m["fingerprint"]) for m in a["members"]),
+        "base": a["base"] and a["base"]["fingerprint"],
+        "proxy_tasks": sorted(a["proxy_tasks"]),
+        "include_paths": task_files_hash(a["include_paths"]),
     },
     lineage=_lineage,
     describe=_describe,
 )
 
-filter_cluster = STAGE.task(_filter)
+filter_cluster = STAGE.task()

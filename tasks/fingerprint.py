@@ -41,9 +41,11 @@ def _lineage(call: Call, r: dict) -> Lineage:
 
 STAGE = Stage(
     name="fingerprint",
+    compute=_fingerprint,
     uses=FINGERPRINT,
-    key_parts=lambda uri: {"uri": uri, "stat": _stat_or_missing(uri)},
+    not_in_key={"name": "a label: the directory's content is what is hashed"},
+    key_parts=lambda a: {"uri": [a["uri"], _stat_or_missing(a["uri"])]},
     lineage=_lineage,
 )
 
-fingerprint_model = STAGE.task(_fingerprint, retries=0)
+fingerprint_model = STAGE.task(retries=0)

@@ -46,14 +46,14 @@ def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
     )
 
 
-def _identity(
-    members: list[dict], method: str, params: dict, dtype: str | None, base: dict | None
-) -> dict:
+def _identity(a: dict) -> dict:
     """The canonical spec (defaults filled in, names included: DARE seeds its masks by
     name) and the inputs' fingerprints by name: what the merged weights depend on."""
+    spec = merge_spec(a["members"], a["method"], a["params"], a["dtype"], a["base"])
     return {
-        "spec": merge_spec(members, method, params, dtype, base).canonical(),
-        "inputs": dict(sorted(_fingerprints(members, base).items())),
+        "params": spec.canonical(),
+        "members": sorted((m["name"], m["fingerprint"]) for m in a["members"]),
+        "base": a["base"] and [a["base"]["name"], a["base"]["fingerprint"]],
     }
 
 
@@ -120,12 +120,12 @@ def _lineage(call: Call, r: dict) -> Lineage:
 
 STAGE = Stage(
     name="merge",
+    compute=_merge,
     uses=ENGINE,
-    key_parts=lambda members, method, params, dtype=None, base=None: _identity(
-        members, method, params, dtype, base
-    ),
+    not_in_key={"label": "the name on the model card; the spec names the members"},
+    key_parts=_identity,
     lineage=_lineage,
     outputs=(MODEL_KIND,),
 )
 
-merge_cluster = STAGE.task(_merge)
+merge_cluster = STAGE.task()

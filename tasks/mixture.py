@@ -1,10 +1,8 @@
 """Stage 4: combine the clusters' models with a mixture (the paper's final recipe).
 
-``variant``: ``model_level`` (one expert model per sample, routed on the backbone's hidden
-state), ``block_level`` (whole decoder layers as experts), ``ffn_moe`` (a Mixtral directory
-whose FFNs are the experts' MLPs) or ``hybrid`` (the first ``hybrid_k`` layers of the
-experts' uniform average kept dense, the rest FFN-level). Router accuracy exists only for
-model-level mixtures, where each sample goes to one whole expert.
+The variant (``model_glue/mixture/variants``: model-level, block-level, FFN-level,
+hybrid) is named by its settings and builds the directory; router accuracy exists only for
+variants that route whole samples.
 
 Experts are the clusters' outputs (a merged model, or the single member of a singleton
 cluster). The router is training-free: each task's example prompts (from the run config,
@@ -48,84 +46,63 @@ def _mixture(
     key: str,
     experts: list[dict],
     backbone: dict,
-    router: str,
-    layer: int,
-    pooling: str,
+    settings: dict,
     prompts: dict[str, dict[str, list[str]]],
     accuracy_tasks: list[str],
     accuracy_limit: int | None,
     include_paths: list[str] = (),  # type: ignore[assignment]
     accuracy_metric: str | dict[str, str] | None = None,
-    variant: str = "model_level",
-    hybrid_k: int = 0,
-    top_k: int | None = None,
     labels: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int | str = 32,
 ) -> dict:
     """``experts``: refs with name, fingerprint and a local directory ``uri``;
-    ``backbone`` one of them. ``router: linear`` is fitted on the proxy labels of the
-    expert selection whose record key is ``labels`` (model-level mixtures only).
-    Routing, router fitting and router accuracy run on ``device`` in ``dtype``."""
+    ``backbone`` one of them; ``settings``: the variant's settings (the run config's
+    ``mixture`` section, router resolved). A fitted router is fitted on the proxy labels
+    of the expert selection whose record key is ``labels``; router accuracy is measured on
+    ``accuracy_tasks`` (mixtures that route whole samples). Routing, router fitting and
+    router accuracy run on ``device`` in ``dtype``."""
     # imported here: transformers' model classes cost seconds, and a cached rerun needs none
     from model_glue.evaluate import quiet_lm_eval
-    from model_glue.mixture import (
-        MixtureError,
-        RouterInit,
-        build_block_level_mixture,
-        build_ffn_moe,
-        build_hybrid,
-        build_model_level_mixture,
-        expert_correctness,
-        load_mixture,
-        mixture_router_accuracy,
-        uniform_average,
-    )
+    from model_glue.mixture import expert_correctness, mixture_router_accuracy
+    from model_glue.mixture.routers import ROUTERS, RouterInit
+    from model_glue.mixture.variants import VARIANTS, BuildInputs, build_mixture, load_mixture
 
-    common = {
-        "router": _fitted_router(
-            store, labels, experts, backbone, layer, pooling, variant, device, dtype
-        )
-        if router == "linear"
-        else RouterInit(method=router),
-        "prompts": prompts or None,  # prompt-free routers (random, linear) take none
-        "expert_names": [e["name"] for e in experts],
-    }
-    paths = [e["uri"] for e in experts]
+    s = VARIANTS[settings["variant"]].settings.model_validate(settings)
+    router = ROUTERS[s.router_used()]
+    gate = (
+        _fitted_router(store, labels, experts, backbone, s, device, dtype)
+        if router.fitted
+        else RouterInit(method=router.name)
+    )
     with store.writing(MIXTURE_KIND, key, meta={"stage": "mixture"}) as tmp:
         out = tmp / "mixture"
-        if variant == "model_level":
-            build_model_level_mixture(
-                paths,
-                out,
-                router_backbone=backbone["uri"],
-                layer=layer,
-                pooling=pooling,
+        build_mixture(
+            s,
+            BuildInputs(
+                experts=[e["uri"] for e in experts],
+                names=[e["name"] for e in experts],
+                backbone=backbone["uri"],
+                out=out,
+                router=gate,
+                prompts=prompts or None,  # routers that need none take none
                 # experts that are store artifacts (merged models) travel with the store
                 relative_to=store.root if store.is_local else None,
                 location=store.published_path(MIXTURE_KIND, key) if store.is_local else None,
                 device=device,
                 dtype=dtype,
-                **common,
-            )
-        elif variant == "block_level":
-            build_block_level_mixture(backbone["uri"], paths, out, pooling=pooling, **common)
-        elif variant == "ffn_moe":
-            build_ffn_moe(backbone["uri"], paths, out, top_k=top_k, **common)
-        elif variant == "hybrid":
-            build_hybrid(uniform_average(paths), paths, out, k=hybrid_k, top_k=top_k, **common)
-        else:
-            raise MixtureError(f"mixture.variant: unknown variant {variant!r}")
+            ),
+        )
         for f in out.iterdir():
             f.rename(tmp / f.name)
         out.rmdir()
     path = store.local_path(MIXTURE_KIND, key)
     accuracy = []
-    if accuracy_tasks and variant == "model_level":
+    if accuracy_tasks and s.spec.routes_samples:
         mixture = load_mixture(path, device=device, dtype=dtype)
         with quiet_lm_eval():
-            labels = expert_correctness(
+            correct = expert_correctness(
                 mixture,
                 accuracy_tasks,
                 limit=accuracy_limit,
@@ -141,7 +118,7 @@ def _mixture(
                 "n_samples": a.n_answerable,
                 "coverage": a.coverage,
             }
-            for a in mixture_router_accuracy(mixture, labels)
+            for a in mixture_router_accuracy(mixture, correct)
             if a.accuracy is not None
         ]
     return {
@@ -150,9 +127,9 @@ def _mixture(
         "path": str(path),
         "experts": [{"name": e["name"], "fingerprint": e["fingerprint"]} for e in experts],
         "backbone": backbone["name"],
-        "variant": variant,
-        "router": router,
-        "layer": layer,
+        "variant": s.variant,
+        "router": router.name,
+        "layer": getattr(s, "layer", None),
         "router_accuracy": accuracy,
         # identity for evaluation: the directory's content (router weights + expert refs);
         # the experts' own fingerprints are already part of the key
@@ -165,9 +142,7 @@ def _fitted_router(
     labels: str | None,
     experts: list[dict],
     backbone: dict,
-    layer: int,
-    pooling: str,
-    variant: str,
+    s,
     device: str = "cpu",
     dtype: str = "float32",
 ):
@@ -179,16 +154,16 @@ def _fitted_router(
     from model_glue.mixture.routers import fit_linear_router
     from tasks.select import router_features
 
-    if variant != "model_level" or labels is None:
+    if not s.spec.routes_samples or labels is None:
         raise MixtureError(
-            "mixture.router: linear is fitted on the proxy labels of the expert selection "
-            "of a model_level mixture"
+            "mixture.router: a fitted router is fitted on the proxy labels of the expert "
+            "selection of a mixture that routes whole samples (model_level)"
         )
     selection = store.get_json(RECORD_KIND, labels)
     columns = [selection["candidates"].index(e["name"]) for e in experts]
     correct = torch.tensor(selection["correct"])[:, columns]
     features = router_features(
-        backbone["uri"], selection["contexts"], layer, pooling, device, dtype
+        backbone["uri"], selection["contexts"], s.layer, s.pooling, device, dtype
     )
     return fit_linear_router(features, correct)
 
@@ -224,26 +199,21 @@ def _describe(r: dict) -> list[str]:
 
 STAGE = Stage(
     name="mixture",
+    compute=_mixture,
     uses=MIXTURE,
-    # what changes the numbers: the dtype that routing runs in, not the device
-    key_parts=lambda experts, backbone, router, layer, pooling, prompts, accuracy_tasks, accuracy_limit, include_paths=(), accuracy_metric=None, variant="model_level", hybrid_k=0, top_k=None, labels=None, dtype="float32": (
-        {
-            "labels": labels,
-            "experts": [(e["name"], e["fingerprint"]) for e in experts],
-            "backbone": backbone["fingerprint"],
-            "router": router,
-            "layer": layer,
-            "pooling": pooling,
-            "prompts": prompts,
-            "accuracy": [sorted(accuracy_tasks), accuracy_limit]
-            + ([task_files_hash(include_paths), accuracy_metric] if accuracy_tasks else []),
-            "numerics": dtype,
-        }
-        | ({} if variant == "model_level" else {"variant": [variant, hybrid_k, top_k]})
-    ),
+    not_in_key={
+        "device": "where it runs; the dtype routing runs in is keyed",
+        "batch_size": "lm-eval's scores do not depend on it",
+    },
+    key_parts=lambda a: {
+        "experts": [(e["name"], e["fingerprint"]) for e in a["experts"]],
+        "backbone": a["backbone"]["fingerprint"],
+        "accuracy_tasks": sorted(a["accuracy_tasks"]),
+        "include_paths": task_files_hash(a["include_paths"]) if a["accuracy_tasks"] else None,
+    },
     lineage=_lineage,
     describe=_describe,
     outputs=(MIXTURE_KIND,),
 )
 
-build_mixture = STAGE.task(_mixture)
+mix_experts = STAGE.task()

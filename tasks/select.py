@@ -170,24 +170,18 @@ def _select_describe(r: dict) -> list[str]:
 
 SELECT = Stage(
     name="select",
+    compute=_select,
     uses=SELECTION,
-    # what changes the numbers: the backbone's dtype, not the device
-    key_parts=lambda candidates, proxy_keys, backbone, layer, pooling, metric=None, max_experts=None, folds=5, seed=0, fixed=False, dtype="float32": {
-        "fixed": fixed,
-        "candidates": sorted((c["name"], c["fingerprint"]) for c in candidates),
-        "proxy": sorted(proxy_keys.items()),
-        "backbone": backbone["fingerprint"],
-        "router": [layer, pooling],
-        "metric": metric,
-        "max_experts": max_experts,
-        "cv": [folds, seed],
-        "numerics": dtype,
+    not_in_key={"device": "where it runs; the backbone's dtype is keyed"},
+    key_parts=lambda a: {
+        "candidates": sorted((c["name"], c["fingerprint"]) for c in a["candidates"]),
+        "backbone": a["backbone"]["fingerprint"],
     },
     lineage=_select_lineage,
     describe=_select_describe,
 )
 
-select_experts = SELECT.task(_select)
+select_experts = SELECT.task()
 
 
 def _final(
@@ -256,14 +250,13 @@ def _final_describe(r: dict) -> list[str]:
 
 FINAL = Stage(
     name="final",
+    compute=_final,
     uses=SELECTION,
-    key_parts=lambda candidates, proxy_keys, metric=None: {
-        "candidates": sorted((c["name"], c["artifact_id"]) for c in candidates),
-        "proxy": sorted(proxy_keys.items()),
-        "metric": metric,
+    key_parts=lambda a: {
+        "candidates": sorted((c["name"], c["artifact_id"]) for c in a["candidates"]),
     },
     lineage=_final_lineage,
     describe=_final_describe,
 )
 
-choose_final = FINAL.task(_final)
+choose_final = FINAL.task()

@@ -108,13 +108,14 @@ def _lineage(call: Call, r: dict) -> Lineage:
 
 STAGE = Stage(
     name="similarity",
+    compute=_similarity,
     uses=SIMILARITY,
-    key_parts=lambda models, groups, base=None: {
-        "models": sorted(m["fingerprint"] for m in models),
-        "groups": sorted(groups),
-        "base": base["fingerprint"] if base else None,
+    key_parts=lambda a: {
+        "models": sorted(m["fingerprint"] for m in a["models"]),
+        "groups": sorted(a["groups"]),
+        "base": a["base"] and a["base"]["fingerprint"],
     },
     lineage=_lineage,
 )
 
-compute_similarity = STAGE.task(_similarity)
+compute_similarity = STAGE.task()

@@ -1,15 +1,20 @@
 """The stage protocol: one place that keys, finds or computes, and records a stage call.
 
-A stage declares four things and nothing else:
+A stage declares its work and what the work depends on, once:
 
+- ``compute(store, key, **params) -> record``: the work, run only when the store has no
+  complete record for the key. Its signature *is* the stage's parameter list.
 - ``uses``: the :class:`Component` whose code it runs. Components name the other
   components they call (the search calls the merge engine and lm-eval), so a stage's code
   version is *composed*: a new engine version makes every search stale without anyone
   listing the engine in the search stage.
-- ``key_parts(**params)``: the JSON identity of one call (content fingerprints, parameters
-  and task-file hashes, never paths). ``key = sha256(stage, code version, key parts)``.
-- ``compute(store, key, **params) -> record``: the work, run only when the store has no
-  complete record for the key.
+- ``not_in_key``: the parameters that do not change the result (the device, the batch
+  size, a label), each with the reason. Every other parameter of ``compute``, with its
+  default applied, is part of the key: a new parameter is keyed unless declared otherwise.
+- ``key_parts(args) -> dict``: optional normalisation of some keyed values (content
+  fingerprints instead of model references, sorted lists, task-file hashes instead of
+  paths). It may replace values, never drop a parameter.
+  ``key = sha256(stage, code version, keyed arguments)``.
 - ``lineage(call, record) -> Lineage``: the artifacts, edges (with roles) and detail rows
   the call adds to the lineage database, written with the run's row in one transaction.
 
@@ -98,25 +103,62 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _no_normalisation(args: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
+    compute: Callable[..., dict]
     uses: Component
-    key_parts: Callable[..., Any]
+    not_in_key: Mapping[str, str] = field(default_factory=dict)  # parameter -> why
+    key_parts: Callable[[dict[str, Any]], dict[str, Any]] = _no_normalisation
     lineage: Callable[[Call, dict], Lineage] = field(default=lambda call, record: Lineage())
     describe: Callable[[dict], list[str]] = field(default=lambda record: [])
     outputs: tuple[str, ...] = ()  # store kinds written under the key besides the record
+
+    def __post_init__(self) -> None:
+        unknown = set(self.not_in_key) - set(self.parameters)
+        if unknown:
+            raise TypeError(
+                f"stage {self.name!r}: not_in_key names {sorted(unknown)}, which "
+                f"{self.compute.__name__} does not take"
+            )
+
+    @property
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """``compute``'s parameters after ``store`` and ``key``: the stage's parameters."""
+        return dict(list(inspect.signature(self.compute).parameters.items())[2:])
 
     @property
     def code_version(self) -> str:
         return compose(self.uses)
 
+    def arguments(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` bound to ``compute``'s signature, defaults applied (a TypeError names
+        a missing or unknown parameter)."""
+        bound = inspect.signature(self.compute).bind(None, None, **params)
+        bound.apply_defaults()
+        return dict(list(bound.arguments.items())[2:])
+
+    def keyed(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyed arguments: every parameter not declared ``not_in_key``, with the
+        values ``key_parts`` normalises replaced."""
+        keyed = {k: v for k, v in args.items() if k not in self.not_in_key}
+        parts = self.key_parts(dict(keyed))
+        if extra := set(parts) - set(keyed):
+            raise TypeError(f"stage {self.name!r}: key_parts returned {sorted(extra)}")
+        return keyed | parts
+
     def identity(self, params: Mapping[str, Any]) -> dict:
-        """What the key hashes: the stage, its composed code version and the call's key
-        parts (parameters that ``key_parts`` does not take, such as labels, never count)."""
-        accepted = inspect.signature(self.key_parts).parameters
-        args = {k: v for k, v in params.items() if k in accepted}
-        return {"stage": self.name, "v": self.code_version, "in": self.key_parts(**args)}
+        """What the key hashes: the stage, its composed code version and the keyed
+        arguments of the call."""
+        return {
+            "stage": self.name,
+            "v": self.code_version,
+            "in": self.keyed(self.arguments(params)),
+        }
 
     def key(self, params: Mapping[str, Any]) -> str:
         return stable_hash(self.identity(params))
@@ -129,7 +171,7 @@ class Stage:
             return None
         return {**store.get_json(RECORD_KIND, key), REUSED: True}
 
-    def task(self, compute: Callable[..., dict], **task_options: Any):
+    def task(self, **task_options: Any):
         """Wrap ``compute(store, key, **params) -> record`` as a cached Prefect task whose
         parameters are ``store_url``, ``key`` (computed when not given) and ``params``.
 
@@ -138,7 +180,7 @@ class Stage:
         :class:`~model_glue.errors.InputError` (a truncated checkpoint, an unknown task)
         ends the task in a handled ``Failed`` state whose message is the error's one line;
         any other exception fails it with its traceback, as Prefect does."""
-        stage = self
+        stage, compute = self, self.compute
 
         def body(**kwargs: Any) -> Any:
             store = ArtifactStore(kwargs.pop("store_url"))
@@ -210,8 +252,9 @@ class Call:
 def call(task: Any, label: str, /, **params: Any) -> Call:
     """A call of the stage behind ``task`` with ``params`` (typed references allowed)."""
     params = plain(params)
+    args = task.stage.arguments(params)  # a wrong parameter is a bug, not bad input
     try:
-        identity = task.stage.identity(params)
+        identity = task.stage.identity(args)
     except Exception:  # the task itself reports bad input, in one line
         identity = None
     return Call(task, label, params, identity)

@@ -350,7 +350,7 @@ def test_a_weight_level_mixture_of_another_family_is_a_config_error(
     key, the zoo model and the families that are supported."""
     import yaml
 
-    from tests.test_user_zoo import _glue_run
+    from tests.factories import glue_run_as_user
 
     config = tmp_path / "glue.yaml"
     zoo = [{"name": n, "path": str(p)} for n, p in families[arch].items()]
@@ -360,11 +360,12 @@ def test_a_weight_level_mixture_of_another_family_is_a_config_error(
                 "name": "t",
                 "zoo": zoo,
                 "evaluation": {"tasks": ["demo_add"]},
-                "mixture": {"variant": variant, "router": "random", "hybrid_k": 1},
+                "mixture": {"variant": variant, "router": "random"}
+                | ({"hybrid_k": 1} if variant == "hybrid" else {}),
             }
         )
     )
-    proc = _glue_run(config, cwd=tmp_path, home=tmp_path / "home")
+    proc = glue_run_as_user(config, cwd=tmp_path, home=tmp_path / "home")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, lines

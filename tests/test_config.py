@@ -36,7 +36,7 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
         (GOOD + "extra: 1\n", r"glue.yaml: extra: unknown key \(allowed: .*evaluation.*zoo"),
         (
             GOOD.replace("method: linear", "method: linaer"),
-            r"merge: .*unknown merge method 'linaer' \(allowed: .*linear",
+            r"merge.method: unknown merge method 'linaer' \(allowed: .*linear",
         ),
         (
             GOOD.replace("base: base}", "base: nobody}"),
@@ -79,8 +79,8 @@ def test_parse_without_file():
 def test_mixture_pooling_defaults_and_limits_follow_the_variant():
     base = {"zoo": [{"name": "a", "path": "/x"}], "evaluation": {"tasks": ["t"]}}
     mix = {"router": "random"}
-    assert parse_config(base | {"mixture": mix}).mixture.pooling_used == "last"
+    assert parse_config(base | {"mixture": mix}).mixture.pooling == "last"
     block = parse_config(base | {"mixture": mix | {"variant": "block_level"}}).mixture
-    assert block.pooling_used == "mean"
-    with pytest.raises(ConfigError, match="pooling: 'last' is not allowed for block_level"):
+    assert block.pooling == "mean"
+    with pytest.raises(ConfigError, match="mixture.pooling: Input should be 'mean' or 'first'"):
         parse_config(base | {"mixture": mix | {"variant": "block_level", "pooling": "last"}})

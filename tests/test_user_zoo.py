@@ -10,19 +10,17 @@ user's own names; the tasks are the user's, not the demo's.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.factories import glue_run_as_user, lineage, write_config, zoo_entries
+
 pytestmark = [pytest.mark.slow]
 
-GLUE = str(Path(sys.executable).with_name("glue"))
 TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -86,35 +84,32 @@ def user_dir(demo_zoo, tmp_path_factory) -> Path:
     weights = root / "models" / "broken" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
     _write_tasks(root / "tasks")
-    config = {
-        "name": "mine",
-        "store": "state/store",
-        "lineage_db": "state/lineage.duckdb",
-        "zoo": [
-            {"name": "llama-base", "path": "models/llama-base"},
-            {"name": "llama-sums", "path": "models/llama-sums", "base": "llama-base"},
-            {"name": "llama-last", "path": "models/llama-last", "base": "llama-base"},
-            {"name": "other-base", "path": "models/other-base"},
-            {"name": "other-sums", "path": "models/other-sums", "base": "other-base"},
-            {"name": "broken", "path": "models/broken", "base": "llama-base"},
-        ],
+    zoo = zoo_entries(
+        "models", {"llama-base": ["llama-sums", "llama-last"], "other-base": ["other-sums"]}
+    )
+    zoo.append({"name": "broken", "path": "models/broken", "base": "llama-base"})
+    write_config(
+        root / "glue.yaml",
+        zoo,
+        name="mine",
+        store="state/store",
+        lineage_db="state/lineage.duckdb",
         # CMA-ES always merges every member: the search and the merge both run
-        "filter": {"strategy": "evolutionary", "budget": 3, "proxy_limit": 10},
-        "merge": {"method": "linear"},
-        "evaluation": {
+        filter={"strategy": "evolutionary", "budget": 3, "proxy_limit": 10},
+        merge={"method": "linear"},
+        evaluation={
             "tasks": ["my_sums", "my_last_letter"],
             "limit": 15,
             "include_paths": ["tasks"],
         },
         # one expert per cluster, as the paper (expert selection has its own tests)
-        "mixture": {
+        mixture={
             "variant": "model_level",
             "router": "random",
             "layer": 2,
             "select_experts": False,
         },
-    }
-    (root / "glue.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    )
     return root
 
 
@@ -131,33 +126,8 @@ def _variant(user_dir: Path, name: str, **changes) -> Path:
     return path
 
 
-def _glue_run(config: Path, cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    """``glue run`` as a new user's shell would start it: nothing of this test's
-    environment (Prefect's test server, the project's GLUE_HOME or caches) is inherited."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PREFECT_", "HF_", "GLUE_", "TRANSFORMERS_"))
-    }
-    env |= {"GLUE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(
-        [GLUE, "run", os.path.relpath(config, cwd)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
-def _db(path: Path):
-    from storage import LineageDB
-
-    return LineageDB(str(path), read_only=True)
-
-
 def test_a_users_zoo_and_tasks_run_the_whole_recipe(user_dir, tmp_path):
-    proc = _glue_run(user_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
+    proc = glue_run_as_user(user_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # the broken model: its reason printed once, on one line, and no traceback anywhere
@@ -166,7 +136,7 @@ def test_a_users_zoo_and_tasks_run_the_whole_recipe(user_dir, tmp_path):
     assert "Traceback" not in out and "fatal:" not in out, out[-4000:]
     assert "left out (unreadable, see above): broken" in out
 
-    db = _db(user_dir / "state" / "lineage.duckdb")  # relative to the config, not the cwd
+    db = lineage(user_dir / "state" / "lineage.duckdb")  # relative to the config, not the cwd
     done = dict(
         db.query(
             "SELECT stage, count(*) FROM runs WHERE status = 'completed' GROUP BY stage"
@@ -197,7 +167,7 @@ def test_a_users_zoo_and_tasks_run_the_whole_recipe(user_dir, tmp_path):
     assert rule == "widest-gap" and n_pairs == 10 and low < threshold < high
 
     # nothing changed: a rerun computes nothing
-    again = _glue_run(user_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
+    again = glue_run_as_user(user_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
     assert again.returncode == 0, again.stderr[-3000:]
     flow = db.query("SELECT flow_run_id FROM flow_runs ORDER BY started_at DESC LIMIT 1").item()
     computed = db.query(
@@ -213,7 +183,7 @@ def test_an_unknown_task_fails_before_any_stage(user_dir, tmp_path):
         evaluation__tasks=["my_sums", "my_lastletter"],
         lineage_db="typo/lineage.duckdb",
     )
-    proc = _glue_run(config, cwd=tmp_path, home=tmp_path / "home")
+    proc = glue_run_as_user(config, cwd=tmp_path, home=tmp_path / "home")
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert "evaluation.tasks: unknown lm-eval task 'my_lastletter'" in err
@@ -229,13 +199,13 @@ def test_a_run_whose_searches_fail_exits_non_zero(user_dir, tmp_path):
         filter__proxy_tasks=["my_sums_choice"],  # two metrics, no proxy_metric: fails
         lineage_db="failing/lineage.duckdb",
     )
-    proc = _glue_run(config, cwd=tmp_path, home=tmp_path / "home")
+    proc = glue_run_as_user(config, cwd=tmp_path, home=tmp_path / "home")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
     failed = [line for line in proc.stderr.splitlines() if line.startswith("failed:")]
     assert len(failed) == 2 and all("set filter.proxy_metric" in line for line in failed)
-    db = _db(user_dir / "failing" / "lineage.duckdb")
+    db = lineage(user_dir / "failing" / "lineage.duckdb")
     status, error = db.query("SELECT status, error FROM flow_runs").row(0)
     assert status == "failed"
     assert "several metrics (acc, acc_norm)" in error and "left out broken" in error
@@ -275,25 +245,27 @@ def test_every_mixture_variant_is_built_recorded_and_evaluated(
     user_dir, prefect_harness, tmp_path, variant, extra
 ):
     """Same-shaped experts from two families: each variant from the config is cached,
-    recorded in the lineage and evaluated; FFN-level and hybrid ones load as Mixtral."""
-    from transformers import AutoModelForCausalLM
+    recorded in the lineage and evaluated; FFN-level and hybrid ones load as Mixtral, and
+    the leaderboard's scores are those of the stored mixture, evaluated again here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flows.glue_recipe import run_config
-    from storage import LineageDB
+    from model_glue.evaluate import evaluate
+    from model_glue.mixture import MixtureLM, load_mixture
 
     config = _variant(
         user_dir,
         f"mix-{variant}.yaml",
         lineage_db=str(tmp_path / "lineage.duckdb"),
         store=str(user_dir / "state" / "store"),  # the searches and merges are reused
-        mixture={"variant": variant, "router": "random", "layer": 2, **extra},
+        mixture={"variant": variant, "router": "random", **extra},
     )
     summary = run_config(config)
     name = summary["mixture"]["name"]
     assert name == f"mixture-{variant}-random"
     board = {row["name"]: row for row in summary["leaderboard"]}
-    assert board[name]["kind"] == "mixture" and board[name]["my_sums"] is not None
-    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    assert board[name]["kind"] == "mixture"
+    db = lineage(tmp_path / "lineage.duckdb")
     (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'mixture'")["meta"].to_list()
     assert json.loads(meta)["variant"] == variant
     roles = db.query(
@@ -304,6 +276,18 @@ def test_every_mixture_variant_is_built_recorded_and_evaluated(
     if variant in ("ffn_moe", "hybrid"):
         model = AutoModelForCausalLM.from_pretrained(path)
         assert type(model).__name__ == "MixtralForCausalLM"
+        target = model  # transformers' own Mixtral, with the experts' tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        target, tokenizer = MixtureLM(load_mixture(path)), None
+    # the stored mixture scored again, outside the flow: the numbers the leaderboard shows
+    tasks = ["my_sums", "my_last_letter"]
+    scores = evaluate(
+        target, tasks, tokenizer=tokenizer, limit=15, include_paths=[str(user_dir / "tasks")]
+    )
+    assert {s.task for s in scores} == set(tasks)
+    for s in scores:
+        assert board[name][s.task] == pytest.approx(s.value, abs=1e-9), (s, board[name])
     again = run_config(config)
     assert again["counts"]["mixture"] == {"cached": 1}
 

@@ -260,17 +260,29 @@ def lookup(config: dict) -> Architecture | None:
     return None
 
 
-def mixture_refusal(config: dict, variant: str) -> str | None:
-    """Why a model with this ``config.json`` cannot be an expert of a ``variant`` mixture:
-    FFN-level and hybrid ones are written as its family's MoE model, block-level ones from
-    Llama layers (None: it can, or the variant mixes any architecture)."""
+def _found(config: dict, arch: Architecture | None) -> str:
+    return arch.name if arch else (config.get("architectures") or [config.get("model_type")])[0]
+
+
+def moe_refusal(config: dict) -> str | None:
+    """Why a model with this ``config.json`` cannot give its MLPs to an FFN-level mixture
+    (written as its family's MoE model); None: it can."""
     arch = lookup(config)
-    found = arch.name if arch else (config.get("architectures") or [config.get("model_type")])[0]
-    if variant == "block_level" and (arch is None or arch.family not in BLOCK_LEVEL_FAMILIES):
-        return f"a block-level mixture cannot be built from {found}; supported: LlamaForCausalLM"
-    if variant in ("ffn_moe", "hybrid") and (arch is None or arch.moe_builder is None):
-        return f"an FFN-level mixture cannot be built from {found}; supported: " + "; ".join(
-            moe_families()
+    if arch is None or arch.moe_builder is None:
+        return f"an FFN-level mixture cannot be built from {_found(config, arch)}; " + (
+            "supported: " + "; ".join(moe_families())
+        )
+    return None
+
+
+def block_refusal(config: dict) -> str | None:
+    """Why a model with this ``config.json`` cannot give its decoder layers to a
+    block-level mixture (built from Llama layers); None: it can."""
+    arch = lookup(config)
+    if arch is None or arch.family not in BLOCK_LEVEL_FAMILIES:
+        return (
+            f"a block-level mixture cannot be built from {_found(config, arch)}; "
+            "supported: LlamaForCausalLM"
         )
     return None
 

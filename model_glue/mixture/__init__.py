@@ -8,30 +8,37 @@
 - Evaluation: :class:`MixtureLM` (lm-eval ``glue-mixture``), :func:`router_accuracy`.
 """
 
-from model_glue.mixture.accuracy import (
-    ExpertCorrectness,
-    RouterAccuracy,
-    expert_correctness,
-    fit_mixture_router,
-    mixture_router_accuracy,
-    router_accuracy,
-)
-from model_glue.mixture.block_level import BlockLevelMixture, build_block_level_mixture
-from model_glue.mixture.ffn_moe import build_ffn_moe
-from model_glue.mixture.hybrid import build_hybrid
-from model_glue.mixture.load import load_mixture
-from model_glue.mixture.loading import MixtureError
-from model_glue.mixture.merged import uniform_average
-from model_glue.mixture.model_level import ModelLevelMixture, build_model_level_mixture
-from model_glue.mixture.routers import LinearGate, RouterInit, fit_linear_router
+import importlib
+
+# name -> module: imported on first use, so that the run configuration can read the
+# variants' and routers' declarations without torch and transformers
+_LAZY = {
+    "ExpertCorrectness": "accuracy",
+    "RouterAccuracy": "accuracy",
+    "expert_correctness": "accuracy",
+    "fit_mixture_router": "accuracy",
+    "mixture_router_accuracy": "accuracy",
+    "router_accuracy": "accuracy",
+    "BlockLevelMixture": "block_level",
+    "build_block_level_mixture": "block_level",
+    "build_ffn_moe": "ffn_moe",
+    "build_hybrid": "variants.hybrid",
+    "build_mixture": "variants",
+    "load_mixture": "variants",
+    "MixtureError": "errors",
+    "uniform_average": "merged",
+    "ModelLevelMixture": "model_level",
+    "build_model_level_mixture": "model_level",
+    "LinearGate": "routers",
+    "RouterInit": "routers",
+    "fit_linear_router": "routers",
+    "MixtureLM": "lm",  # lm-eval takes seconds to import
+}
 
 
 def __getattr__(name: str):
-    # lm-eval takes seconds to import; only the evaluation class needs it.
-    if name == "MixtureLM":
-        from model_glue.mixture.lm import MixtureLM
-
-        return MixtureLM
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -46,6 +53,7 @@ __all__ = [
     "RouterInit",
     "build_block_level_mixture",
     "build_ffn_moe",
+    "build_mixture",
     "build_hybrid",
     "build_model_level_mixture",
     "expert_correctness",

@@ -49,9 +49,9 @@ from model_glue.mixture.loading import (
     try_tokenizer,
 )
 from model_glue.mixture.prompts import PromptsInput
+from model_glue.mixture.record import MIXTURE_FILE
 from model_glue.mixture.routers import RouterInit, init_gates
 
-MIXTURE_FILE = "mixture.json"
 ROUTER_FILE = "router.safetensors"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_DTYPE = torch.float32  # what the builder writes

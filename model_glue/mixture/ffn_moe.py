@@ -50,9 +50,9 @@ from model_glue.mixture.loading import (
     try_tokenizer,
 )
 from model_glue.mixture.prompts import PromptsInput
+from model_glue.mixture.record import MIXTURE_FILE
 from model_glue.mixture.routers import RouterInit, init_gates
 
-MIXTURE_FILE = "mixture.json"
 # the base config's keys that never carry over to the MoE config
 _NOT_COPIED = {"architectures", "model_type", "transformers_version", "auto_map", "_name_or_path",
                "dtype", "torch_dtype", "layer_types", "mlp_only_layers"}  # fmt: skip

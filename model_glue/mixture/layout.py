@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from model_glue.architectures import Architecture, lookup
-from model_glue.architectures.catalog import mixture_refusal
-from model_glue.mixture.loading import MixtureError
+from model_glue.architectures.catalog import block_refusal, moe_refusal
+from model_glue.mixture.errors import MixtureError
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -36,7 +36,7 @@ def family_of(model: PreTrainedModel) -> Architecture | None:
 def require_moe_family(model: PreTrainedModel, name: str) -> str:
     """The FFN-level MoE builder for ``model``'s family (``mixtral``, ``qwen2_moe``...);
     a :class:`MixtureError` naming the supported families for any other."""
-    if why := mixture_refusal(model.config.to_dict(), "ffn_moe"):
+    if why := moe_refusal(model.config.to_dict()):
         raise MixtureError(f"{name}: {why}")
     arch = family_of(model)
     if getattr(model.config, "mlp_bias", False):
@@ -46,7 +46,7 @@ def require_moe_family(model: PreTrainedModel, name: str) -> str:
 
 def require_block_family(model: PreTrainedModel, name: str) -> None:
     """Block-level mixtures are built from Llama decoders (LlamaDecoderLayer modules)."""
-    if why := mixture_refusal(model.config.to_dict(), "block_level"):
+    if why := block_refusal(model.config.to_dict()):
         raise MixtureError(f"{name}: {why} (use a model-level mixture for other architectures)")
     if getattr(model.config, "mlp_bias", False) or getattr(model.config, "attention_bias", False):
         raise MixtureError(f"{name}: Llama with biases is not supported by block-level mixtures")

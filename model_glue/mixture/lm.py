@@ -53,7 +53,7 @@ class MixtureLM(LM):
                 "glue-mixture: pass a mixture object or pretrained=<mixture directory>"
             )
         if isinstance(source, str | Path):
-            from model_glue.mixture.load import load_mixture
+            from model_glue.mixture.variants import load_mixture
 
             source = load_mixture(source, device=device, dtype=dtype)
         if not isinstance(source, ModelLevelMixture | BlockLevelMixture):

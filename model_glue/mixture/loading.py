@@ -22,12 +22,7 @@ from transformers import (
 )
 
 from model_glue.devices import resolve_device, resolve_dtype
-from model_glue.errors import InputError
-
-
-class MixtureError(InputError):
-    """A mixture cannot be built or loaded from the given models, prompts or directory."""
-
+from model_glue.mixture.errors import MixtureError
 
 ModelSource = str | Path | PreTrainedModel
 

@@ -43,9 +43,9 @@ from model_glue.mixture.loading import (
     local_dir,
 )
 from model_glue.mixture.prompts import PromptsInput
+from model_glue.mixture.record import MIXTURE_FILE
 from model_glue.mixture.routers import LinearGate, RouterInit, init_gates
 
-MIXTURE_FILE = "mixture.json"
 ROUTER_FILE = "router.safetensors"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from model_glue.mixture.loading import MixtureError
+from model_glue.mixture.errors import MixtureError
 
 
 @dataclass(frozen=True)

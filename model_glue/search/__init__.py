@@ -7,15 +7,31 @@ merges resident state dicts in memory into one reusable model and scores it with
 the proxy tasks with a ``limit``; no checkpoint is written per trial.
 """
 
-from model_glue.search.engine_params import engine_model_params
-from model_glue.search.evolutionary import evolutionary_search
-from model_glue.search.greedy import DEFAULT_GRID, STRATEGIES, greedy_selective_merge
-from model_glue.search.layer_groups import layer_group_of
-from model_glue.search.records import ScoreFn, SearchResult, Trial, TrialSpec
+import importlib
+
+# name -> module, imported on first use: the run configuration reads the strategies'
+# declarations (model_glue.search.strategies) without CMA-ES, numpy or torch
+_LAZY = {
+    "engine_model_params": "engine_params",
+    "evolutionary_search": "evolutionary",
+    "DEFAULT_GRID": "greedy",
+    "greedy_selective_merge": "greedy",
+    "layer_group_of": "layer_groups",
+    "ScoreFn": "records",
+    "SearchResult": "records",
+    "Trial": "records",
+    "TrialSpec": "records",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_GRID",
-    "STRATEGIES",
     "TrialSpec",
     "ScoreFn",
     "SearchResult",

@@ -1,34 +1,35 @@
-"""Router initialisations: the paper's training-free gates and a fitted linear router."""
+"""Routers: the paper's training-free gates and a fitted linear router, one module each,
+registered in :data:`ROUTERS` (see :mod:`model_glue.mixture.routers.base`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from model_glue.mixture.hidden import Pooling
-from model_glue.mixture.loading import MixtureError
-from model_glue.mixture.prompts import PromptsInput, parse_prompts
-from model_glue.mixture.routers import cheap_embed, hidden, random  # noqa: F401  (registration)
-from model_glue.mixture.routers.base import GATE_INITS, GateContext, register_gate_init
+from model_glue.mixture.errors import MixtureError
+from model_glue.mixture.routers.base import ROUTERS, GateContext, Router, register_router
 from model_glue.mixture.routers.linear import LinearGate, fit_linear_router
 
-PROMPT_FREE = {"random"}
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from model_glue.mixture.prompts import PromptsInput
 
 
 @dataclass(frozen=True)
 class RouterInit:
-    """Which training-free initialisation to use (``hidden``, ``cheap_embed``, ``random``)."""
+    """Which training-free router to initialise the gates with, and its seed."""
 
     method: str = "hidden"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in GATE_INITS:
+        allowed = [r.name for r in ROUTERS if r.init is not None]
+        if self.method not in allowed:
             raise MixtureError(
-                f"router.method: unknown {self.method!r} (allowed: {', '.join(sorted(GATE_INITS))})"
+                f"router.method: unknown {self.method!r} (allowed: {', '.join(allowed)})"
             )
 
     def to_dict(self) -> dict:
@@ -43,26 +44,28 @@ def init_gates(
     expert_names: Sequence[str],
     layers: Sequence[int],
     *,
-    pooling: Pooling = "last",
+    pooling: str = "last",
 ) -> torch.Tensor:
     """Gate weights [len(layers), experts, hidden] read from ``backbone`` at ``layers``."""
+    from model_glue.mixture.prompts import parse_prompts
+
+    spec = ROUTERS[router.method]
     parsed = (
-        None
-        if router.method in PROMPT_FREE and prompts is None
-        else parse_prompts(prompts, expert_names)
+        None if not spec.needs_prompts and prompts is None else parse_prompts(prompts, expert_names)
     )
     ctx = GateContext(
         backbone, tokenizer, parsed, len(expert_names), list(layers), pooling, router.seed
     )
-    return GATE_INITS[router.method](ctx).float()
+    return spec.init(ctx).float()  # type: ignore[misc]
 
 
 __all__ = [
-    "GATE_INITS",
+    "ROUTERS",
     "GateContext",
     "LinearGate",
+    "Router",
     "RouterInit",
     "fit_linear_router",
     "init_gates",
-    "register_gate_init",
+    "register_router",
 ]

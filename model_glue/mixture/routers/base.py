@@ -1,20 +1,25 @@
-"""What a router initialisation receives and returns, and the registry that names them.
+"""What a router receives and returns, and the registry that names the routers.
 
 A gate at one layer is a matrix W [experts, hidden]; the router scores a pooled hidden state h
-with W h (plus an optional bias) and picks the top-k experts. Initialisations produce one W per
-requested layer; adding one is a new module that registers a function here.
+with W h (plus an optional bias) and picks the top-k experts. A training-free router
+produces one W per requested layer from the backbone (and example prompts); a fitted router
+learns W from proxy labels, which only a mixture that routes whole samples has. Adding a
+router is one module in this package that registers a :class:`Router`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from model_glue.registry import Registry
 
-from model_glue.mixture.hidden import Pooling
-from model_glue.mixture.prompts import ExpertPrompts
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from model_glue.mixture.prompts import ExpertPrompts
 
 
 @dataclass(frozen=True)
@@ -26,17 +31,35 @@ class GateContext:
     prompts: list[ExpertPrompts] | None  # in expert order
     num_experts: int
     layers: Sequence[int]  # decoder layers whose input the gates will read
-    pooling: Pooling = "last"  # how prompt states are pooled; the paper uses the last token
+    pooling: str = "last"  # how prompt states are pooled; the paper uses the last token
     seed: int = 0
 
 
-GateInit = Callable[[GateContext], torch.Tensor]  # -> [len(layers), experts, hidden]
-GATE_INITS: dict[str, GateInit] = {}
+GateInit = Callable[[GateContext], "torch.Tensor"]  # -> [len(layers), experts, hidden]
 
 
-def register_gate_init(name: str) -> Callable[[GateInit], GateInit]:
+@dataclass(frozen=True)
+class Router:
+    """A router: its name, what it needs and how its gates are made.
+
+    ``init`` builds training-free gates; a ``fitted`` router has none and is fitted on the
+    proxy labels of an expert selection (model-level mixtures only)."""
+
+    name: str
+    doc: str
+    needs_prompts: bool
+    init: GateInit | None = None
+    fitted: bool = False
+
+
+ROUTERS: Registry[Router] = Registry("router", "model_glue.mixture.routers")
+
+
+def register_router(name: str, *, doc: str, needs_prompts: bool) -> Callable[[GateInit], GateInit]:
+    """Register a training-free gate initialisation under ``name``."""
+
     def deco(fn: GateInit) -> GateInit:
-        GATE_INITS[name] = fn
+        ROUTERS.register(Router(name, doc, needs_prompts, init=fn))
         return fn
 
     return deco

@@ -6,14 +6,23 @@ unchanged at every layer. Negative prompts are ignored, as in the reference code
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from model_glue.mixture.loading import MixtureError
-from model_glue.mixture.routers.base import GateContext, l2_normalise, register_gate_init
+from model_glue.mixture.errors import MixtureError
+from model_glue.mixture.routers.base import GateContext, l2_normalise, register_router
+
+if TYPE_CHECKING:
+    import torch
 
 
-@register_gate_init("cheap_embed")
+@register_router(
+    "cheap_embed",
+    doc="the paper's gate from the input embeddings of an expert's prompts (no forward pass)",
+    needs_prompts=True,
+)
 def cheap_embed_gates(ctx: GateContext) -> torch.Tensor:
+    import torch
+
     if ctx.prompts is None or ctx.tokenizer is None:
         raise MixtureError(
             "router 'cheap_embed' needs prompts per expert and the backbone's tokenizer"

@@ -6,15 +6,25 @@ minus the mean over its negative prompts (if any), L2-normalised.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from model_glue.mixture.hidden import layer_inputs
-from model_glue.mixture.loading import MixtureError
-from model_glue.mixture.routers.base import GateContext, l2_normalise, register_gate_init
+from model_glue.mixture.errors import MixtureError
+from model_glue.mixture.routers.base import GateContext, l2_normalise, register_router
+
+if TYPE_CHECKING:
+    import torch
 
 
-@register_gate_init("hidden")
+@register_router(
+    "hidden",
+    doc="the paper's gate: mean hidden state of an expert's prompts minus its negatives",
+    needs_prompts=True,
+)
 def hidden_gates(ctx: GateContext) -> torch.Tensor:
+    import torch
+
+    from model_glue.mixture.hidden import layer_inputs
+
     if ctx.prompts is None or ctx.tokenizer is None:
         raise MixtureError("router 'hidden' needs prompts per expert and the backbone's tokenizer")
     layers = list(ctx.layers)

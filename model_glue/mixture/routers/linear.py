@@ -10,10 +10,22 @@ result is an ordinary gate ``W h + b`` on raw hidden states.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from model_glue.mixture.errors import MixtureError
+from model_glue.mixture.routers.base import ROUTERS, Router
 
-from model_glue.mixture.loading import MixtureError
+if TYPE_CHECKING:
+    import torch
+
+ROUTERS.register(
+    Router(
+        "linear",
+        doc="a softmax regression fitted on which expert answers which proxy document",
+        needs_prompts=False,
+        fitted=True,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,8 @@ def fit_linear_router(
     max_iter: int = 200,
 ) -> LinearGate:
     """Fit ``W, b`` on ``features`` [N, H] and ``correct`` [N, E] (1 where expert e is right)."""
+    import torch
+
     if features.ndim != 2 or correct.ndim != 2 or features.shape[0] != correct.shape[0]:
         raise MixtureError(
             f"fit_linear_router: features {tuple(features.shape)} and correct {tuple(correct.shape)} "
