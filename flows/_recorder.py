@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from prefect.exceptions import FailedRun
 from prefect.futures import PrefectFuture
@@ -54,6 +54,25 @@ class Failure:
 
     def __str__(self) -> str:
         return f"{self.stage} {self.label}: {self.error}"
+
+
+class StageRunner(Protocol):
+    """What the recipe's steps need from whoever runs their calls: the :class:`Recorder`
+    in a run, the planner (``flows.plan.Planner``) in ``glue plan``."""
+
+    db: LineageDB | None  # what a run recorded (read after the recipe)
+    flow_run_id: str | None
+    failures: list[Failure]
+
+    def say(self, line: str, style: str | None = None) -> None: ...
+
+    def section(self, title: str) -> None: ...
+
+    def waits(self, stage: str, label: str, on: str) -> None: ...
+
+    def run(self, c: Call) -> Outcome: ...
+
+    def run_many(self, calls: list[Call]) -> list[Outcome]: ...
 
 
 @dataclass

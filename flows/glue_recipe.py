@@ -26,7 +26,7 @@ from rich.console import Console
 
 from flows import steps
 from flows._logging import RunFailed, quiet_handled_failures
-from flows._recorder import Recorder
+from flows._recorder import Recorder, StageRunner
 from model_glue.config import RunConfig, load_config, validate_mixture_families, validate_tasks
 from model_glue.devices import resolve_device
 from model_glue.env import glue_home
@@ -121,18 +121,18 @@ def _publish(summary: dict, db: LineageDB, run_id: str, store_url: str, rec: Rec
         rec.say(f"artifacts not published: {type(e).__name__}: {e}", "yellow")
 
 
-def _failures(cfg: RunConfig, rec: Recorder) -> list[str]:
+def _failures(cfg: RunConfig, rec: StageRunner) -> list[str]:
     """The failed stage runs that fail the run (unreadable zoo models only with ``fail``)."""
     return [
         str(f) for f in rec.failures if f.stage != "fingerprint" or cfg.on_model_error == "fail"
     ]
 
 
-def _excluded(rec: Recorder) -> dict[str, str]:
+def _excluded(rec: StageRunner) -> dict[str, str]:
     return {f.label: f.error for f in rec.failures if f.stage == "fingerprint"}
 
 
-def _recipe(cfg: RunConfig, rec: Recorder) -> dict:
+def _recipe(cfg: RunConfig, rec: StageRunner) -> dict:
     """The paper's figure: every step is a cached stage call (see ``flows.steps``)."""
     rec.section("fingerprint")
     zoo = steps.fingerprint(cfg, rec)

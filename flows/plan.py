@@ -32,8 +32,6 @@ from tasks.stage import RECORD_KIND, Call, parse_versions
 PENDING = "pending:"
 _HEX = re.compile(r"^[0-9a-f]{32,64}$")
 LATER = ("cluster", "filter", "merge", "evaluate", "select", "mixture", "final")
-# stale calls whose output later calls are keyed on: a placeholder stands for it
-PLACEHOLDERS = ("evaluate", "select", "merge", "mixture")
 
 
 @dataclass
@@ -113,17 +111,14 @@ class Planner:
                 "arch_signature": self._last_arch(name) or PENDING + name,
             }
             self.pending[record["fingerprint"]] = f"fingerprint of {name}"
-        elif c.key is not None and stage in PLACEHOLDERS:  # stands for its output
+        elif c.key is not None and c.stage.pending is not None:  # stands for its output
             kind = c.stage.outputs[0] if c.stage.outputs else RECORD_KIND
             record = {
                 "key": c.key,
                 "artifact_id": c.key,
                 "path": str(self.store.published_path(kind, c.key)),
                 "fingerprint": PENDING + c.key,
-                "router_accuracy": [],
-                "scores": [],
-                "samples": [],
-                "selected": [x["name"] for x in c.params.get("candidates", [])],
+                **c.stage.pending(c),
             }
             self.pending[record["fingerprint"]] = self.pending[c.key] = f"{stage} {c.label}"
         return Outcome(c.label, "stale", 0.0, record)
@@ -192,7 +187,7 @@ def plan(cfg: RunConfig, store_url: str, db_path: str) -> list[PlanEntry]:
 
     planner = Planner(store_url, db_path)
     try:
-        _recipe(cfg, planner)  # type: ignore[arg-type]
+        _recipe(cfg, planner)
     except RunFailed:
         blocker = next((e for e in reversed(planner.entries) if e.status == "stale"), None)
         on = "the zoo" if blocker is None else f"{blocker.stage} {blocker.label}"

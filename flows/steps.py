@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from flows._logging import RunFailed
-from flows._recorder import Failure, Outcome, Recorder
+from flows._recorder import Failure, Outcome, StageRunner
 from model_glue.config import RunConfig
 from model_glue.devices import dtype_label, resolve_device, resolve_dtype
 from model_glue.merge import METHODS
@@ -43,7 +43,7 @@ class Cluster:
     accepted: list[dict] = field(default_factory=list)  # members with engine params
 
 
-def fingerprint(cfg: RunConfig, rec: Recorder) -> list[ModelRef]:
+def fingerprint(cfg: RunConfig, rec: StageRunner) -> list[ModelRef]:
     """Every readable zoo model; unreadable ones are reported by the recorder and left out,
     and so are models holding NaN/Inf unless ``allow_nonfinite``."""
     calls = [call(fingerprint_model, m.name, name=m.name, uri=m.path) for m in cfg.zoo]
@@ -76,7 +76,7 @@ class Similarities:
     failed: list[ModelRef] = field(default_factory=list)
 
 
-def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> Similarities:
+def similarity(models: list[ModelRef], cfg: RunConfig, rec: StageRunner) -> Similarities:
     """Raw-weight similarity over each architecture group, and task-vector cosine inside
     each declared base family. A group whose similarity fails leaves its models as they
     are (the failure is recorded; the rest of the recipe runs)."""
@@ -111,7 +111,7 @@ def similarity(models: list[ModelRef], cfg: RunConfig, rec: Recorder) -> Similar
 
 
 def cluster(
-    models: list[ModelRef], sims: Similarities, cfg: RunConfig, rec: Recorder
+    models: list[ModelRef], sims: Similarities, cfg: RunConfig, rec: StageRunner
 ) -> list[list[ModelRef]]:
     """Complete-linkage clusters inside each architecture group, at the (auto) threshold;
     the models of a group whose similarity failed are clusters of one."""
@@ -143,7 +143,7 @@ def cluster(
     return found + singletons
 
 
-def mergeable(clusters: list[list[ModelRef]], cfg: RunConfig, rec: Recorder) -> list[Cluster]:
+def mergeable(clusters: list[list[ModelRef]], cfg: RunConfig, rec: StageRunner) -> list[Cluster]:
     """The clusters of two or more models, with their base for task-vector methods."""
     out = []
     for index, members in enumerate(clusters):
@@ -164,7 +164,7 @@ def mergeable(clusters: list[list[ModelRef]], cfg: RunConfig, rec: Recorder) -> 
     return out
 
 
-def search(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> list[Cluster]:
+def search(clusters: list[Cluster], cfg: RunConfig, rec: StageRunner) -> list[Cluster]:
     """Selective merging: each cluster's search keeps the members (and coefficients) that
     raise its proxy score. Clusters whose search failed are dropped (the run fails)."""
     fc = cfg.filter
@@ -206,7 +206,7 @@ def search(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> list[Clust
     return out
 
 
-def merge(clusters: list[Cluster], cfg: RunConfig, rec: Recorder) -> dict[int, ModelRef]:
+def merge(clusters: list[Cluster], cfg: RunConfig, rec: StageRunner) -> dict[int, ModelRef]:
     """The merged model of each cluster (by index) that kept two or more members, or any
     on a base; a cluster whose search kept one member and no base is not merged."""
     todo = [c for c in clusters if len(c.accepted) > 1 or (c.accepted and c.base is not None)]
@@ -258,7 +258,7 @@ def experts_of(
 
 
 def evaluate(
-    models: list[ModelRef], cfg: RunConfig, rec: Recorder, split: str = "test"
+    models: list[ModelRef], cfg: RunConfig, rec: StageRunner, split: str = "test"
 ) -> dict[str, Outcome]:
     """Each model on the evaluation tasks: ``test`` for the leaderboard (``evaluation.limit``
     documents), ``proxy`` for selection (``filter.proxy_limit``)."""
@@ -304,7 +304,7 @@ def mixture(
     candidates: list[ModelRef],
     proxy: dict[str, Outcome],
     cfg: RunConfig,
-    rec: Recorder,
+    rec: StageRunner,
 ) -> Mixture | None:
     """The mixture (the paper's final recipe) of one model per cluster (``experts``), or,
     for model-level mixtures with ``mixture.select_experts``, of the ``candidates`` chosen
@@ -386,7 +386,7 @@ def mixture(
 
 
 def final(
-    models: list[ModelRef], proxy: dict[str, Outcome], cfg: RunConfig, rec: Recorder
+    models: list[ModelRef], proxy: dict[str, Outcome], cfg: RunConfig, rec: StageRunner
 ) -> dict | None:
     """The run's output: the best of every zoo model, merged model and mixture on the proxy
     split (never below the best single model there). Returns the choice's record."""
@@ -422,7 +422,7 @@ def _best(models: list[ModelRef], means: Scores) -> ModelRef:
     return max(models, key=lambda m: (sum(means.get(m.name, {}).values()), m.name))
 
 
-def run_all(rec: Recorder, calls: list) -> list[Outcome]:
+def run_all(rec: StageRunner, calls: list) -> list[Outcome]:
     """Independent stage calls: all at once on a Dask runner (worker processes), one after
     the other on the flow's threads (lm-eval seeds global RNGs: threads would interleave)."""
     from prefect.context import FlowRunContext

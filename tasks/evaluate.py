@@ -141,6 +141,7 @@ STAGE = Stage(
         "include_paths": task_files_hash(a["include_paths"]),
     },
     lineage=_lineage,
+    pending=lambda c: {"scores": [], "samples": []},
 )
 
 evaluate_model = STAGE.task()

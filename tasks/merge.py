@@ -126,6 +126,7 @@ STAGE = Stage(
     key_parts=_identity,
     lineage=_lineage,
     outputs=(MODEL_KIND,),
+    pending=lambda c: {},
 )
 
 merge_cluster = STAGE.task()

@@ -179,6 +179,7 @@ SELECT = Stage(
     },
     lineage=_select_lineage,
     describe=_select_describe,
+    pending=lambda c: {"selected": [x["name"] for x in c.params["candidates"]]},
 )
 
 select_experts = SELECT.task()

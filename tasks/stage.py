@@ -17,6 +17,8 @@ A stage declares its work and what the work depends on, once:
   ``key = sha256(stage, code version, keyed arguments)``.
 - ``lineage(call, record) -> Lineage``: the artifacts, edges (with roles) and detail rows
   the call adds to the lineage database, written with the run's row in one transaction.
+- ``pending(call) -> dict``: for stages whose output later calls are keyed on, the fields
+  of a stand-in record that ``glue plan`` passes on while the call is stale.
 
 A :class:`Call` computes its key once, in the flow; the same key is the Prefect cache key
 (with the store's, since a record names paths in its store), the stage's lock, the store
@@ -117,6 +119,10 @@ class Stage:
     lineage: Callable[[Call, dict], Lineage] = field(default=lambda call, record: Lineage())
     describe: Callable[[dict], list[str]] = field(default=lambda record: [])
     outputs: tuple[str, ...] = ()  # store kinds written under the key besides the record
+    # what later steps read from this stage's record, as a stand-in while the call is stale
+    # (``glue plan`` keys later calls on it; values naming models are filled in); None:
+    # later calls wait on this one
+    pending: Callable[[Call], dict] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.not_in_key) - set(self.parameters)
