@@ -1,65 +1,37 @@
-"""Shared fixtures: offline environment, tiny Llama checkpoints, the demo zoo, Prefect."""
+"""Shared fixtures: an offline environment in a throwaway GLUE_HOME, tiny Llama checkpoints,
+the demo zoo (slow tests only), Prefect."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Tests share the project's GLUE_HOME so the demo zoo (minutes to train) is built once and
-# reused by `make run`; everything a test writes goes to its own tmp folder.
-os.environ.setdefault("GLUE_HOME", str(ROOT / ".glue"))
+# The demo zoo (minutes to train) is shared with `make run`: it is built once under the
+# project's GLUE_HOME and reused. Everything else a test writes (Prefect's home and
+# results, HF caches, a default store) goes to a GLUE_HOME of the session's own, removed
+# at exit, so that no test leaves anything in the project's `.glue` but the zoo.
+DEMO_ZOO = Path(os.environ.get("GLUE_HOME") or ROOT / ".glue").absolute() / "zoo"
+_HOME = tempfile.mkdtemp(prefix="glue-tests-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["GLUE_HOME"] = _HOME
 
 from model_glue.env import configure_environment  # noqa: E402
 
 configure_environment()
 
-
-def save_tiny_llama(
-    path: Path,
-    *,
-    seed: int = 0,
-    base: Path | None = None,
-    noise: float = 0.02,
-    hidden: int = 16,
-    layers: int = 2,
-    vocab: int = 32,
-    dtype: str = "float32",
-) -> Path:
-    """A tiny LlamaForCausalLM saved as a HF directory; with ``base``, a 'fine-tune' of it
-    (the base weights plus seeded Gaussian noise of relative size ``noise``)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    if base is not None:
-        ref = LlamaForCausalLM.from_pretrained(base)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for (_, p), (_, q) in zip(
-                model.named_parameters(), ref.named_parameters(), strict=True
-            ):
-                p.copy_(q + noise * q.abs().mean() * torch.randn(q.shape, generator=g))
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+from tests.factories import save_family, save_tiny_llama  # noqa: E402
 
 
 @pytest.fixture
 def tiny_llama(tmp_path):
+    """``make(name, **kw)``: :func:`tests.factories.save_tiny_llama` at ``tmp_path/name``."""
+
     def make(name: str = "m", **kw) -> Path:
         return save_tiny_llama(tmp_path / name, **kw)
 
@@ -67,11 +39,36 @@ def tiny_llama(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama ``base`` and four fine-tunes of it (``a``..``d``), each with the demo
+    zoo's character tokenizer: any model with a tokenizer, no training. Read only."""
+    from model_glue.zoo.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    root = tmp_path_factory.mktemp("family")
+    return save_family(root, ["a", "b", "c", "d"], tokenizer=tok, vocab=len(tok))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The demo zoo takes minutes to train: only tests marked slow may ask for it, so that
+    ``make test-fast`` never builds it (fails before the zoo is built)."""
+    if "demo_zoo" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+        pytest.fail(
+            f"{item.nodeid} uses the demo_zoo fixture but is not marked slow: mark it "
+            "@pytest.mark.slow, or build tiny models (tests/factories.py, tiny_llama, "
+            "tiny_family)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
 def demo_zoo() -> Path:
-    """The embedded demo zoo, built once (a few minutes) and cached under GLUE_HOME/zoo."""
+    """The embedded demo zoo, built once (a few minutes) and cached in the project's
+    GLUE_HOME (``.glue/zoo``), where ``make run`` finds it too. Slow tests only."""
     from model_glue.zoo import build_demo_zoo
 
-    return Path(build_demo_zoo(Path(os.environ["GLUE_HOME"]) / "zoo"))
+    return Path(build_demo_zoo(DEMO_ZOO))
 
 
 @pytest.fixture(scope="session")

@@ -9,25 +9,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.factories import lineage, write_config, zoo_entries
+
 pytestmark = [pytest.mark.slow]
 
 LIMIT = 20  # documents per task: enough to tell experts apart, fast enough for CI
+LIMIT_FULL = 100  # the full recipe's: enough for the mixture to beat every single model
 
 
-def _config(tmp: Path, zoo: Path, models: dict[str, str], **extra) -> Path:
+def _config(tmp: Path, zoo: Path, models: dict[str, str] | list[dict], **extra) -> Path:
+    """The demo zoo's similarity settings and tasks over ``models``, a linear merge."""
     demo = yaml.safe_load((zoo / "glue.yaml").read_text())
-    cfg = {
-        "name": "test",
-        "store": str(tmp / "store"),
-        "lineage_db": str(tmp / "lineage.duckdb"),
-        "zoo": [{"name": n, "path": p} for n, p in models.items()],
+    sections = {
         "similarity": demo["similarity"],
         "merge": {"method": "linear"},
         "evaluation": {"tasks": demo["evaluation"]["tasks"], "limit": LIMIT},
-    } | extra
-    path = tmp / "glue.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    }
+    return write_config(tmp / "glue.yaml", models, **(sections | extra))
 
 
 def _zoo_models(zoo: Path) -> dict[str, str]:
@@ -41,7 +39,6 @@ def _completed(summary: dict) -> dict[str, int]:
 
 def test_recipe_runs_then_reruns_from_cache(demo_zoo, prefect_harness, tmp_path):
     from flows.glue_recipe import run_config
-    from storage import LineageDB
 
     models = _zoo_models(demo_zoo)
     cfg = _config(tmp_path, demo_zoo, models)
@@ -63,7 +60,7 @@ def test_recipe_runs_then_reruns_from_cache(demo_zoo, prefect_harness, tmp_path)
     assert sum(_completed(second).values()) == 0, second["counts"]
     assert second["leaderboard"] == first["leaderboard"]
 
-    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    db = lineage(tmp_path / "lineage.duckdb")
     runs = db.query(
         "SELECT status, count(*) AS n FROM runs WHERE flow_run_id = ? GROUP BY status",
         [second["flow_run_id"]],
@@ -148,24 +145,18 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(
     """The paper's recipe on the demo zoo: selective merging drops noisy-a, and the
     model-level mixture over the clusters beats the best single model."""
     from flows.glue_recipe import run_config
-    from storage import LineageDB
 
     demo = yaml.safe_load((demo_zoo / "glue.yaml").read_text())
     cfg = _config(
         tmp_path,
         demo_zoo,
-        _zoo_models(demo_zoo),
+        [{**m, "path": str((demo_zoo / m["path"]).resolve())} for m in demo["zoo"]],  # bases
         filter={"strategy": "average", "proxy_limit": 100},
         mixture=demo["mixture"],
+        evaluation={"tasks": demo["evaluation"]["tasks"], "limit": LIMIT_FULL},
     )
-    cfg_data = yaml.safe_load(cfg.read_text())
-    cfg_data["evaluation"]["limit"] = 100
-    cfg_data["zoo"] = [
-        {**m, "path": str((demo_zoo / m["path"]).resolve())} for m in demo["zoo"]
-    ]  # with bases
-    cfg.write_text(yaml.safe_dump(cfg_data))
     summary = run_config(cfg)
-    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    db = lineage(tmp_path / "lineage.duckdb")
     searches = db.query("SELECT name, meta FROM artifacts WHERE kind = 'search' ORDER BY name")
     import json
 
@@ -189,14 +180,14 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(
     mixture = board[summary["mixture"]["name"]]
     best_single = max(row["mean"] for row in summary["leaderboard"] if row["kind"] == "model")
     assert mixture["mean"] > best_single
-    assert all(
-        a["value"] is None or 0.0 <= a["value"] <= 1.0
-        for a in summary["mixture"]["router_accuracy"]
-    )
     # merged experts live in the store and are referenced relative to the mixture (the
     # store can move); zoo experts by absolute path
     (mix_json,) = (tmp_path / "store" / "mixture").glob("*/mixture.json")
     refs = {e["name"]: e["path"] for e in json.loads(mix_json.read_text())["experts"]}
+    recorded = {
+        a["task"]: (a["value"], a["n_samples"]) for a in summary["mixture"]["router_accuracy"]
+    }
+    assert recorded == _router_accuracy_by_hand(mix_json.parent, refs, demo["evaluation"]["tasks"])
     # (whether family A's search keeps a merge depends on the trained zoo; the user-zoo
     # test's CMA-ES always merges, and checks merged experts' relative references there)
     for name, path in refs.items():
@@ -207,27 +198,52 @@ def test_full_recipe_filters_the_detrimental_model_and_mixes_clusters(
         )
 
 
+def _router_accuracy_by_hand(
+    mixture: Path, experts: dict[str, str], tasks: list[str]
+) -> dict[str, tuple]:
+    """Each expert's own exact match per test document (the expert directory evaluated
+    alone) and the stored mixture's route of each document: per task and over all, the
+    share of answerable documents (some expert answers them) routed to an expert that
+    answers them, and how many documents are answerable."""
+    from model_glue.evaluate import evaluate_samples
+    from model_glue.mixture import load_mixture
+
+    mix = load_mixture(mixture)
+    correct = {}  # (task, doc_id) -> one 0/1 per expert, in the mixture's expert order
+    contexts = {}
+    for name in mix.names:
+        path = Path(experts[name]) if Path(experts[name]).is_absolute() else mixture / experts[name]
+        _, rows = evaluate_samples(path, tasks, limit=LIMIT_FULL)
+        for r in rows:
+            correct.setdefault((r["task"], r["doc_id"]), []).append(r["values"]["exact_match"])
+            contexts[r["task"], r["doc_id"]] = r["context"]
+    docs = sorted(correct, key=lambda d: (tasks.index(d[0]), d[1]))  # as the flow routes them
+    assert {t for t, _ in docs} == set(tasks) and all(
+        len(correct[d]) == len(mix.names) for d in docs
+    )
+    routes = dict(zip(docs, mix.route([contexts[d] for d in docs]), strict=True))
+    out = {}
+    for task in [*tasks, "all"]:
+        answerable = [d for d in docs if task in ("all", d[0]) and max(correct[d]) > 0]
+        hits = [d for d in answerable if correct[d][routes[d]] > 0]
+        if answerable:
+            out[task] = (pytest.approx(len(hits) / len(answerable)), len(answerable))
+    assert set(out) == {*tasks, "all"}  # every task has documents some expert answers
+    return out
+
+
 def test_a_task_vector_merge_records_its_base_as_a_parent(demo_zoo, prefect_harness, tmp_path):
     from flows.glue_recipe import run_config
-    from storage import LineageDB
 
-    models = demo_zoo / "models"
-    cfg = {
-        "store": str(tmp_path / "store"),
-        "lineage_db": str(tmp_path / "lineage.duckdb"),
-        "zoo": [
-            {"name": "base-a", "path": str(models / "base-a")},
-            {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
-            {"name": "last-a", "path": str(models / "last-a"), "base": "base-a"},
-        ],
-        "merge": {"method": "ties", "params": {"density": 0.5}},
-        "evaluation": {"tasks": ["demo_add"], "limit": 3},
-    }
-    path = tmp_path / "glue.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_config(
+        tmp_path / "glue.yaml",
+        zoo_entries(demo_zoo / "models", {"base-a": ["add-a", "last-a"]}),
+        merge={"method": "ties", "params": {"density": 0.5}},
+        evaluation={"tasks": ["demo_add"], "limit": 3},
+    )
     summary = run_config(path)
     (merged,) = summary["merged"]
-    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    db = lineage(tmp_path / "lineage.duckdb")
     edges = db.query(
         "SELECT parent_name, role FROM v_lineage WHERE child_name = ? ORDER BY parent_name",
         [merged],

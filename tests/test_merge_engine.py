@@ -19,7 +19,7 @@ from model_glue.merge import (
     merge_to_directory,
     run_merge_file,
 )
-from tests.test_merge_support import fine_tune, random_state, save_llama, zoo
+from tests.factories import fine_tune, merge_zoo, random_state, save_llama
 
 
 def read_all(path) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def read_all(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    base, fts, bpath, paths = zoo(root, 2, shard="20KB")  # sharded inputs
+    base, fts, bpath, paths = merge_zoo(root, 2, shard="20KB")  # sharded inputs
     return base, fts, bpath, paths
 
 
@@ -155,7 +155,7 @@ def test_failures_mid_merge_leave_nothing_behind(tmp_path, workers):
 
     from model_glue.checkpoint import CheckpointError
 
-    base, fts, bpath, paths = zoo(tmp_path / "zoo", 2)
+    base, fts, bpath, paths = merge_zoo(tmp_path / "zoo", 2)
     cut = tmp_path / "cut"
     shutil.copytree(paths[1], cut)
     data = (cut / "model.safetensors").read_bytes()
@@ -250,7 +250,7 @@ def test_chunked_and_parallel_merges_equal_the_in_memory_merge(tmp_path, method)
     from model_glue.merge.registry import CHUNK
 
     vocab = CHUNK // 32 + 500  # hidden size 32: embeddings and lm_head exceed a chunk
-    base, fts, bpath, paths = zoo(tmp_path / "zoo", 2, vocab=vocab)
+    base, fts, bpath, paths = merge_zoo(tmp_path / "zoo", 2, vocab=vocab)
     assert base["model.embed_tokens.weight"].numel() > CHUNK
     params = {
         "dare_ties": {"density": 0.4, "seed": 3, "rescale": "l1"},

@@ -12,7 +12,7 @@ import torch
 
 from model_glue.checkpoint import Checkpoint
 from model_glue.merge import load_merge_config, merge_to_directory
-from tests.test_merge_support import zoo
+from tests.factories import merge_zoo
 
 mergekit = pytest.importorskip(
     "mergekit", reason="mergekit 0.1.5 not installed (pip install -e '.[dev]')"
@@ -80,7 +80,7 @@ dtype: float32
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("mkzoo")
-    _, _, base, fts = zoo(root, 3, layers=3)
+    _, _, base, fts = merge_zoo(root, 3, layers=3)
     return {"BASE": str(base), **{f"FT{i}": str(p) for i, p in enumerate(fts)}}
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-GLUE = str(Path(sys.executable).with_name("glue"))
+from tests.factories import GLUE
 
 
 def _mix(tmp_path: Path, spec: dict, out: str = "out") -> subprocess.CompletedProcess:
@@ -21,16 +20,16 @@ def _mix(tmp_path: Path, spec: dict, out: str = "out") -> subprocess.CompletedPr
     )
 
 
-def test_glue_mix_writes_a_mixtral_that_transformers_loads(demo_zoo, tmp_path):
+def test_glue_mix_writes_a_mixtral_that_transformers_loads(tiny_family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    (tmp_path / "models").symlink_to(demo_zoo / "models")
+    (tmp_path / "models").symlink_to(tiny_family["base"].parent)
     spec = {
         "variant": "ffn_moe",
-        "experts": ["models/add-a", "models/last-a"],
+        "experts": ["models/a", "models/b"],
         "router": "hidden",
         "top_k": 1,
-        "prompts": {"add-a": ["3+4=", "1+2="], "last-a": ["last cat=", "last dog="]},
+        "prompts": {"a": ["3+4=", "1+2="], "b": ["last cat=", "last dog="]},
     }
     proc = _mix(tmp_path, spec)
     assert proc.returncode == 0, proc.stderr
@@ -39,7 +38,7 @@ def test_glue_mix_writes_a_mixtral_that_transformers_loads(demo_zoo, tmp_path):
     assert model.config.num_local_experts == 2 and model.config.num_experts_per_tok == 1
 
 
-def test_glue_mix_errors_name_the_file_and_key(demo_zoo, tmp_path):
+def test_glue_mix_errors_name_the_file_and_key(tmp_path):
     spec = {"variant": "hybrid", "experts": ["a", "b"], "router": "random"}
     proc = _mix(tmp_path, spec)
     assert proc.returncode == 2

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from model_glue.architectures.tiny import save_tiny
 from model_glue.zoo.tokenizer import build_char_tokenizer
-from tests.test_user_zoo import _db, _glue_run
+from tests.factories import glue_run_as_user, lineage
 
 pytestmark = [pytest.mark.slow]
 
@@ -106,7 +106,7 @@ def mixed_dir(tmp_path_factory) -> Path:
 
 
 def test_a_mixed_zoo_merges_every_family_and_the_failed_group_stays_apart(mixed_dir, tmp_path):
-    proc = _glue_run(mixed_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
+    proc = glue_run_as_user(mixed_dir / "glue.yaml", cwd=tmp_path, home=tmp_path / "home")
     out = proc.stdout + proc.stderr
     (tmp_path / "glue-run.log").write_text(out)
     assert proc.returncode == 1, out[-4000:]
@@ -118,7 +118,7 @@ def test_a_mixed_zoo_merges_every_family_and_the_failed_group_stays_apart(mixed_
     # every model scores 0: no fraction of the per-task best to give, and no crash
     assert "final model:" in out and "n/a of the per-task best" in out
 
-    db = _db(mixed_dir / "state" / "lineage.duckdb")
+    db = lineage(mixed_dir / "state" / "lineage.duckdb")
     done = dict(
         db.query(
             "SELECT stage, count(*) FROM runs WHERE status = 'completed' GROUP BY stage"

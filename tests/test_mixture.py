@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MixtralForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausalLM
 
 from model_glue.mixture import (
     BlockLevelMixture,
@@ -34,62 +26,17 @@ from model_glue.mixture import (
 from model_glue.mixture.accuracy import ExpertCorrectness
 from model_glue.mixture.hidden import layer_inputs, pool
 from model_glue.mixture.routers import init_gates
-
-CHARS = list(string.ascii_lowercase + string.digits + "+= \n")
-
-
-def char_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
-    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", *CHARS, *extra])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-
-
-def tiny_llama(
-    seed: int, *, hidden: int = 16, layers: int = 3, vocab: int = 48
-) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def save(model: LlamaForCausalLM, path: Path, tok: PreTrainedTokenizerFast | None = None) -> Path:
-    model.save_pretrained(path)
-    (tok or char_tokenizer()).save_pretrained(path)
-    return path
+from tests.factories import PROMPTS, char_llama, char_tokenizer, save_experts, save_with_tokenizer
 
 
 @pytest.fixture
 def zoo(tmp_path) -> dict[str, Path]:
     """A base and three 'experts' of one architecture, with one tokenizer."""
-    return {
-        name: save(tiny_llama(seed), tmp_path / name)
-        for seed, name in enumerate(["base", "e1", "e2", "e3"])
-    }
+    return save_experts(tmp_path)
 
 
 def ids(tok, text: str) -> torch.Tensor:
     return torch.tensor([tok(text)["input_ids"]])
-
-
-PROMPTS = {
-    "e1": {"positive": ["1+2=", "3+4="], "negative": ["last abc"]},
-    "e2": {"positive": ["next a=", "next q="]},
-    "e3": ["last abc=", "last xyz="],
-}
 
 
 # --- pooling and hidden states -------------------------------------------------------------
@@ -104,7 +51,7 @@ def test_pool_uses_real_tokens_only():
 
 
 def test_layer_inputs_match_output_hidden_states():
-    model, tok = tiny_llama(0), char_tokenizer()
+    model, tok = char_llama(0), char_tokenizer()
     texts = ["1+2=", "next abc=", "z"]
     got = layer_inputs(model, tok, texts, [0, 1, 2], pooling="last")
     for i, text in enumerate(texts):
@@ -117,7 +64,7 @@ def test_layer_inputs_match_output_hidden_states():
 
 
 def test_hidden_router_is_normalised_mean_difference():
-    model, tok = tiny_llama(1), char_tokenizer()
+    model, tok = char_llama(1), char_tokenizer()
     gates = init_gates(RouterInit("hidden"), model, tok, PROMPTS, ["e1", "e2", "e3"], [0, 2])
     assert gates.shape == (2, 3, 16)
 
@@ -132,7 +79,7 @@ def test_hidden_router_is_normalised_mean_difference():
 
 
 def test_cheap_embed_router_sums_prompt_embeddings():
-    model, tok = tiny_llama(2), char_tokenizer()
+    model, tok = char_llama(2), char_tokenizer()
     gates = init_gates(
         RouterInit("cheap_embed"), model, tok, PROMPTS, ["e1", "e2", "e3"], [0, 1, 2]
     )
@@ -143,7 +90,7 @@ def test_cheap_embed_router_sums_prompt_embeddings():
 
 
 def test_random_router_is_seeded_and_needs_no_prompts():
-    model = tiny_llama(0)
+    model = char_llama(0)
     a = init_gates(RouterInit("random", seed=3), model, None, None, ["x", "y"], [0, 1])
     b = init_gates(RouterInit("random", seed=3), model, None, None, ["x", "y"], [0, 1])
     c = init_gates(RouterInit("random", seed=4), model, None, None, ["x", "y"], [0, 1])
@@ -152,7 +99,7 @@ def test_random_router_is_seeded_and_needs_no_prompts():
 
 
 def test_router_config_errors_name_the_key():
-    model, tok = tiny_llama(0), char_tokenizer()
+    model, tok = char_llama(0), char_tokenizer()
     with pytest.raises(MixtureError, match="prompts.e2: missing"):
         init_gates(RouterInit("hidden"), model, tok, {"e1": ["a"]}, ["e1", "e2"], [0])
     with pytest.raises(MixtureError, match="prompts.e1.postive: unknown key"):
@@ -273,10 +220,12 @@ def test_hybrid_keeps_the_first_k_layers_dense(zoo, tmp_path):
 
 
 def test_weight_level_mixtures_refuse_other_architectures_and_tokenizers(zoo, tmp_path):
-    wide = save(tiny_llama(5, hidden=32), tmp_path / "wide")
+    wide = save_with_tokenizer(char_llama(5, hidden=32), tmp_path / "wide")
     with pytest.raises(MixtureError, match="wide: config.hidden_size = 32"):
         build_ffn_moe(zoo["base"], [zoo["e1"], wide], tmp_path / "x", router=RouterInit("random"))
-    other_tok = save(tiny_llama(6), tmp_path / "othertok", char_tokenizer(extra="XYZ"))
+    other_tok = save_with_tokenizer(
+        char_llama(6), tmp_path / "othertok", char_tokenizer(extra="XYZ")
+    )
     with pytest.raises(MixtureError, match="othertok: tokenizer differs"):
         build_block_level_mixture(
             zoo["base"], [zoo["e1"], other_tok], tmp_path / "y", router=RouterInit("random")
@@ -289,7 +238,7 @@ def test_weight_level_mixtures_refuse_other_architectures_and_tokenizers(zoo, tm
 
 def constructed_backbone(tok) -> LlamaForCausalLM:
     """Embeddings of 'a' and 'z' are orthogonal unit vectors: hidden states entering layer 0."""
-    model = tiny_llama(7)
+    model = char_llama(7)
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         emb.mul_(0.01)
@@ -300,7 +249,7 @@ def constructed_backbone(tok) -> LlamaForCausalLM:
 
 def test_model_level_routes_constructed_inputs(zoo, tmp_path):
     tok = char_tokenizer()
-    backbone = save(constructed_backbone(tok), tmp_path / "backbone")
+    backbone = save_with_tokenizer(constructed_backbone(tok), tmp_path / "backbone")
     prompts = {
         "e1": {"positive": ["qa"], "negative": ["qz"]},
         "e2": {"positive": ["qz"], "negative": ["qa"]},
@@ -330,18 +279,24 @@ def test_model_level_round_trip_and_generation(zoo, tmp_path):
     mix = load_mixture(moved)
     texts = ["1+2=", "next a=", "last abc=", "7+7="]
     routes = mix.route(texts)
-    pooled = layer_inputs(
-        LlamaForCausalLM.from_pretrained(zoo["base"]), char_tokenizer(), texts, [1]
-    )[0]
-    gate = init_gates(
-        RouterInit("hidden"),
-        LlamaForCausalLM.from_pretrained(zoo["base"]),
-        char_tokenizer(),
-        PROMPTS,
-        ["e1", "e2", "e3"],
-        [1],
-    )[0]
-    assert routes == (pooled @ gate.T).argmax(1).tolist()
+    # by hand: the state entering layer 1 at the last token, against each expert's gate
+    # (the normalised mean over its positive prompts minus the mean over its negative ones)
+    backbone, tok = LlamaForCausalLM.from_pretrained(zoo["base"]), char_tokenizer()
+
+    def state(text: str) -> torch.Tensor:
+        return backbone(ids(tok, text), output_hidden_states=True).hidden_states[1][0, -1]
+
+    def mean(prompts: list[str]) -> torch.Tensor:
+        return torch.stack([state(t) for t in prompts]).mean(0) if prompts else torch.zeros(16)
+
+    gates = []
+    for expert in ("e1", "e2", "e3"):
+        p = PROMPTS[expert] if isinstance(PROMPTS[expert], dict) else {"positive": PROMPTS[expert]}
+        g = mean(p["positive"]) - mean(p.get("negative", []))
+        gates.append(g / g.norm())
+    with torch.no_grad():
+        assert routes == [int((torch.stack(gates) @ state(t)).argmax()) for t in texts]
+    assert len(set(routes)) > 1  # the texts do go to different experts
     gens = mix.generate(texts, max_new_tokens=3)
     for text, r, g in zip(texts, routes, gens, strict=True):
         expert = LlamaForCausalLM.from_pretrained(zoo[["e1", "e2", "e3"][r]])
@@ -353,8 +308,8 @@ def test_model_level_round_trip_and_generation(zoo, tmp_path):
 
 
 def test_model_level_mixes_experts_of_other_architectures_and_tokenizers(zoo, tmp_path):
-    other = save(
-        tiny_llama(9, hidden=32, layers=2, vocab=60),
+    other = save_with_tokenizer(
+        char_llama(9, hidden=32, layers=2, vocab=60),
         tmp_path / "other",
         char_tokenizer(extra="XYZ"),
     )
@@ -367,7 +322,19 @@ def test_model_level_mixes_experts_of_other_architectures_and_tokenizers(zoo, tm
     )
     mix = load_mixture(out)
     assert mix.tokenizers[1].convert_tokens_to_ids("X") != mix.tokenizers[1].unk_token_id
-    assert len(mix.generate(["XYZ 1+2=", "abc"], max_new_tokens=2)) == 2
+    texts = ["XYZ 1+2=", "abc", "zz"]
+    routes = mix.route(texts)
+    assert set(routes) == {0, 1}  # both experts answer some text
+    # each text is answered by its expert alone, through that expert's own tokenizer
+    experts = [
+        (LlamaForCausalLM.from_pretrained(zoo["e1"]), char_tokenizer()),
+        (LlamaForCausalLM.from_pretrained(other), char_tokenizer(extra="XYZ")),
+    ]
+    for text, r, got in zip(texts, routes, mix.generate(texts, max_new_tokens=2), strict=True):
+        model, tok = experts[r]
+        x = ids(tok, text)
+        want = model.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert got == tok.decode(want[0, x.shape[1] :], skip_special_tokens=True), (text, r)
     with pytest.raises(MixtureError, match="router.layer = 3 must be in 0..2"):
         build_model_level_mixture(
             [zoo["e1"], other],
@@ -377,7 +344,7 @@ def test_model_level_mixes_experts_of_other_architectures_and_tokenizers(zoo, tm
             router=RouterInit("random"),
         )
     notok = tmp_path / "notok"
-    tiny_llama(1).save_pretrained(notok)
+    char_llama(1).save_pretrained(notok)
     with pytest.raises(MixtureError, match="expert notok .*no loadable tokenizer"):
         build_model_level_mixture(
             [zoo["e1"], notok],

@@ -18,12 +18,12 @@ from model_glue.mixture import (
     load_mixture,
     mixture_router_accuracy,
 )
-from tests.test_mixture import PROMPTS, char_tokenizer, save, tiny_llama
+from tests.factories import PROMPTS, char_tokenizer, save_experts
 
 
 @pytest.fixture
 def zoo(tmp_path):
-    return {n: save(tiny_llama(s), tmp_path / n) for s, n in enumerate(["base", "e1", "e2", "e3"])}
+    return save_experts(tmp_path)
 
 
 @torch.no_grad()

@@ -10,35 +10,32 @@ import json
 import os
 import shutil
 import subprocess
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.factories import GLUE, write_config, zoo_entries
+
 pytestmark = [pytest.mark.slow]
 
-GLUE = str(Path(sys.executable).with_name("glue"))
 
-
-def _write_config(root: Path, models: dict[str, Path], **extra) -> Path:
-    cfg = {
-        "name": "plan",
-        "store": "store",
-        "lineage_db": "lineage.duckdb",
-        "zoo": [
-            {"name": n, "path": str(p)} | ({} if n == "base-a" else {"base": "base-a"})
-            for n, p in models.items()
-        ],
-        "similarity": {"threshold": 0.5},
+def _write_config(root: Path) -> Path:
+    """base-a and two fine-tunes of it copied to ``root/zoo``; store and database beside
+    the config, relative to it."""
+    return write_config(
+        root / "glue.yaml",
+        zoo_entries(root / "zoo", {"base-a": ["add-a", "last-a"]}),
+        name="plan",
+        store="store",
+        lineage_db="lineage.duckdb",
+        similarity={"threshold": 0.5},
         # a task-vector merge on the declared base: whatever the search keeps, it merges
-        "merge": {"method": "task_arithmetic", "params": {"lambda": 0.5}},
-        "filter": {"strategy": "average", "proxy_limit": 2, "proxy_tasks": ["demo_add"]},
-        "evaluation": {"tasks": ["demo_add"], "limit": 3},
-    } | extra
-    path = root / "glue.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        merge={"method": "task_arithmetic", "params": {"lambda": 0.5}},
+        filter={"strategy": "average", "proxy_limit": 2, "proxy_tasks": ["demo_add"]},
+        evaluation={"tasks": ["demo_add"], "limit": 3},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +44,9 @@ def ran(demo_zoo, prefect_harness, tmp_path_factory) -> Path:
     from flows.glue_recipe import run_config
 
     root = tmp_path_factory.mktemp("plan") / "project"
-    models = {}
     for name in ("base-a", "add-a", "last-a"):
-        models[name] = root / "zoo" / name
-        shutil.copytree(demo_zoo / "models" / name, models[name])
-    summary = run_config(_write_config(root, models))
+        shutil.copytree(demo_zoo / "models" / name, root / "zoo" / name)
+    summary = run_config(_write_config(root))
     assert summary["merged"] and not summary["failures"]
     return root
 
@@ -135,7 +130,8 @@ def test_changed_weights_make_one_fingerprint_stale_and_its_dependents_wait(ran,
     sims = _by(entries, "similarity")  # the group's, and its base family's task vectors
     assert len(sims) == 2
     assert all(e["status"] == "stale" and "fingerprint of last-a" in e["reason"] for e in sims)
-    assert all(e["status"] == "stale" for e in _by(entries, "merge") + _by(entries, "cluster"))
+    later = _by(entries, "merge") + _by(entries, "cluster")
+    assert len(later) == 2 and all(e["status"] == "stale" for e in later), later
 
 
 def test_a_new_model_is_named_as_new(ran, demo_zoo, tmp_path):
@@ -155,26 +151,38 @@ def test_a_changed_parameter_is_named_with_its_values(ran, tmp_path):
     assert "changed parameter limit: 3 -> 4" in evals[0]["reason"]
     proxies = [e for e in _by(entries, "evaluate") if e["label"].endswith("(proxy)")]
     assert proxies and all(e["status"] == "fresh" for e in proxies)  # proxy_limit unchanged
-    assert all(e["status"] == "fresh" for e in _by(entries, "filter") + _by(entries, "merge"))
+    searches = _by(entries, "filter") + _by(entries, "merge")
+    assert len(searches) == 2 and all(e["status"] == "fresh" for e in searches), searches
 
 
-def test_a_new_engine_version_makes_the_search_stale(ran):
+def _with_version(component, name: str, version: str):
+    """``component`` with the component ``name`` it uses (or is) at ``version``."""
+    if component.name == name:
+        return replace(component, version=version)
+    return replace(component, uses=tuple(_with_version(c, name, version) for c in component.uses))
+
+
+def test_a_new_engine_version_makes_the_search_stale(ran, monkeypatch):
+    from tasks.stage import Stage, compose
     from tasks.versions import ENGINE
 
     old = ENGINE.version
-    object.__setattr__(ENGINE, "version", "merge-engine-test")
-    try:
-        entries = _plan(ran)
-    finally:
-        object.__setattr__(ENGINE, "version", old)
+    # every stage's code version as if the merge engine's were "merge-engine-test"
+    monkeypatch.setattr(
+        Stage,
+        "code_version",
+        property(
+            lambda stage: compose(_with_version(stage.uses, ENGINE.name, "merge-engine-test"))
+        ),
+    )
+    entries = _plan(ran)
     (search,) = _by(entries, "filter")
     assert search["status"] == "stale"
     assert f"code version: merge-engine {old} -> merge-engine-test" in search["reason"]
     (merge,) = _by(entries, "merge")  # which members it merges is the search's to say
     assert (merge["status"], merge["reason"]) == ("stale", "waits on filter of cluster base-a")
-    assert all(
-        e["status"] == "fresh" for e in _by(entries, "evaluate") if "merge" not in e["label"]
-    )
+    zoo_evals = [e for e in _by(entries, "evaluate") if "merge" not in e["label"]]
+    assert len(zoo_evals) == 2 * 3 and all(e["status"] == "fresh" for e in zoo_evals), zoo_evals
 
 
 def test_missing_and_corrupt_artifacts(project):

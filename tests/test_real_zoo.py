@@ -15,6 +15,7 @@ from model_glue.devices import DeviceError, resolve_device, resolve_dtype
 from model_glue.merge.registry import CHUNK
 from model_glue.search import TrialSpec
 from model_glue.search.proxy import ProxyScorer, load_state_dict
+from tests.factories import lineage, write_config, zoo_entries
 
 
 def test_device_choice_is_explicit_and_checked():
@@ -58,7 +59,7 @@ class _Stop(Exception):
     pass
 
 
-def test_device_and_dtype_reach_the_evaluation_model(demo_zoo, monkeypatch):
+def test_device_and_dtype_reach_the_evaluation_model(tiny_family, monkeypatch):
     """A spy in place of lm-eval's HFLM sees the model on the asked device and dtype."""
     import lm_eval.models.huggingface as hf
 
@@ -71,14 +72,14 @@ def test_device_and_dtype_reach_the_evaluation_model(demo_zoo, monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(hf, "HFLM", spy)
-    path = demo_zoo / "models" / "add-a"
+    path = tiny_family["a"]
     for dtype in ("bfloat16", None):
         with pytest.raises(_Stop):
             evaluate(path, ["demo_add"], device="cpu", dtype=dtype, batch_size="auto")
     assert seen == [("cpu", torch.bfloat16, "auto"), ("cpu", torch.float32, "auto")]
 
 
-def test_the_vllm_backend_gets_the_model_directory_and_dtype(demo_zoo, monkeypatch):
+def test_the_vllm_backend_gets_the_model_directory_and_dtype(tiny_family, monkeypatch):
     """vllm cannot be installed here (it brings its own CUDA torch): a stand-in for
     lm-eval's ``vllm`` model class sees what a GPU machine's would."""
     import sys
@@ -96,7 +97,7 @@ def test_the_vllm_backend_gets_the_model_directory_and_dtype(demo_zoo, monkeypat
     fake = types.ModuleType("lm_eval.models.vllm_causallms")
     fake.VLLM = VLLM
     monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
-    path = demo_zoo / "models" / "add-a"
+    path = tiny_family["a"]
     with pytest.raises(_Stop):
         evaluate(path, ["demo_add"], backend="vllm", device="cpu", dtype="bfloat16", batch_size=8)
     assert seen == [
@@ -104,10 +105,9 @@ def test_the_vllm_backend_gets_the_model_directory_and_dtype(demo_zoo, monkeypat
     ]
 
 
-def test_the_search_model_takes_the_evaluation_dtype(demo_zoo):
-    models = demo_zoo / "models"
+def test_the_search_model_takes_the_evaluation_dtype(tiny_family):
     scorer = ProxyScorer.from_checkpoints(
-        {"add-a": models / "add-a", "last-a": models / "last-a"},
+        {n: tiny_family[n] for n in ("a", "b")},
         ["demo_add"],
         limit=2,
         device="cpu",
@@ -119,17 +119,16 @@ def test_the_search_model_takes_the_evaluation_dtype(demo_zoo):
     assert all(isinstance(s, LazyTensors) for s in scorer.states.values())
 
 
-def test_a_trial_holds_one_tensor_per_member_not_their_state_dicts(demo_zoo, monkeypatch):
+def test_a_trial_holds_one_tensor_per_member_not_their_state_dicts(tiny_family, monkeypatch):
     """Tensors read from the members are counted while alive: during a merge of four
     models at most one tensor per model (plus the reference) lives at a time, and none
     survives the trial."""
-    models = demo_zoo / "models"
-    names = ["add-a", "add-a2", "last-a", "next-a"]
+    names = ["a", "b", "c", "d"]
     scorer = ProxyScorer.from_checkpoints(
-        {n: models / n for n in names},
+        {n: tiny_family[n] for n in names},
         ["demo_add"],
         limit=2,
-        base=models / "base-a",
+        base=tiny_family["base"],
         method_params={"ties": {"density": 0.5}},
     )
     scorer.proxy = lambda model: 0.0  # count the merge, not lm-eval
@@ -158,24 +157,23 @@ def test_a_trial_holds_one_tensor_per_member_not_their_state_dicts(demo_zoo, mon
     assert peak[0] < n_tensors * len(names)  # a resident cluster would hold all of them
 
 
-def test_lazy_members_give_the_same_merges_as_resident_ones(demo_zoo):
-    models = demo_zoo / "models"
-    paths = {n: models / n for n in ("add-a", "add-a2", "last-a")}
+def test_lazy_members_give_the_same_merges_as_resident_ones(tiny_family):
+    paths = {n: tiny_family[n] for n in ("a", "b", "c")}
     fixed = {"ties": {"density": 0.5}}
     lazy = ProxyScorer.from_checkpoints(
-        paths, ["demo_add"], limit=2, base=models / "base-a", method_params=fixed
+        paths, ["demo_add"], limit=2, base=tiny_family["base"], method_params=fixed
     )
     resident = ProxyScorer(
         {n: load_state_dict(p) for n, p in paths.items()},
         lazy.model,
         lazy.proxy,
-        base=load_state_dict(models / "base-a"),
+        base=load_state_dict(tiny_family["base"]),
         method_params=fixed,
     )
     for spec in (
-        TrialSpec({"add-a": 0.6, "last-a": 0.4}, "linear"),
-        TrialSpec({"add-a": 1.0, "add-a2": 1.0, "last-a": 1.0}, "ties"),
-        TrialSpec({"add-a": 0.5, "last-a": 0.5}, "task_arithmetic"),
+        TrialSpec({"a": 0.6, "c": 0.4}, "linear"),
+        TrialSpec({"a": 1.0, "b": 1.0, "c": 1.0}, "ties"),
+        TrialSpec({"a": 0.5, "c": 0.5}, "task_arithmetic"),
     ):
         a, b = lazy.merge(spec), resident.merge(spec)
         assert a.keys() == b.keys()
@@ -192,10 +190,7 @@ def test_lazy_chunked_merges_equal_resident_ones_bit_for_bit(tiny_llama, dtype):
     from model_glue.merge.memory import Merger
 
     base = tiny_llama("base", seed=0, hidden=64, vocab=5000, dtype=dtype)
-    paths = [base] + [
-        tiny_llama(f"m{i}", seed=i + 1, base=base, hidden=64, vocab=5000, dtype=dtype)
-        for i in range(3)
-    ]
+    paths = [base] + [tiny_llama(f"m{i}", seed=i + 1, base=base, dtype=dtype) for i in range(3)]
     lazy = [LazyTensors(str(p)) for p in paths]
     assert max(map(math.prod, lazy[0].shapes.values())) > CHUNK
     resident = [{n: lz[n] for n in lz} for lz in lazy]
@@ -288,7 +283,6 @@ def test_every_model_forward_of_a_run_uses_the_evaluation_dtype(
     """``evaluation.dtype: bfloat16`` reaches every forward pass of a run: zoo evaluations,
     search trials, the expert selection's router features, the fitted router, router
     accuracy and the mixture's own evaluation (a spy on every Llama forward)."""
-    import yaml
     from transformers.models.llama import modeling_llama
 
     from flows.glue_recipe import run_config
@@ -301,33 +295,21 @@ def test_every_model_forward_of_a_run_uses_the_evaluation_dtype(
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(modeling_llama.LlamaModel, "forward", spy)
-    models = demo_zoo / "models"
-    config = tmp_path / "glue.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "store": str(tmp_path / "store"),
-                "lineage_db": str(tmp_path / "lineage.duckdb"),
-                "zoo": [
-                    {"name": n, "path": str(models / n), **({"base": "base-a"} if b else {})}
-                    for n, b in [("base-a", False), ("add-a", True), ("next-a", True)]
-                ],
-                "evaluation": {
-                    "tasks": ["demo_add", "demo_next"],
-                    "limit": 12,
-                    "device": "cpu",
-                    "dtype": "bfloat16",
-                },
-                "filter": {"strategy": "average", "proxy_limit": 12},
-                "mixture": {"variant": "model_level", "router": "linear", "layer": 2},
-            }
-        )
+    config = write_config(
+        tmp_path / "glue.yaml",
+        zoo_entries(demo_zoo / "models", {"base-a": ["add-a", "next-a"]}),
+        evaluation={
+            "tasks": ["demo_add", "demo_next"],
+            "limit": 12,
+            "device": "cpu",
+            "dtype": "bfloat16",
+        },
+        filter={"strategy": "average", "proxy_limit": 12},
+        mixture={"variant": "model_level", "router": "linear", "layer": 2},
     )
     summary = run_config(config)
     assert summary["mixture"] is not None, summary
     assert seen == {("cpu", torch.bfloat16)}
-    from storage import LineageDB
-
-    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    db = lineage(tmp_path / "lineage.duckdb")
     stages = set(db.query("SELECT DISTINCT stage FROM runs WHERE status = 'completed'")["stage"])
     assert {"evaluate", "filter", "select", "mixture"} <= stages

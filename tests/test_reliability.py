@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-GLUE = str(Path(sys.executable).with_name("glue"))
+from tests.factories import (
+    GLUE,
+    latest_leaderboard,
+    lineage,
+    small_project,
+    start_glue_run,
+    write_config,
+    zoo_entries,
+)
 
 
 def _glue(*args: str) -> subprocess.CompletedProcess:
@@ -51,111 +58,48 @@ def _poison(src: Path, dst: Path) -> str:
     return name
 
 
-def test_non_finite_weights_are_found_by_the_fingerprint(demo_zoo, tmp_path):
+def test_non_finite_weights_are_found_by_the_fingerprint(tiny_llama, tmp_path):
     from model_glue.fingerprint import fingerprint_checkpoint
 
-    clean = fingerprint_checkpoint(str(demo_zoo / "models" / "add-a"))
+    model = tiny_llama("m")
+    clean = fingerprint_checkpoint(str(model))
     assert clean.nonfinite == ()
-    name = _poison(demo_zoo / "models" / "add-a", tmp_path / "bad")
+    name = _poison(model, tmp_path / "bad")
     fp = fingerprint_checkpoint(str(tmp_path / "bad"))
     assert fp.nonfinite == (name,)
 
 
 @pytest.mark.slow
 def test_a_model_with_nan_weights_is_left_out_with_one_line(demo_zoo, prefect_harness, tmp_path):
-    import yaml
-
     from flows.glue_recipe import run_config
 
     models = demo_zoo / "models"
     tensor = _poison(models / "add-a2", tmp_path / "poisoned")
-    zoo = [
-        {"name": "base-a", "path": str(models / "base-a")},
-        {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
-        {"name": "poisoned", "path": str(tmp_path / "poisoned"), "base": "base-a"},
-    ]
-    cfg = {
-        "store": str(tmp_path / "store"),
-        "lineage_db": str(tmp_path / "lineage.duckdb"),
-        "zoo": zoo,
-        "evaluation": {"tasks": ["demo_add"], "limit": 5},
-    }
-    path = tmp_path / "glue.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    zoo = zoo_entries(models, {"base-a": ["add-a"]})
+    zoo.append({"name": "poisoned", "path": str(tmp_path / "poisoned"), "base": "base-a"})
+    evaluation = {"tasks": ["demo_add"], "limit": 5}
+    path = write_config(tmp_path / "glue.yaml", zoo, evaluation=evaluation)
     summary = run_config(path)
     assert list(summary["excluded"]) == ["poisoned"]
     why = summary["excluded"]["poisoned"]
     assert tensor in why and "NaN or Inf" in why and "\n" not in why
     assert summary["clusters"] == [["add-a", "base-a"]]  # clustering never saw the NaN
     # opted in, it is kept; its NaN similarities never link it to anything
-    cfg["allow_nonfinite"] = True
-    path.write_text(yaml.safe_dump(cfg))
+    write_config(path, zoo, evaluation=evaluation, allow_nonfinite=True)
     kept = run_config(path)
     assert kept["excluded"] == {} and "poisoned" in kept["models"]
     assert ["poisoned"] in kept["clusters"]
 
 
-def _small_zoo(demo_zoo: Path, root: Path, name: str) -> Path:
-    """A config over four demo models with a search, merges and a mixture, on
-    ``root/name`` store and database (short limits: the faults matter, not the scores)."""
-    import yaml
-
-    models = demo_zoo / "models"
-    cfg = {
-        "name": name,
-        "store": str(root / name / "store"),
-        "lineage_db": str(root / name / "lineage.duckdb"),
-        "zoo": [
-            {"name": "base-a", "path": str(models / "base-a")},
-            {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
-            {"name": "last-a", "path": str(models / "last-a"), "base": "base-a"},
-            {"name": "base-b", "path": str(models / "base-b")},
-            {"name": "add-b", "path": str(models / "add-b"), "base": "base-b"},
-        ],
-        "filter": {"strategy": "evolutionary", "budget": 3, "proxy_limit": 10},
-        "evaluation": {"tasks": ["demo_add", "demo_last"], "limit": 10},
-        "mixture": {"variant": "model_level", "router": "random", "layer": 2},
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _start(config: Path, home: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GLUE_"))}
-    env |= {"GLUE_HOME": str(home)}
-    return subprocess.Popen(
-        [GLUE, "run", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, like a scheduler's job
-    )
-
-
-def _board(db_path: Path) -> dict:
-    from storage import LineageDB
-
-    db = LineageDB(str(db_path), read_only=True)
-    flow = db.query(
-        "SELECT flow_run_id FROM flow_runs WHERE status = 'completed' ORDER BY started_at DESC LIMIT 1"
-    ).item()
-    rows = db.leaderboard(flow_run_id=flow).drop("artifact_id", strict=False).to_dicts()
-    return {r["name"]: r for r in rows}
-
-
 @pytest.mark.slow
 def test_two_concurrent_runs_compute_nothing_twice(demo_zoo, tmp_path):
-    from storage import LineageDB
-
-    config = _small_zoo(demo_zoo, tmp_path, "shared")
-    first = _start(config, tmp_path / "home")
+    config = small_project(demo_zoo / "models", tmp_path, "shared")
+    first = start_glue_run(config, tmp_path / "home")
     time.sleep(3)
-    second = _start(config, tmp_path / "home")
+    second = start_glue_run(config, tmp_path / "home")
     outs = [p.communicate(timeout=900)[0] for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], outs[1][-3000:]
-    db = LineageDB(str(tmp_path / "shared" / "lineage.duckdb"), read_only=True)
+    db = lineage(tmp_path / "shared" / "lineage.duckdb")
     twice = db.query(
         "SELECT stage, cache_key, count(*) AS n FROM runs WHERE status = 'completed' "
         "GROUP BY stage, cache_key HAVING count(*) > 1"
@@ -176,10 +120,10 @@ def test_a_killed_run_reruns_to_the_same_leaderboard(demo_zoo, tmp_path):
 
     from storage import LineageDB
 
-    clean = _start(_small_zoo(demo_zoo, tmp_path, "clean"), tmp_path / "home")
+    clean = start_glue_run(small_project(demo_zoo / "models", tmp_path, "clean"), tmp_path / "home")
     assert clean.wait(timeout=900) == 0, clean.stdout.read()[-3000:]
-    config = _small_zoo(demo_zoo, tmp_path, "killed")
-    victim = _start(config, tmp_path / "home-killed")
+    config = small_project(demo_zoo / "models", tmp_path, "killed")
+    victim = start_glue_run(config, tmp_path / "home-killed")
     db_path = tmp_path / "killed" / "lineage.duckdb"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill it in the middle: after the first searches
@@ -197,16 +141,16 @@ def test_a_killed_run_reruns_to_the_same_leaderboard(demo_zoo, tmp_path):
     assert victim.poll() is None, "the run ended before it could be killed"
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=60)
-    rerun = _start(config, tmp_path / "home-killed")
+    rerun = start_glue_run(config, tmp_path / "home-killed")
     out = rerun.communicate(timeout=900)[0]
     assert rerun.returncode == 0, out[-3000:]
-    assert _board(db_path) == _board(tmp_path / "clean" / "lineage.duckdb")
+    assert latest_leaderboard(db_path) == latest_leaderboard(tmp_path / "clean" / "lineage.duckdb")
     leftovers = [p for p in (tmp_path / "killed" / "store").rglob("*") if ".tmp" in p.parts]
     assert all(p.is_dir() for p in leftovers), leftovers  # no half-written file left
 
 
 def test_a_full_disk_fails_the_merge_in_one_line_and_commits_nothing(
-    demo_zoo, tmp_path, monkeypatch
+    tiny_llama, tmp_path, monkeypatch
 ):
     """The store's filesystem runs out of space in the middle of writing a merged model's
     shard: the stage fails with one line naming the store, and neither a model nor a
@@ -220,8 +164,8 @@ def test_a_full_disk_fails_the_merge_in_one_line_and_commits_nothing(
 
     store_url = str(tmp_path / "store")
     members = [
-        fingerprint_model.fn(store_url=store_url, name=n, uri=str(demo_zoo / "models" / n))
-        for n in ("add-a", "last-a")
+        fingerprint_model.fn(store_url=store_url, name=n, uri=str(tiny_llama(n, seed=i)))
+        for i, n in enumerate(("a", "b"))
     ]
     written = []
     real_write = io.ShardedWriter.write

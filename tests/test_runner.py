@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_reliability import _board, _small_zoo, _start
+from tests.factories import latest_leaderboard, lineage, small_project, start_glue_run
 
 pytestmark = [pytest.mark.slow]
 
@@ -14,24 +14,26 @@ pytestmark = [pytest.mark.slow]
 def test_the_recipe_on_a_two_worker_dask_cluster(demo_zoo, tmp_path):
     import yaml
 
-    from storage import LineageDB
-
-    threads = _start(_small_zoo(demo_zoo, tmp_path, "threads"), tmp_path / "home")
+    threads = start_glue_run(
+        small_project(demo_zoo / "models", tmp_path, "threads"), tmp_path / "home"
+    )
     out = threads.communicate(timeout=900)[0]
     assert threads.returncode == 0, out[-3000:]
 
-    config = _small_zoo(demo_zoo, tmp_path, "dask")
+    config = small_project(demo_zoo / "models", tmp_path, "dask")
     data = yaml.safe_load(config.read_text())
     data["runner"] = {"kind": "dask", "n_workers": 2, "threads_per_worker": 1}
     config.write_text(yaml.safe_dump(data))
-    first = _start(config, tmp_path / "home")
+    first = start_glue_run(config, tmp_path / "home")
     out = first.communicate(timeout=900)[0]
     assert first.returncode == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
 
     db_path = tmp_path / "dask" / "lineage.duckdb"
-    assert _board(db_path) == _board(tmp_path / "threads" / "lineage.duckdb")
-    db = LineageDB(str(db_path), read_only=True)
+    assert latest_leaderboard(db_path) == latest_leaderboard(
+        tmp_path / "threads" / "lineage.duckdb"
+    )
+    db = lineage(db_path)
     workers = db.query(
         "SELECT count(DISTINCT worker) FROM runs WHERE stage = 'evaluate' AND status = 'completed'"
     ).item()
@@ -41,11 +43,11 @@ def test_the_recipe_on_a_two_worker_dask_cluster(demo_zoo, tmp_path):
     ).rows()
     assert all(h and w.startswith("tcp://") and d == "cpu" for h, w, d in placed), placed
     same_edges = "SELECT parent_name, role, child_name FROM v_lineage ORDER BY ALL"
-    other = LineageDB(str(tmp_path / "threads" / "lineage.duckdb"), read_only=True)
+    other = lineage(tmp_path / "threads" / "lineage.duckdb")
     assert db.query(same_edges).rows() == other.query(same_edges).rows()
 
     # nothing changed: the rerun on the cluster computes nothing
-    again = _start(config, tmp_path / "home")
+    again = start_glue_run(config, tmp_path / "home")
     out = again.communicate(timeout=900)[0]
     assert again.returncode == 0, out[-3000:]
     latest = db.query("SELECT flow_run_id FROM flow_runs ORDER BY started_at DESC LIMIT 1").item()
@@ -79,7 +81,7 @@ def test_a_dask_worker_that_cannot_import_a_stage_fails_the_run_at_once(demo_zoo
 
     import yaml
 
-    config = _small_zoo(demo_zoo, tmp_path, "broken-worker")
+    config = small_project(demo_zoo / "models", tmp_path, "broken-worker")
     data = yaml.safe_load(config.read_text())
     data["runner"] = {"kind": "dask", "n_workers": 1, "threads_per_worker": 1}
     config.write_text(yaml.safe_dump(data))
@@ -88,7 +90,7 @@ def test_a_dask_worker_that_cannot_import_a_stage_fails_the_run_at_once(demo_zoo
     os.environ["DASK_DISTRIBUTED__WORKER__PRELOAD"] = f'["{preload}"]'
     try:
         t0 = time.monotonic()
-        proc = _start(config, tmp_path / "home")
+        proc = start_glue_run(config, tmp_path / "home")
         out = proc.communicate(timeout=300)[0]
         took = time.monotonic() - t0
     finally:

@@ -11,22 +11,14 @@ from model_glue.env import configure_environment
 
 configure_environment()
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from model_glue.checkpoint import CheckpointError  # noqa: E402
 from model_glue.search import TrialSpec, evolutionary_search, greedy_selective_merge  # noqa: E402
 from model_glue.search.proxy import ProxyScorer, load_state_dict  # noqa: E402
+from tests.factories import tiny_llama_config  # noqa: E402
 
-CONFIG = LlamaConfig(
-    vocab_size=32,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=16,
-    tie_word_embeddings=False,
-)
+CONFIG = tiny_llama_config(positions=16)
 
 
 def tiny_states() -> dict[str, dict[str, torch.Tensor]]:

@@ -26,12 +26,39 @@ def scorer(demo_zoo):
 
 
 def test_greedy_average_rejects_the_detrimental_model(scorer):
-    result = greedy_selective_merge(FAMILY, None, scorer, strategy="average")
+    scored: dict[frozenset, float] = {}  # every proxy score the search asked for
+
+    def recorded(spec: TrialSpec) -> float:
+        scored[frozenset(spec.weights.items())] = value = scorer(spec)
+        return value
+
+    result = greedy_selective_merge(FAMILY, None, recorded, strategy="average")
 
     assert "noisy-a" in result.rejected
     assert "noisy-a" not in result.spec.weights
-    singles = {t.spec.models[0]: t.proxy_score for t in result.trials[: len(FAMILY)]}
-    assert result.best_score >= max(singles.values())
+    # the paper's rule replayed on the scores the search saw: best single model first, each
+    # next one kept at c = k / (k + 1) if the running average's score does not drop
+    singles = {n: scored[frozenset({(n, 1.0)})] for n in FAMILY}
+    first, *rest = sorted(FAMILY, key=lambda n: (-singles[n], n))
+    kept, best = [first], singles[first]
+    for name in rest:
+        k = len(kept)
+        weights = {n: w * k / (k + 1) for n, w in _average(kept).items()} | {name: 1 / (k + 1)}
+        (value,) = [v for key, v in scored.items() if _same(dict(key), weights)]
+        if value >= best:
+            kept, best = [*kept, name], value
+    assert result.accepted == kept and result.best_score == best
+    assert result.weights == pytest.approx(_average(kept))
+    # the kept merge, scored again, gives the score the search reports
+    assert scorer(result.spec) == result.best_score
+
+
+def _average(names: list[str]) -> dict[str, float]:
+    return dict.fromkeys(names, 1 / len(names))
+
+
+def _same(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(abs(a[n] - b[n]) < 1e-9 for n in a)
 
 
 def test_prepared_proxy_matches_plain_evaluate(scorer):

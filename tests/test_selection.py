@@ -11,6 +11,7 @@ import torch
 
 from model_glue.mixture.selection import greedy_select, routed_score
 from model_glue.splits import HOLDOUT_EVERY, restrict
+from tests.factories import lineage, write_config, zoo_entries
 
 
 def _separable(n: int = 120, seed: int = 0):
@@ -186,26 +187,11 @@ def test_the_run_config_takes_the_linear_router_and_expert_bounds():
         parse_config(base | {"mixture": {"variant": "model_level", "max_experts": 1}})
 
 
-def _run(demo_zoo, tmp_path, **extra) -> dict:
-    import yaml
-
+def _run(demo_zoo, tmp_path, families: dict[str, list[str]], **sections) -> dict:
     from flows.glue_recipe import run_config
 
-    models = demo_zoo / "models"
-    cfg = {
-        "name": "selection",
-        "store": str(tmp_path / "store"),
-        "lineage_db": str(tmp_path / "lineage.duckdb"),
-        "zoo": [
-            {"name": "base-a", "path": str(models / "base-a")},
-            {"name": "add-a", "path": str(models / "add-a"), "base": "base-a"},
-            {"name": "next-a", "path": str(models / "next-a"), "base": "base-a"},
-        ],
-        "evaluation": {"tasks": ["demo_add", "demo_next"], "limit": 40},
-    } | extra
-    path = tmp_path / "glue.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return run_config(path)
+    zoo = zoo_entries(demo_zoo / "models", families)
+    return run_config(write_config(tmp_path / "glue.yaml", zoo, name="selection", **sections))
 
 
 @pytest.mark.slow
@@ -218,12 +204,12 @@ def test_a_rejected_model_with_a_unique_skill_enters_the_mixture(
     summary = _run(
         demo_zoo,
         tmp_path,
+        {"base-a": ["add-a", "next-a"]},
+        evaluation={"tasks": ["demo_add", "demo_next"], "limit": 40},
         filter={"strategy": "average", "proxy_tasks": ["demo_add"], "proxy_limit": 30},
         mixture={"variant": "model_level", "layer": 2},
     )
-    from storage import LineageDB
-
-    db = LineageDB(str(tmp_path / "lineage.duckdb"), read_only=True)
+    db = lineage(tmp_path / "lineage.duckdb")
     (meta,) = db.query("SELECT meta FROM artifacts WHERE kind = 'search'")["meta"].to_list()
     assert "next-a" in json.loads(meta)["rejected"]
     assert "next-a" in summary["mixture"]["experts"]
@@ -247,12 +233,7 @@ def test_the_guard_hands_over_a_single_model_when_the_combinations_are_worse(
     summary = _run(
         demo_zoo,
         tmp_path,
-        zoo=[
-            {"name": "base-a", "path": str(demo_zoo / "models" / "base-a")},
-            {"name": "add-a", "path": str(demo_zoo / "models" / "add-a"), "base": "base-a"},
-            {"name": "last-a", "path": str(demo_zoo / "models" / "last-a"), "base": "base-a"},
-            {"name": "base-b", "path": str(demo_zoo / "models" / "base-b")},  # a 2nd cluster
-        ],
+        {"base-a": ["add-a", "last-a"], "base-b": []},  # base-b: a 2nd cluster
         merge={"method": "task_arithmetic", "params": {"lambda": 2.0}},
         evaluation={"tasks": ["demo_add"], "limit": 40},
         mixture={"variant": "model_level", "router": "random", "layer": 2, "select_experts": False},

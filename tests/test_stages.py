@@ -12,6 +12,7 @@ from tasks.cluster import cluster_zoo
 from tasks.fingerprint import fingerprint_model
 from tasks.merge import merge_cluster
 from tasks.similarity import compute_similarity
+from tasks.stage import REUSED
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_clusters_and_merge_are_keyed_on_content_not_names_or_order(zoo, tmp_pat
         metric="sim_all",
         threshold=0.8,
     )
-    assert c2.pop("_reused") is True  # same key: the second call found the first's record
+    assert c2.pop(REUSED) is True  # same key: the second call found the first's record
     assert c1 == c2
     assert [[m["name"] for m in c["members"]] for c in c1["clusters"]] == [["a", "a1", "a2"], ["b"]]
     members = [recs[n] for n in ("a", "a1", "a2")]
