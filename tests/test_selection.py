@@ -180,7 +180,7 @@ def test_the_run_config_takes_the_linear_router_and_expert_bounds():
         "evaluation": {"tasks": ["demo_add"]},
     }
     cfg = parse_config(base | {"mixture": {"variant": "model_level", "max_experts": 3}})
-    assert cfg.mixture.router_used == "linear" and cfg.mixture.max_experts == 3
+    assert cfg.mixture.router_used() == "linear" and cfg.mixture.max_experts == 3
     with pytest.raises(ConfigError, match="linear"):
         parse_config(base | {"mixture": {"variant": "ffn_moe", "router": "linear"}})
     with pytest.raises(ConfigError, match="max_experts"):
