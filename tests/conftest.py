@@ -20,6 +20,10 @@ DEMO_ZOO = Path(os.environ.get("GLUE_HOME") or ROOT / ".glue").absolute() / "zoo
 _HOME = tempfile.mkdtemp(prefix="glue-tests-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["GLUE_HOME"] = _HOME
+# Tiny models: one torch thread each is fastest, and on a loaded machine (CI runners, two
+# cores) a second thread per process spins for seconds per step (the tiny zoo builds in 5 s
+# instead of 20). Subprocesses (glue, Dask workers) inherit it; OMP_NUM_THREADS overrides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from model_glue.env import configure_environment  # noqa: E402
 

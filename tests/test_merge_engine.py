@@ -297,10 +297,14 @@ def test_fsspec_inputs(tiny_zoo, tmp_path):
 def test_threads_setting_is_restored(tiny_zoo, tmp_path):
     _, _, bpath, paths = tiny_zoo
     before = torch.get_num_threads()
-    merge_to_directory(
-        MergeSpec("linear", [ModelInput(str(p)) for p in paths]), tmp_path / "o", threads=1
-    )
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(3)  # not the merge's 1 (the tests run on one thread)
+    try:
+        merge_to_directory(
+            MergeSpec("linear", [ModelInput(str(p)) for p in paths]), tmp_path / "o", threads=1
+        )
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_glue_merge_command(tiny_zoo, tmp_path):
