@@ -1,17 +1,20 @@
 """What tests build: tiny Llama checkpoints, tokenizers, run configs, ``glue`` subprocesses.
 
 One place for them, so that a test module never imports another test module. Everything
-is seconds to build and lands in the folder it is given.
+is seconds to build and lands in the folder it is given. (``conftest.py`` wraps the common
+ones as fixtures: ``tiny_llama``, ``tiny_family``.)
 
 - Tiny Llamas: :func:`tiny_llama_model` (in memory), :func:`save_tiny_llama` (a Hugging
   Face directory; with ``base``, a fine-tune of it) and :func:`save_family` (a base and its
   fine-tunes). Fine-tunes go through :func:`model_glue.architectures.tiny.save_tiny`, the
   catalog's own builder of tiny models of every architecture.
+- The mixture tests' experts: :func:`char_llama` with :func:`char_tokenizer` (the alphabet
+  of the router :data:`PROMPTS`), saved by :func:`save_with_tokenizer` / :func:`save_experts`.
 - State-dict Llamas for the merge tests, whose numbers are compared tensor by tensor:
-  :func:`random_state`, :func:`fine_tune`, :func:`save_llama`, :func:`merge_zoo`.
-- Tokenizers: :func:`char_tokenizer` (the alphabet of :data:`PROMPTS`) and
-  :func:`save_sized_tokenizer` (exactly ``vocab`` tokens, for vocabulary alignment).
-- Run configs: :func:`zoo_entries` and :func:`write_config`; ``glue`` in a subprocess:
+  :func:`random_state`, :func:`fine_tune`, :func:`save_llama` (with a tokenizer of exactly
+  ``vocab`` tokens, :func:`save_sized_tokenizer`), :func:`merge_zoo`.
+- Run configs: :func:`zoo_entries` and :func:`write_config` (:func:`small_project`: the
+  fault and runner tests' config over the demo zoo); ``glue`` in a subprocess:
   :func:`glue_run_as_user`, :func:`start_glue_run`; reading a run back: :func:`lineage`,
   :func:`latest_leaderboard`.
 """
