@@ -223,7 +223,7 @@ def _diff(old: Any, new: Any, path: str, names: dict[str, str]) -> list[str]:
         return ["changed weights (files changed on disk)"]
     if leaf == "uri":
         return [f"moved: {old} -> {new}"]
-    if "task_files" in path:
+    if "task_files" in path or leaf == "include_paths":
         return ["changed task files"]
     shown_old, shown_new = _show(old, names), _show(new, names)
     if _is_input(old) or _is_input(new):

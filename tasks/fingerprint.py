@@ -44,7 +44,8 @@ STAGE = Stage(
     compute=_fingerprint,
     uses=FINGERPRINT,
     not_in_key={"name": "a label: the directory's content is what is hashed"},
-    key_parts=lambda a: {"uri": [a["uri"], _stat_or_missing(a["uri"])]},
+    # the directory and its stat signature: rehashed only when its files change
+    key_parts=lambda a: {"uri": {"uri": a["uri"], "stat": _stat_or_missing(a["uri"])}},
     lineage=_lineage,
 )
 
