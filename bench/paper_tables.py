@@ -18,7 +18,6 @@ evaluations are computed once. Writes a markdown file with both tables.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -82,7 +81,8 @@ def merging_table(zoo: Path, work: Path, budget: int) -> list[dict]:
                     zoo,
                     work,
                     f"merge-{strategy}-{method}",
-                    filter={"strategy": strategy, "budget": budget},
+                    filter={"strategy": strategy}
+                    | ({"budget": budget} if strategy == "evolutionary" else {}),
                     merge={"method": method, "params": params},
                     mixture={"variant": "none"},
                 )
@@ -90,13 +90,8 @@ def merging_table(zoo: Path, work: Path, budget: int) -> list[dict]:
             board = {r["name"]: r for r in summary.get("leaderboard", [])}
             merged = [n for n in summary.get("merged", []) if n.startswith("merge-base-a-")]
             db = LineageDB(str(work / "lineage.duckdb"), read_only=True)
-            meta = db.query(
-                "SELECT a.meta FROM artifacts a JOIN runs r ON list_contains(from_json(r.outputs, "
-                "'[\"VARCHAR\"]'), a.artifact_id) WHERE a.kind = 'search' AND a.name = 'search:base-a' "
-                "AND r.flow_run_id = ?",
-                [summary.get("flow_run_id")],
-            )
-            kept = json.loads(meta["meta"][0])["accepted"] if meta.height else []
+            meta = db.output_meta(summary.get("flow_run_id") or "", "search", "search:base-a")
+            kept = meta.get("accepted", [])
             row = board.get(merged[0]) if merged else None
             family = [r for n, r in board.items() if n in members and r["kind"] == "model"]
             best = max(family, key=lambda r: r["mean"], default=None)

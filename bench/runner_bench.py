@@ -74,11 +74,7 @@ def main() -> None:
         f"dask ({args.workers} workers): {dask_s:.1f} s; threads / dask = {threads_s / dask_s:.2f}"
     )
     db = LineageDB(str(db_path), read_only=True)
-    rows = db.query(
-        "SELECT r.seconds, r.worker FROM runs r JOIN artifacts a ON a.run_id = r.run_id "
-        "WHERE r.stage = 'evaluate' AND r.status = 'completed' AND a.kind = 'evaluation' "
-        "AND a.name NOT LIKE 'eval:merge-%' AND a.name NOT LIKE 'eval:mixture-%'"
-    ).rows()
+    rows = db.zoo_evaluation_runs().rows()
     per_model = statistics.median(s for s, _ in rows)
     print(
         f"zoo model evaluation: median {per_model:.1f} s over {len(rows)} models, "

@@ -101,6 +101,26 @@ class Queries(Database):
         rows = self._select("SELECT meta FROM artifacts WHERE artifact_id = ?", [artifact_id])
         return json.loads(rows["meta"][0]) if rows.height and rows["meta"][0] else {}
 
+    def output_meta(self, flow_run_id: str, kind: str, name: str) -> dict[str, Any]:
+        """The ``meta`` of the ``kind`` artifact named ``name`` that a stage call of the flow
+        run output (computed, reused or cached); empty if none."""
+        rows = self._select(
+            "SELECT a.meta FROM artifacts a JOIN runs r ON list_contains("
+            "from_json(r.outputs, '[\"VARCHAR\"]'), a.artifact_id) "
+            "WHERE a.kind = ? AND a.name = ? AND r.flow_run_id = ? LIMIT 1",
+            [kind, name, flow_run_id],
+        )
+        return json.loads(rows["meta"][0]) if rows.height and rows["meta"][0] else {}
+
+    def zoo_evaluation_runs(self) -> pl.DataFrame:
+        """Every completed evaluation of a zoo model (not a merge or mixture): ``seconds``
+        and the ``worker`` it ran on."""
+        return self._select(
+            "SELECT r.seconds, r.worker FROM runs r JOIN artifacts a ON a.run_id = r.run_id "
+            "WHERE r.stage = 'evaluate' AND r.status = 'completed' AND a.kind = 'evaluation' "
+            "AND a.name NOT LIKE 'eval:merge-%' AND a.name NOT LIKE 'eval:mixture-%'"
+        )
+
     def artifact_names(self) -> dict[str, str]:
         """Artifact ids and fingerprints -> names."""
         rows = self._select("SELECT artifact_id, name FROM artifacts WHERE name IS NOT NULL")
