@@ -356,3 +356,17 @@ def latest_leaderboard(db_path: Path) -> dict[str, dict]:
     ).item()
     rows = db.leaderboard(flow_run_id=flow).drop("artifact_id", strict=False).to_dicts()
     return {r["name"]: r for r in rows}
+
+
+# --- mergekit, the reference of the differential tests ----------------------------------
+
+
+def run_mergekit(config_path: Path, out: Path) -> None:
+    """Run mergekit 0.1.5 on a merge YAML file (in process, no tokenizer or card)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(Path(config_path).read_text()))
+    run_merge(cfg, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))

@@ -135,9 +135,15 @@ def _from_mergekit(data: dict, root: Path) -> MergeSpec:
     unknown = set(data) - MERGEKIT_KEYS
     if unknown:
         raise MergeConfigError(f"unknown mergekit keys {sorted(unknown)}")
-    for key in ("slices", "modules", "tokenizer", "chat_template"):
+    for key in ("modules", "tokenizer", "chat_template"):
         if data.get(key) is not None:
             raise MergeConfigError(f"mergekit key {key!r} is not supported by this engine")
+    if data.get("slices") is not None:
+        from model_glue.merge.stack import parse_slices
+
+        if data.get("models") is not None:
+            raise MergeConfigError("give either 'slices' or 'models', not both")
+        return parse_slices(data, lambda p, key: _resolve_path(p, root, key))
     name = data["merge_method"]
     method = get_method(name)
     models = data.get("models")

@@ -100,6 +100,18 @@ def merge_to_directory(
     ``threads.py`` for why this matters). Default: torch's current setting less one
     (a core for I/O), shared among the workers.
     """
+    from model_glue.merge.stack import StackSpec, stack_to_directory
+
+    if isinstance(spec, StackSpec):  # ``slices:``: layers stacked (model_glue.merge.stack)
+        return stack_to_directory(
+            spec,
+            out_dir,
+            shard_size=shard_size,
+            progress=progress,
+            overwrite=overwrite,
+            threads=threads,
+            workers=workers,
+        )
     start = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -123,7 +135,10 @@ def merge_to_directory(
         workers = workers or choose_workers(plan, checkpoints)
         threads = threads or max(1, (torch.get_num_threads() - 1) // workers)
         with torch_threads(threads):
-            _stream(plan, checkpoints, values, writer, progress, workers)
+            try:
+                _stream(plan, checkpoints, values, writer, progress, workers)
+            finally:
+                writer.close()
         writer.finish()
         _write_metadata(spec, plan, checkpoints, tmp, input_fingerprints, card_extra)
         if out_dir.exists():
@@ -283,8 +298,7 @@ def _stream(
                 for f in pending:
                     f.cancel()
                 raise
-    finally:
-        writer.close()
+    finally:  # the writer stays open: a stack streams several plans into it
         for r in readers:
             r.close()
 

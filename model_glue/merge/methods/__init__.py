@@ -5,6 +5,7 @@ from model_glue.merge.methods import (  # noqa: F401
     dare,
     linear,
     model_stock,
+    passthrough,
     slerp,
     task_arithmetic,
     ties,
