@@ -12,7 +12,7 @@ import torch
 
 from model_glue.checkpoint import Checkpoint
 from model_glue.merge import load_merge_config, merge_to_directory
-from tests.factories import merge_zoo
+from tests.factories import merge_zoo, run_mergekit
 
 mergekit = pytest.importorskip(
     "mergekit", reason="mergekit 0.1.5 not installed (pip install -e '.[dev]')"
@@ -82,16 +82,6 @@ def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("mkzoo")
     _, _, base, fts = merge_zoo(root, 3, layers=3)
     return {"BASE": str(base), **{f"FT{i}": str(p) for i, p in enumerate(fts)}}
-
-
-def run_mergekit(config_path, out):
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    cfg = MergeConfiguration.model_validate(yaml.safe_load(config_path.read_text()))
-    run_merge(cfg, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
 
 
 @pytest.mark.slow
