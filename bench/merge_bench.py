@@ -55,7 +55,31 @@ CONFIGS = {
     "dare_ties": "merge_method: dare_ties\nbase_model: BASE\nmodels:\n"
     "  - {model: FT_A, parameters: {weight: 0.5, density: 0.5}}\n  - {model: FT_B, parameters: {weight: 0.5, density: 0.5}}\n"
     "dtype: bfloat16\n",
+    "della": "merge_method: della\nbase_model: BASE\nmodels:\n"
+    "  - {model: FT_A, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}\n"
+    "  - {model: FT_B, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}\ndtype: bfloat16\n",
+    "della_linear": "merge_method: della_linear\nbase_model: BASE\nmodels:\n"
+    "  - {model: FT_A, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}\n"
+    "  - {model: FT_B, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}\ndtype: bfloat16\n",
+    "sce": "merge_method: sce\nbase_model: BASE\nmodels:\n  - {model: FT_A}\n  - {model: FT_B}\n"
+    "parameters: {select_topk: 0.5}\ndtype: bfloat16\n",
+    "nuslerp": "merge_method: nuslerp\nmodels:\n"
+    "  - {model: FT_A, parameters: {weight: 0.6}}\n  - {model: FT_B, parameters: {weight: 0.4}}\n"
+    "dtype: bfloat16\n",
+    "multislerp": "merge_method: multislerp\nmodels:\n"
+    "  - {model: BASE, parameters: {weight: 0.4}}\n  - {model: FT_A, parameters: {weight: 0.3}}\n"
+    "  - {model: FT_B, parameters: {weight: 0.3}}\ndtype: bfloat16\n",
+    "karcher": "merge_method: karcher\nmodels:\n  - {model: BASE}\n  - {model: FT_A}\n  - {model: FT_B}\n"
+    "dtype: bfloat16\n",
+    "nearswap": "merge_method: nearswap\nbase_model: BASE\nmodels:\n  - {model: FT_A}\n"
+    "parameters: {t: 0.001}\ndtype: bfloat16\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: BASE\nmodels:\n  - {model: FT_A}\n"
+    "dtype: bfloat16\n",
+    # SOLAR-style depth up-scaling of the base: layers [0, 8) then [4, 12), 16 layers
+    "slices": "slices:\n  - sources: [{model: BASE, layer_range: [0, 8]}]\n"
+    "  - sources: [{model: BASE, layer_range: [4, 12]}]\nmerge_method: passthrough\ndtype: bfloat16\n",
 }
+RANDOM = ("dare_ties", "della", "della_linear")  # masks differ between the tools by design
 
 
 def make_inputs(deltas: str = "dense") -> None:
@@ -266,7 +290,7 @@ def main() -> None:
             "load": os.getloadavg(),
             "runs": runs,
         }
-        if method != "dare_ties":  # random masks differ between the tools by design
+        if method not in RANDOM:
             row["diff"] = compare(work / f"{method}-ours", work / f"{method}-mergekit")
         results[method] = row
         print(
