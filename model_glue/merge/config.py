@@ -53,6 +53,8 @@ MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
     "dare_linear": {"density": 1.0, "rescale": "l1"},
     "breadcrumbs": {"density": 1.0},
     "breadcrumbs_ties": {"density": 1.0, "normalize": False},
+    "della": {"density": 1.0},
+    "della_linear": {"density": 1.0},
 }
 
 

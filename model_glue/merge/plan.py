@@ -17,7 +17,7 @@ import torch
 
 from model_glue.architectures import infer_layout
 from model_glue.errors import InputError
-from model_glue.merge.params import depth_position, resolve
+from model_glue.merge.params import MergeConfigError, depth_position, resolve
 from model_glue.merge.registry import MergeMethod
 
 
@@ -203,7 +203,8 @@ def resolve_tensor_params(
     model_settings: Sequence[Mapping[str, Any]],
     model_names: Sequence[str],
 ) -> dict[str, Any]:
-    """Parameter values for one tensor: per-model first, then global, then default."""
+    """Parameter values for one tensor: per-model first, then global, then default;
+    checked by the method's rule across parameters, if it has one."""
     out: dict[str, Any] = {}
     for p in method.params:
         g = global_settings.get(p.name)
@@ -214,6 +215,11 @@ def resolve_tensor_params(
             )
         else:
             out[p.name] = resolve(p, (g,), job.name, job.t, "params")
+    if method.check is not None:
+        try:
+            method.check(out, model_names)
+        except MergeConfigError as e:
+            raise MergeConfigError(f"tensor {job.name!r}: {e}") from None
     return out
 
 

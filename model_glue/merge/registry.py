@@ -31,13 +31,13 @@ chunked path it sums over the same ``CHUNK``-aligned blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from model_glue.merge.params import MergeConfigError, Param
+from model_glue.merge.params import MergeConfigError, Param, resolve
 
 BaseRule = Literal["required", "none"]
 
@@ -70,6 +70,9 @@ ReduceFn = Callable[
     [torch.Tensor | None, list[torch.Tensor], Mapping[str, Any], TensorContext],
     list[float] | None,
 ]
+# A rule across parameters (say density and epsilon), on one tensor's resolved values
+# and the model names; it raises MergeConfigError naming the parameter.
+CheckFn = Callable[[Mapping[str, Any], Sequence[str]], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class MergeMethod:
     max_models: int | None = None
     chunked: bool = False  # may run on chunks: see "Chunked methods" above
     reduce: ReduceFn | None = None  # per-tensor sums a chunked method needs
+    check: CheckFn | None = None  # a rule across parameters: see check_settings
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -93,6 +97,44 @@ class MergeMethod:
         raise MergeConfigError(
             f"merge method {self.name!r} has no parameter {name!r} (allowed: {allowed})"
         )
+
+    def check_settings(
+        self,
+        params: Mapping[str, Any],
+        model_params: Sequence[Mapping[str, Any]],
+        names: Sequence[str],
+    ) -> None:
+        """Run ``check`` at configuration time on every value a tensor can get, as far
+        as that is known without tensor names: scalars, and gradients at each of their
+        breakpoints. Filtered settings, and gradients whose rule holds at the breakpoints
+        but not between them, are caught per tensor by the planner, before any tensor is
+        read. Missing required parameters are left to the caller's own check."""
+        if self.check is None:
+            return
+        settings = [params.get(p.name) for p in self.params]
+        settings += [mp.get(p.name) for mp in model_params for p in self.per_model_params]
+        if any(_filtered(s) for s in settings):
+            return
+        ts = {0.0, 1.0}
+        for s in settings:
+            if isinstance(s, list) and len(s) > 1:
+                ts.update(i / (len(s) - 1) for i in range(len(s)))
+        for t in sorted(ts):
+            values: dict[str, Any] = {}
+            for p in self.params:
+                g = params.get(p.name)
+                if p.per_model:
+                    chosen = [mp.get(p.name, g) for mp in model_params]
+                    if p.required and any(c is None for c in chosen):
+                        return
+                    values[p.name] = tuple(
+                        resolve(p, (c,), "", t, n) for c, n in zip(chosen, names, strict=True)
+                    )
+                else:
+                    if p.required and g is None:
+                        return
+                    values[p.name] = resolve(p, (g,), "", t, "params")
+            self.check(values, names)
 
     @property
     def per_model_params(self) -> tuple[Param, ...]:
@@ -140,13 +182,15 @@ def merge_method(
     max_models: int | None = None,
     chunked: bool = False,
     reduce: ReduceFn | None = None,
+    check: CheckFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn`` under ``name``; duplicate names are programming errors.
 
     ``chunked`` declares that the engine may call ``fn`` on cache-sized chunks of a
     tensor, after ``reduce`` (if given) has summed what ``fn`` needs over the whole tensor
     (see "Chunked methods" above). A method that needs a per-tensor statistic other
-    than a sum, such as a top-k threshold, is not chunked.
+    than a sum, such as a top-k threshold, is not chunked. ``check``: a rule across
+    parameters, run on every tensor's values before the merge starts.
     """
     if reduce is not None and not chunked:
         raise ValueError(f"merge method {name!r}: reduce is only used by chunked methods")
@@ -155,7 +199,17 @@ def merge_method(
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         METHODS[name] = MergeMethod(
-            name, fn, params, base, summary, reference, min_models, max_models, chunked, reduce
+            name,
+            fn,
+            params,
+            base,
+            summary,
+            reference,
+            min_models,
+            max_models,
+            chunked,
+            reduce,
+            check,
         )
         return fn
 
@@ -246,3 +300,10 @@ def merge_chunks(
     for start, stop in bounds:
         ctx = TensorContext(tensor_name, model_names, offset=start, totals=totals, memo=memo)
         out[start:stop].copy_(method.fn(*chunk(start, stop), values, ctx))
+
+
+def _filtered(setting: Any) -> bool:
+    """A setting with ``{filter, value}`` entries: its value depends on the tensor name."""
+    if isinstance(setting, Mapping):
+        return True
+    return isinstance(setting, list) and any(isinstance(e, Mapping) for e in setting)

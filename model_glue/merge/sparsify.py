@@ -1,4 +1,5 @@
-"""Sparsification of task vectors: magnitude top-k, breadcrumbs band, seeded random drop.
+"""Sparsification of task vectors: magnitude top-k, breadcrumbs band, seeded random drop
+(DARE's uniform one and DELLA's magnitude-ranked one).
 
 Why not sort: mergekit argsorts every task vector to find its top-k, an O(n log n) pass
 that dominates a TIES merge. Here the k-th largest magnitude is found in linear time by
@@ -13,7 +14,8 @@ PCG64 stream seeded from (seed, tensor name, model name). A result therefore dep
 neither processing order nor thread count, nor on whether the tensor is processed whole
 or in chunks (the stream is advanced to a chunk's offset). Draws are 16-bit, so the
 effective keep probability is ``round(density * 65536) / 65536``; rescaling uses that
-exact value.
+exact value. DELLA (:func:`magprune_`) draws from the same streams, each element against
+its own rank-dependent threshold.
 """
 
 from __future__ import annotations
@@ -184,12 +186,18 @@ class RandomKeep:
         """Booleans for elements ``[offset, offset + n)``; ``offset`` a multiple of 4."""
         if offset % 4:
             raise ValueError(f"offset {offset} is not a multiple of 4")
-        if self._bitgen is None or offset != self._next:
+        return np.less(self.uniform16(offset, n), self.threshold, out=out)
+
+    def uniform16(self, offset: int, n: int) -> np.ndarray:
+        """The 16-bit draws of elements ``[offset, offset + n)`` (any offset)."""
+        skip = offset % 4
+        start = offset - skip
+        if self._bitgen is None or start != self._next:
             self._bitgen = np.random.PCG64(self._seed)
-            self._bitgen.advance(offset // 4)
-        raw = self._bitgen.random_raw(-(-n // 4))
-        self._next = offset + n if n % 4 == 0 else -1
-        return np.less(raw.view("<u2")[:n], self.threshold, out=out)
+            self._bitgen.advance(start // 4)
+        raw = self._bitgen.random_raw(-(-(skip + n) // 4))
+        self._next = offset + n if (offset + n) % 4 == 0 else -1
+        return raw.view("<u2")[skip : skip + n]
 
 
 @dataclass(frozen=True)
@@ -272,3 +280,72 @@ def _l1(values: np.ndarray, offset: int) -> float:
     return math.fsum(
         float(np.add.reduce(np.abs(values[a:b]))) for a, b in blocks(len(values), offset)
     )
+
+
+def magprune_(
+    tau: torch.Tensor,
+    density: float,
+    epsilon: float,
+    seed: int,
+    *,
+    inverse: bool = False,
+    measure_l1: bool = False,
+) -> Drop:
+    """DELLA's MAGPRUNE in place: keep each entry with a probability that grows with its
+    magnitude's rank within its row.
+
+    Ranks run along dimension 1 (a 1-D tensor is one row; for more than two dimensions,
+    as mergekit, along dimension 1 for each index of the others), ascending by magnitude
+    (equal magnitudes: lower index first), and the keep probability of rank ``r`` among
+    ``m`` is ``density - epsilon + 2 epsilon r / (m - 1)`` (``density`` when ``m`` is 1,
+    where mergekit fails). Entry ``j`` is kept when the ``j``-th 16-bit draw of the
+    :class:`RandomKeep` stream of ``seed`` is below ``round(p * 65536)``, so the result
+    depends neither on threads nor on processing order. ``inverse``: divide each kept
+    entry by that exact probability (the DELLA paper's rescaling). ``measure_l1``: as in
+    :func:`drop_` (the same ``CHUNK``-aligned blocks). ``density >= 1`` keeps
+    everything, ``density <= 0`` nothing.
+
+    Works on blocks of whole rows (about ``_ROW_BLOCK`` elements), so the ranks and draws
+    never need more than a few block-sized buffers.
+    """
+    flat = tau.view(-1)
+    values = flat.numpy()
+    n = flat.numel()
+    if density >= 1 or density <= 0 or n == 0:
+        l1 = _l1(values, 0) if measure_l1 else 0.0
+        if density >= 1:
+            return Drop(1.0, l1, l1)
+        flat.zero_()
+        return Drop(0.0, l1, 0.0)
+    shape = tuple(tau.shape) if tau.dim() >= 2 else (1, n)
+    outer, m = shape[0], shape[1]
+    inner = n // (outer * m)
+    rows = tau.view(outer, m, inner)
+    low, step = density - epsilon, (2 * epsilon / (m - 1) if m > 1 else 0.0)
+    if m == 1:
+        low = density
+    keep = RandomKeep(density, seed)
+    per_block = max(1, _ROW_BLOCK // (m * inner))
+    before = _l1(values, 0) if measure_l1 else 0.0
+    for a in range(0, outer, per_block):
+        b = min(outer, a + per_block)
+        block = rows[a:b]
+        order = torch.argsort(block.abs(), dim=1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(m).view(1, m, 1).expand_as(order))
+        del order
+        threshold = torch.round((rank.double() * step + low) * 65536).clamp_(0, 65536)
+        threshold = threshold.to(torch.int32).view(-1).numpy()
+        del rank
+        start, stop = a * m * inner, b * m * inner
+        v = values[start:stop]
+        kept = np.less(keep.uniform16(start, stop - start), threshold)
+        if inverse:
+            scale = np.divide(65536.0, threshold, where=kept, out=np.zeros(len(v)))
+            np.multiply(v, scale.astype(np.float32), out=v)
+        else:
+            np.multiply(v, kept, out=v)
+    return Drop(density, before, _l1(values, 0) if measure_l1 else 0.0)
+
+
+_ROW_BLOCK = CHUNK  # elements of the row blocks magprune_ ranks and draws at once

@@ -144,6 +144,7 @@ class MergeSpec:
                     raise MergeConfigError(
                         f"merge method {method.name!r}: parameter {p.name!r} is required (missing for {where})"
                     )
+        method.check_settings(self.params, [m.params for m in self.models], names)
         dtype_name(self.dtype)
         if self.vocab not in VOCAB_POLICIES:
             raise MergeConfigError(

@@ -3,9 +3,11 @@
 from model_glue.merge.methods import (  # noqa: F401
     breadcrumbs,
     dare,
+    della,
     linear,
     model_stock,
     passthrough,
+    sce,
     slerp,
     task_arithmetic,
     ties,

@@ -2,10 +2,11 @@
 
 Defaults follow one rule, so that sibling methods never silently differ:
 ``normalize`` is true exactly for the methods that elect a sign (TIES, DARE-TIES,
-Breadcrumbs-TIES: their "disjoint mean" divides by the weights that agree) and for
+Breadcrumbs-TIES, DELLA: their "disjoint mean" divides by the weights that agree) and for
 linear; it is false for the methods that add task vectors (task arithmetic, DARE-linear,
-Breadcrumbs). ``weight`` defaults to 1 and ``lambda`` to 1 everywhere. ``density`` has no
-default: a sparsifying merge always says how much it keeps.
+Breadcrumbs, DELLA-linear). ``weight`` defaults to 1 and ``lambda`` to 1 everywhere.
+``density`` has no default: a sparsifying merge always says how much it keeps. ``seed``
+(default 0) seeds the random masks of DARE and DELLA.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DENSITY = Param(
 LAMBDA = Param(
     "lambda", float, per_model=False, default=1.0, help="scale of the merged task vector"
 )
+SEED = Param("seed", int, per_model=False, default=0, help="seed of the random drop masks")
 
 
 def normalize(default: bool) -> Param:

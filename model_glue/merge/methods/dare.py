@@ -15,6 +15,7 @@ import numpy as np
 from model_glue.merge.methods._common import (
     DENSITY,
     LAMBDA,
+    SEED,
     WEIGHT,
     normalize,
     sign_consensus_merge,
@@ -34,7 +35,6 @@ RESCALE = Param(
     choices=("inverse_density", "l1", "none"),
     aliases={True: "inverse_density", False: "none"},
 )
-SEED = Param("seed", int, per_model=False, default=0, help="seed of the random drop masks")
 
 
 def _keeps(params, ctx) -> list[RandomKeep]:
