@@ -151,9 +151,10 @@ def mergeable(clusters: list[list[ModelRef]], cfg: RunConfig, rec: StageRunner) 
             continue
         anchor = _anchor(members, cfg)
         base = None
-        if METHODS[cfg.merge.method].base != "none":  # task vectors: the declared base
+        rule = METHODS[cfg.merge.method].base
+        if rule != "none":  # task vectors: the declared base (if any, for "optional")
             base = next((m for m in members if m.name == anchor), None)
-            if base is None:
+            if base is None and rule == "required":
                 why = f"{cfg.merge.method} needs a base; no declared base in it"
                 rec.failures.append(Failure("merge", f"cluster of {anchor}", why, True))
                 rec.say(f"merge cluster of {anchor}: {why}", "red")

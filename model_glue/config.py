@@ -281,6 +281,20 @@ class RunConfig(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _searchable_method(self) -> RunConfig:
+        """A search sets per-model weights on any subset of a cluster: the method must
+        take them (see MergeMethod.search_refusal)."""
+        from model_glue.merge import METHODS
+
+        method = METHODS[self.merge.method]
+        if self.filter.spec.search is not None and method.search_refusal:
+            raise ValueError(
+                f"merge.method: {method.name!r} cannot be searched by filter.strategy "
+                f"{self.filter.strategy!r}: {method.search_refusal} (use strategy 'none')"
+            )
+        return self
+
 
 def _format_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
     lines = []

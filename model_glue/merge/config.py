@@ -158,16 +158,19 @@ def _from_mergekit(data: dict, root: Path) -> MergeSpec:
         if not isinstance(m, dict) or "model" not in m:
             raise MergeConfigError(f"models[{i}]: expected a mapping with 'model'")
         uri = _resolve_path(m["model"], root, f"models[{i}].model")
-        if base is not None and uri == base and method.base == "required":
-            continue  # mergekit lists the base among the models; its task vector is zero
+        if base is not None and uri == base and method.base != "none":
+            continue  # mergekit lists the base among the models; it enters as the base only
         inputs.append(ModelInput(uri, None, dict(m.get("parameters") or {})))
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source == "union":
         raise MergeConfigError("tokenizer_source: union is not supported (use base or one model)")
     if method.base == "none" and base is not None:
-        # mergekit ignores base_model for methods without one; keep it as the tokenizer source.
+        # mergekit merges an unlisted base_model as one more (last) input of the methods
+        # without a base; it stays the tokenizer source.
+        if base not in {m.uri for m in inputs}:
+            inputs.append(ModelInput(base))
         if tokenizer_source in (None, "base"):
-            tokenizer_source = base if base in {m.uri for m in inputs} else None
+            tokenizer_source = base
         base = None
     elif tokenizer_source not in (None, "base"):
         tokenizer_source = _resolve_path(tokenizer_source, root, "tokenizer_source")

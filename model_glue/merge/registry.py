@@ -39,7 +39,14 @@ import torch
 
 from model_glue.merge.params import MergeConfigError, Param, resolve
 
-BaseRule = Literal["required", "none"]
+# "optional": with a base the method works on task vectors against it, without one on the
+# models themselves (mergekit's BasePolicy.OPTIONAL).
+BaseRule = Literal["required", "optional", "none"]
+BASE_RULES: dict[str, str] = {
+    "required": "needs a base model",
+    "optional": "base model optional: with one, task vectors against it",
+    "none": "no base model",
+}
 
 
 CHUNK = 1 << 18  # elements per chunk (1 MiB in float32): each pass over a chunk runs in cache
@@ -160,10 +167,26 @@ class MergeMethod:
                 f"merge method {self.name!r} takes at most {self.max_models} model(s) besides the base, got {num_models}"
             )
 
+    @property
+    def search_refusal(self) -> str | None:
+        """Why the search cannot tune this method, or None when it can. A search sets each
+        model's ``weight`` and merges any subset of a cluster, from one model up."""
+        if not any(p.name == "weight" and p.per_model for p in self.params):
+            return "it has no per-model weight to set"
+        if self.max_models == self.min_models:
+            n = self.min_models
+            return f"it takes exactly {n} model{'s' if n > 1 else ''}"
+        if self.min_models > 1:
+            return f"it needs at least {self.min_models} models (a search starts from one)"
+        if self.max_models is not None:
+            return f"it takes at most {self.max_models} models"
+        return None
+
     def help(self) -> str:
         """Text for CLI help and docs, derived from the declaration."""
-        base = "needs a base model" if self.base == "required" else "no base model"
-        lines = [f"{self.name}: {self.summary} ({base}; {self.reference})"]
+        base = BASE_RULES[self.base]
+        refusal = f"; not searchable: {self.search_refusal}" if self.search_refusal else ""
+        lines = [f"{self.name}: {self.summary} ({base}; {self.reference}{refusal})"]
         lines += [f"  - {p.describe()}" for p in self.params]
         return "\n".join(lines)
 
@@ -234,7 +257,7 @@ def methods_markdown() -> str:
     out = []
     for name in sorted(METHODS):
         m = METHODS[name]
-        base = "needs a base model" if m.base == "required" else "no base model"
+        base = BASE_RULES[m.base]
         if m.max_models is None:
             count = f"{m.min_models} or more"
         elif m.max_models == m.min_models:
@@ -242,8 +265,9 @@ def methods_markdown() -> str:
         else:
             count = f"{m.min_models} to {m.max_models}"
         summary = m.summary[0].upper() + m.summary[1:]
+        refusal = f" Not searchable: {m.search_refusal}." if m.search_refusal else ""
         out.append(
-            f"### `{name}`\n\n{summary}. {base.capitalize()}; {count} other model(s). {m.reference}\n"
+            f"### `{name}`\n\n{summary}. {base[0].upper() + base[1:]}; {count} other model(s).{refusal} {m.reference}\n"
         )
         out.append(
             "| parameter | type | scope | default | allowed | meaning |\n|---|---|---|---|---|---|"

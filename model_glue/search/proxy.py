@@ -228,13 +228,13 @@ class ProxyScorer:
         key = (method, models)
         merger = self._mergers.pop(key, None)
         if merger is None:
-            uses_base = get_method(method).base == "required"
-            if uses_base and self.base is None:
+            rule = get_method(method).base
+            if rule == "required" and self.base is None:
                 raise ValueError(f"merge method {method!r} needs a base model; none was given")
             merger = Merger(
                 method,
                 [self.states[m] for m in models],
-                self.base if uses_base else None,
+                self.base if rule != "none" else None,  # "optional": task vectors when given
                 names=list(models),
                 num_layers=self.num_layers,
                 layer_of=self.layout.layer_of,
