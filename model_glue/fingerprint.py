@@ -21,6 +21,7 @@ import torch
 
 from model_glue.architectures import config_value
 from model_glue.checkpoint import Checkpoint, _join
+from model_glue.sketch import SketchSettings, sketch_tensor, sketched_tensors
 
 FINGERPRINT_VERSION = "1"
 _CHUNK = 16 * 1024 * 1024
@@ -101,9 +102,15 @@ def tokenizer_hash(ckpt: Checkpoint) -> str:
 _FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
-def _tensor_digest(ckpt: Checkpoint, name: str, finite: list[bool] | None = None) -> str:
+def _tensor_digest(
+    ckpt: Checkpoint,
+    name: str,
+    finite: list[bool] | None = None,
+    keep: bytearray | None = None,
+) -> str:
     """sha256 of a tensor's bytes; with ``finite``, also appends whether every value of a
-    floating tensor is finite (the chunk is already in memory: one ``isfinite`` pass)."""
+    floating tensor is finite (the chunk is already in memory: one ``isfinite`` pass);
+    with ``keep`` (``nbytes`` long), also copies the bytes there (for its sketch)."""
     info = ckpt.tensors[name]
     h = hashlib.sha256()
     check = finite is not None and info.dtype in _FLOATS and info.nbytes > 0
@@ -116,6 +123,9 @@ def _tensor_digest(ckpt: Checkpoint, name: str, finite: list[bool] | None = None
             if not chunk:
                 raise ValueError(f"{ckpt.uri}/{info.file}: truncated while hashing {name!r}")
             h.update(chunk)
+            if keep is not None:
+                done = info.nbytes - remaining
+                keep[done : done + len(chunk)] = chunk
             if check and ok:
                 with warnings.catch_warnings():  # a read-only buffer: only read here
                     warnings.simplefilter("ignore", UserWarning)
@@ -131,14 +141,35 @@ def fingerprint_checkpoint(
     uri: str | Checkpoint, *, progress: Callable[[int, int], None] | None = None
 ) -> ModelFingerprint:
     """Hash a checkpoint's content. Reads every tensor once, in bounded chunks."""
+    return fingerprint_and_sketch(uri, None, progress=progress)[0]
+
+
+def fingerprint_and_sketch(
+    uri: str | Checkpoint,
+    sketch: SketchSettings | None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[ModelFingerprint, dict[str, torch.Tensor]]:
+    """The fingerprint and, with ``sketch`` settings, the sketch of every matrix
+    similarity may compare (:mod:`model_glue.sketch`), made from the bytes the hash reads:
+    no extra read of the checkpoint. Memory: one tensor at a time."""
     ckpt = uri if isinstance(uri, Checkpoint) else Checkpoint(str(uri))
     layout = ckpt.layout  # tensors that contradict the declared architecture fail here
     outer = hashlib.sha256(f"model-glue-fingerprint-v{FINGERPRINT_VERSION}\n".encode())
     total = len(ckpt.tensors)
     nonfinite = []
+    targets = set(sketched_tensors(layout)) if sketch is not None else set()
+    sketches: dict[str, torch.Tensor] = {}
     for i, (name, info) in enumerate(ckpt.tensors.items()):  # sorted by name: shard-independent
         finite: list[bool] = []
-        digest = _tensor_digest(ckpt, name, finite)
+        keep = bytearray(info.nbytes) if name in targets and info.nbytes else None
+        digest = _tensor_digest(ckpt, name, finite, keep)
+        if keep is not None:
+            with warnings.catch_warnings():  # the buffer is ours and not written again
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.frombuffer(keep, dtype=info.torch_dtype).reshape(info.shape)
+            sketches[name] = sketch_tensor(layout, name, tensor, sketch)
+            del tensor, keep
         outer.update(f"{name}|{info.dtype}|{list(info.shape)}|{digest}\n".encode())
         if not finite[0]:
             nonfinite.append(name)
@@ -147,7 +178,7 @@ def fingerprint_checkpoint(
     content = outer.hexdigest()
     arch = architecture_signature(ckpt)
     tok = tokenizer_hash(ckpt)
-    return ModelFingerprint(
+    fp = ModelFingerprint(
         fingerprint=_sha(f"{content}|{arch}|{tok}")[:32],
         content_hash=content,
         arch_signature=arch,
@@ -163,6 +194,7 @@ def fingerprint_checkpoint(
         layout=layout.describe(),
         layout_inferred=layout.inferred,
     )
+    return fp, sketches
 
 
 def stat_signature(uri: str) -> str:

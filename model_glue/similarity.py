@@ -18,7 +18,7 @@ same pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -129,16 +129,10 @@ def pairwise_similarity(
     """
     groups = list(groups)
     names = sorted(checkpoints)
-    wanted = sorted(
-        {tuple(sorted(p)) for p in pairs} if pairs is not None else combinations(names, 2)
-    )
+    wanted = _wanted(names, pairs)
     involved = sorted({m for p in wanted for m in p})
-    missing = set(involved) - checkpoints.keys()
-    if missing:
-        raise KeyError(f"pairs name unknown model(s): {sorted(missing)}")
-    result = SimilarityResult(names=names, tensors=[], groups=groups, base=None)
     if not wanted:
-        return result
+        return SimilarityResult(names=names, tensors=[], groups=groups, base=None)
     first = checkpoints[involved[0]]
     layout = first.layout
     tensors = select_tensors(layout, groups)
@@ -154,9 +148,81 @@ def pairwise_similarity(
                     f"{ck.uri}: tensor {t!r} missing or shaped differently than in {first.uri}; "
                     "similarity is only defined within one architecture"
                 )
-    result.tensors = tensors
+
+    def columns(ck: Checkpoint, t: str) -> torch.Tensor:
+        stored = ck.tensor(t).float()
+        return layout.input_columns(t, stored[None])[0] if stored.dim() == 2 else stored
+
+    return _similarities(
+        names,
+        wanted,
+        layout,
+        tensors,
+        groups,
+        lambda m, t: columns(checkpoints[m], t),
+        None if base is None else (base.uri, lambda t: columns(base, t)),
+        progress,
+    )
+
+
+def sketch_similarity(
+    sketches: Mapping[str, Mapping[str, torch.Tensor]],
+    layout: Layout,
+    *,
+    groups: Iterable[str] = DEFAULT_GROUPS,
+    pairs: Iterable[tuple[str, str]] | None = None,
+    base: tuple[str, Mapping[str, torch.Tensor]] | None = None,
+) -> SimilarityResult:
+    """The same metrics as :func:`pairwise_similarity`, estimated from the models'
+    sketches (:mod:`model_glue.sketch`): no checkpoint is read. ``layout``: the models'
+    architecture; ``base``: (name, sketch) for task-vector cosine."""
+    groups = list(groups)
+    names = sorted(sketches)
+    wanted = _wanted(names, pairs)
+    tensors = select_tensors(layout, groups)
+    if not tensors:
+        raise SimilarityError(f"no {'/'.join(groups)} tensors to compare ({layout.describe()})")
+    for m in {x for p in wanted for x in p}:
+        if missing := [t for t in tensors if t not in sketches[m]]:
+            raise SimilarityError(f"the sketch of {m} lacks {missing[0]!r}")
+    return _similarities(
+        names,
+        wanted,
+        layout,
+        tensors,
+        groups,
+        lambda m, t: sketches[m][t].float(),
+        None if base is None else (base[0], lambda t: base[1][t].float()),
+        None,
+    )
+
+
+def _wanted(names: list[str], pairs: Iterable[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    wanted = sorted(
+        {tuple(sorted(p)) for p in pairs} if pairs is not None else combinations(names, 2)
+    )
+    missing = {m for p in wanted for m in p} - set(names)
+    if missing:
+        raise KeyError(f"pairs name unknown model(s): {sorted(missing)}")
+    return wanted  # type: ignore[return-value]
+
+
+def _similarities(
+    names: list[str],
+    wanted: list[tuple[str, str]],
+    layout: Layout,
+    tensors: list[str],
+    groups: list[str],
+    columns_of: Callable[[str, str], torch.Tensor],
+    base: tuple[str, Callable[[str], torch.Tensor]] | None,
+    progress: Callable[[int, int], None] | None,
+) -> SimilarityResult:
+    """The one pass behind both: ``columns_of(model, tensor)`` gives ``[out, in]`` input
+    columns (a checkpoint's, or a sketch's ``[k, in]``), or a 1-D tensor as it is."""
+    involved = sorted({m for p in wanted for m in p})
+    result = SimilarityResult(names=names, tensors=tensors, groups=groups, base=None)
     result.layers = {t: layout.layer_of(t) for t in tensors}
-    result.base = base.uri if base is not None else None
+    result.base = base[0] if base is not None else None
     idx = {m: i for i, m in enumerate(involved)}
     n = len(involved)
     flat = torch.zeros(n, n, dtype=torch.float64)
@@ -165,16 +231,15 @@ def pairwise_similarity(
     col_count = dict.fromkeys(groups, 0)
     per_tensor_cos: dict[str, torch.Tensor] = {}
     for k, t in enumerate(tensors):
-        stack = torch.stack([checkpoints[m].tensor(t).float() for m in involved])
-        columns = layout.input_columns(t, stack)  # [N, out, in] whatever the storage
-        cos = column_cosine_gram(columns) if stack.dim() == 3 else _cos_from_gram(_flat_gram(stack))
+        stack = torch.stack([columns_of(m, t) for m in involved])
+        cos = column_cosine_gram(stack) if stack.dim() == 3 else _cos_from_gram(_flat_gram(stack))
         per_tensor_cos[t] = cos
         g = layout.group_of(t)
         col_sum[g] += cos
         col_count[g] += 1
         flat += _flat_gram(stack)
         if base is not None:
-            task += _flat_gram(stack - base.tensor(t).float()[None])
+            task += _flat_gram(stack - base[1](t)[None])
         del stack
         if progress:
             progress(k + 1, len(tensors))

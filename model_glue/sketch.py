@@ -1,0 +1,99 @@
+"""Random-projection sketches of a checkpoint's weight matrices, for similarity at scale.
+
+The paper's similarity compares the input columns ``W[:, j]`` of two models' projection
+matrices (cosine per column, averaged). A sketch keeps, per matrix, ``R W`` with ``R`` a
+seeded Gaussian matrix ``[k, out] / sqrt(k)``: ``k`` numbers per input column instead of
+``out``. Inner products survive the projection in expectation (``E[RᵀR] = I``), and so do
+cosines, with an error that shrinks as ``1/sqrt(k)`` per column and averages out over a
+matrix's columns and the model's matrices. ``R`` depends only on the settings, the tensor's
+name and its row count: every model of an architecture is projected the same way, so two
+sketches compare directly, and a sketch is linear (a task vector's sketch is the model's
+sketch minus the base's).
+
+Matrices of at most ``4 k`` rows are kept exactly (a projection would save little and
+cost accuracy on the few columns such small matrices have). At k = 32 a sketch is
+``32 / out`` of a matrix: 0.8% of a 7B model's 4096-row matrices in
+float32 against bfloat16 weights, 0.3% of its 11008-row MLP matrices. It is made while the
+fingerprint stage reads the checkpoint for hashing (no extra read), see
+:func:`model_glue.fingerprint.fingerprint_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model_glue.architectures import Layout
+
+SKETCH_VERSION = "1"
+SKETCH_GROUPS = ("attn", "mlp", "embed")  # what a sketch holds: every group similarity reads
+
+
+@dataclass(frozen=True)
+class SketchSettings:
+    """``k``: numbers kept per input column; ``seed``: of the projections (the same for
+    every model that is to be compared)."""
+
+    k: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"sketch k must be >= 1, got {self.k}")
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "seed": self.seed, "v": SKETCH_VERSION}
+
+
+@functools.lru_cache(maxsize=256)
+def projection(tensor: str, rows: int, k: int, seed: int) -> torch.Tensor:
+    """The ``[k, rows]`` Gaussian projection of one tensor's input columns."""
+    digest = hashlib.sha256(f"{seed}|{tensor}|{rows}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randn(k, rows, generator=g, dtype=torch.float32) / math.sqrt(k)
+
+
+def sketch_columns(tensor: str, columns: torch.Tensor, settings: SketchSettings) -> torch.Tensor:
+    """``[out, in]`` input columns -> ``[k, in]`` float32 sketch; a matrix of at most
+    ``4 k`` rows is kept as it is (exact; small matrices have too few columns for the
+    projection's errors to average out)."""
+    if columns.shape[0] <= 4 * settings.k:
+        return columns.float().clone()
+    r = projection(tensor, columns.shape[0], settings.k, settings.seed)
+    return r @ columns.float()
+
+
+def sketch_tensor(
+    layout: Layout, name: str, tensor: torch.Tensor, settings: SketchSettings
+) -> torch.Tensor:
+    """The sketch of one stored tensor (Conv1D ``[in, out]`` storage is transposed first)."""
+    columns = layout.input_columns(name, tensor[None])[0]
+    return sketch_columns(name, columns, settings)
+
+
+def sketched_tensors(layout: Layout) -> list[str]:
+    """The tensors a sketch holds: the 2-D tensors of every group similarity may read."""
+    return layout.select(SKETCH_GROUPS)
+
+
+def save_sketch(sketches: Mapping[str, torch.Tensor], path: Path, settings: SketchSettings) -> None:
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in settings.to_dict().items()}
+    save_file({n: t.contiguous() for n, t in sketches.items()}, str(path), metadata=meta)
+
+
+def load_sketch(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def sketch_bytes(sketches: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in sketches)
