@@ -80,7 +80,10 @@ def similarity(models: list[ModelRef], cfg: RunConfig, rec: StageRunner) -> Simi
     """Raw-weight similarity over each architecture group, and task-vector cosine inside
     each declared base family. A group whose similarity fails leaves its models as they
     are (the failure is recorded; the rest of the recipe runs)."""
-    groups = list(cfg.similarity.groups)
+    sc = cfg.similarity
+    groups = list(sc.groups)
+    # sketched values near the clustering threshold are computed exactly
+    how = {"exact": sc.exact, "metric": sc.metric, "threshold": sc.threshold}
     by_arch: dict[str, list[ModelRef]] = defaultdict(list)
     for m in models:
         by_arch[m.arch_signature or ""].append(m)
@@ -90,11 +93,22 @@ def similarity(models: list[ModelRef], cfg: RunConfig, rec: StageRunner) -> Simi
             continue
         raw[len(calls)] = members
         label = f"arch {arch[:8]} ({len(members)} models)"
-        calls.append(call(compute_similarity, label, models=by_fingerprint(members), groups=groups))
+        calls.append(
+            call(compute_similarity, label, models=by_fingerprint(members), groups=groups, **how)
+        )
         for base, tunes in _base_families(members, cfg):
             label = f"task vectors of {len(tunes)} fine-tunes of {base.name}"
             family = by_fingerprint([base, *tunes])
-            calls.append(call(compute_similarity, label, models=family, groups=groups, base=base))
+            calls.append(
+                call(
+                    compute_similarity,
+                    label,
+                    models=family,
+                    groups=groups,
+                    base=base,
+                    exact=sc.exact,
+                )
+            )
     outcomes = [rec.run(c) for c in calls]
     keys, failed = [], []
     for i, (c, o) in enumerate(zip(calls, outcomes, strict=True)):

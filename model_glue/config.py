@@ -50,6 +50,9 @@ class SimilarityConfig(_Strict):
     # "auto": the widest gap in each architecture group's measured similarities (see
     # model_glue.clustering.auto_threshold); a number is used as is (the paper: 0.95)
     threshold: float | Literal["auto"] = "auto"
+    # true: every pair from the checkpoints themselves (the paper's numbers to the last
+    # digit); false: from the sketches fingerprinting made, pairs near the threshold exact
+    exact: bool = False
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

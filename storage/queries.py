@@ -219,10 +219,13 @@ class Queries(Database):
         )
 
     def similarities_among(self, fingerprints: list[str], metric: str) -> pl.DataFrame:
-        """Pairwise similarities (``model_a``, ``model_b``, ``value``) within a set of models."""
+        """Pairwise similarities (``model_a``, ``model_b``, ``value``) within a set of
+        models; where a pair was refined, its exact value rather than its estimate."""
         return self._select(
             "SELECT model_a, model_b, value FROM similarities WHERE metric = ? "
-            "AND list_contains(?, model_a) AND list_contains(?, model_b)",
+            "AND list_contains(?, model_a) AND list_contains(?, model_b) "
+            "QUALIFY row_number() OVER (PARTITION BY model_a, model_b, tensor_set "
+            "ORDER BY coalesce(via, 'exact') = 'exact' DESC) = 1",
             [metric, fingerprints, fingerprints],
         )
 

@@ -113,11 +113,14 @@ DETAIL_TABLES: dict[str, DetailTable] = {
             required=("selection_id", "artifact_id"),
             key=("selection_id", "run_id"),
         ),
+        # via: 'sketch' (estimated from the models' sketches) or 'exact' (read from both
+        # checkpoints); a pair refined exactly later keeps both rows
         DetailTable(
             "similarities",
-            (*_PAIR, "tensor_set VARCHAR NOT NULL", "value DOUBLE", "run_id VARCHAR"),
+            (*_PAIR, "tensor_set VARCHAR NOT NULL", "value DOUBLE", "run_id VARCHAR",
+             "via VARCHAR"),
             required=("model_a", "model_b", "metric", "tensor_set", "value"),
-            key=("model_a", "model_b", "metric", "tensor_set"),
+            key=("model_a", "model_b", "metric", "tensor_set", "via"),
         ),
         # layer: parsed from names like model.layers.3.mlp... when a row brings none
         DetailTable(

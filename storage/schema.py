@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from storage.records import DETAIL_TABLES
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # the runs table as schema version 2 made it (what migration 2 rebuilds; frozen)
 RUNS_TABLE_V2 = """CREATE TABLE IF NOT EXISTS runs (
@@ -209,4 +209,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS label VARCHAR",
         "ALTER TABLE scores ADD COLUMN IF NOT EXISTS split VARCHAR",
     ),
+    # 6: how each similarity was computed (sketch or exact; NULL: exact, before sketches)
+    6: ("ALTER TABLE similarities ADD COLUMN IF NOT EXISTS via VARCHAR",),
 }

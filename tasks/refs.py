@@ -21,6 +21,7 @@ class ModelRef:
     dtype: str | None = None  # stored dtype, e.g. "BF16"
     arch_signature: str | None = None
     loader: str | None = None  # "mixture": evaluated through our lm-eval model class
+    sketch: str | None = None  # zoo models: the store key of the model's sketch
 
     @classmethod
     def zoo(cls, record: dict, name: str) -> ModelRef:
@@ -33,6 +34,7 @@ class ModelRef:
             artifact_id=record["fingerprint"],
             dtype=record.get("dtype"),
             arch_signature=record.get("arch_signature"),
+            sketch=record.get("sketch"),
         )
 
     def to_dict(self) -> dict:

@@ -128,10 +128,20 @@ def _samples(tasks_a: str, tasks_b: str) -> dict[str, tuple[dict, dict]]:
     must give another key."""
     a, b, c = _model("fa", "a"), _model("fb", "b"), _model("fc", "c")
     return {
-        "fingerprint": ({"name": "a", "uri": "/zoo/a"}, {"uri": "/zoo/b"}),
+        "fingerprint": (
+            {"name": "a", "uri": "/zoo/a"},
+            {"uri": "/zoo/b", "sketch_k": 16, "sketch_seed": 1},
+        ),
         "similarity": (
             {"models": [a, b], "groups": ["attn"]},
-            {"models": [a, c], "groups": ["mlp"], "base": c},
+            {
+                "models": [a, c],
+                "groups": ["mlp"],
+                "base": c,
+                "exact": True,
+                "metric": "sim_mlp",
+                "threshold": 0.9,
+            },
         ),
         "cluster": (
             {

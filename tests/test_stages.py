@@ -11,7 +11,7 @@ from storage import ArtifactStore
 from tasks.cluster import cluster_zoo
 from tasks.fingerprint import fingerprint_model
 from tasks.merge import merge_cluster
-from tasks.similarity import compute_similarity
+from tasks.similarity import EXACT_MARGIN, compute_similarity
 from tasks.stage import REUSED
 
 
@@ -30,37 +30,115 @@ def _fp(store_url, zoo, name):
     return fingerprint_model.fn(store_url=store_url, name=name, uri=str(zoo[name]))
 
 
-def test_adding_a_model_computes_only_its_pairs(zoo, tmp_path, monkeypatch):
-    store_url = str(tmp_path / "store")
-    recs = {n: _fp(store_url, zoo, n) for n in zoo}
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Tensor reads per checkpoint: fingerprinting's hashing reads and every other read."""
+    import model_glue.fingerprint as fingerprint
+
     reads: dict[str, int] = {}
-    orig = Checkpoint.tensor
+    tensor, digest = Checkpoint.tensor, fingerprint._tensor_digest
 
     def counted(self, name):
         reads[self.uri] = reads.get(self.uri, 0) + 1
-        return orig(self, name)
+        return tensor(self, name)
+
+    def hashed(ckpt, name, *args):
+        reads[ckpt.uri] = reads.get(ckpt.uri, 0) + 1
+        return digest(ckpt, name, *args)
 
     monkeypatch.setattr(Checkpoint, "tensor", counted)
+    monkeypatch.setattr(fingerprint, "_tensor_digest", hashed)
+    return reads
+
+
+def test_adding_a_model_reads_only_the_newcomer(zoo, tmp_path, counted_reads):
+    """Similarity comes from the sketches fingerprinting made: a zoo refresh that adds a
+    model reads that model once (to fingerprint it) and no other checkpoint."""
+    store_url = str(tmp_path / "store")
+    reads = counted_reads
+    recs = {n: _fp(store_url, zoo, n) for n in ("a", "a1", "a2")}
+    every_tensor = len(Checkpoint(str(zoo["a"])).tensors)
+    assert reads == {str(zoo[n]): every_tensor for n in ("a", "a1", "a2")}
+    reads.clear()
     first = compute_similarity.fn(
-        store_url=store_url, models=[recs[n] for n in ("a", "a1", "a2")], groups=["attn", "mlp"]
+        store_url=store_url, models=list(recs.values()), groups=["attn", "mlp"], threshold=0.5
+    )
+    assert (first["computed_pairs"], first["sketched_pairs"], first["exact_pairs"]) == (3, 3, 0)
+    assert reads == {}
+    recs |= {n: _fp(store_url, zoo, n) for n in zoo}  # the refresh: b is new
+    assert reads == {str(zoo["b"]): every_tensor}
+    reads.clear()
+    second = compute_similarity.fn(
+        store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"], threshold=0.5
+    )
+    assert (second["computed_pairs"], second["reused_pairs"]) == (3, 3)
+    assert reads == {}  # the new pairs came from sketches
+    by_pair = {(r["name_a"], r["name_b"], r["metric"]): r for r in second["pairs"]}
+    assert (
+        by_pair[("a", "a1", "sim_all")]["value"]
+        > 0.9
+        > abs(by_pair[("a", "b", "sim_all")]["value"])
+    )
+    assert {r["via"] for r in second["pairs"]} == {"sketch"}
+
+
+def test_a_pair_near_the_threshold_is_computed_exactly_and_only_it(zoo, tmp_path, counted_reads):
+    store_url = str(tmp_path / "store")
+    recs = {n: _fp(store_url, zoo, n) for n in zoo}
+    models = list(recs.values())
+    sketched = compute_similarity.fn(
+        store_url=store_url, models=models, groups=["attn", "mlp"], threshold=0.5
+    )
+    value = {
+        (r["name_a"], r["name_b"]): r["value"]
+        for r in sketched["pairs"]
+        if r["metric"] == "sim_all"
+    }
+    threshold = value[("a", "a1")] + 0.005
+    expected = {p for p, v in value.items() if abs(v - threshold) <= EXACT_MARGIN}
+    assert ("a", "a1") in expected and ("a", "b") not in expected
+    counted_reads.clear()
+    near = compute_similarity.fn(
+        store_url=store_url, models=models, groups=["attn", "mlp"], threshold=threshold
+    )
+    assert near["exact_pairs"] == len(expected)
+    assert set(counted_reads) == {str(zoo[n]) for p in expected for n in p}  # only those
+    via = {(r["name_a"], r["name_b"]): r["via"] for r in near["pairs"] if r["metric"] == "sim_all"}
+    assert via == {p: "exact" if p in expected else "sketch" for p in value}
+
+
+def test_exact_similarity_reads_each_model_once_per_new_pair_set(zoo, tmp_path, counted_reads):
+    """similarity.exact: true, the paper's numbers to the last digit: one streaming pass
+    over the models of the new pairs, every tensor of each read once."""
+    store_url = str(tmp_path / "store")
+    recs = {n: _fp(store_url, zoo, n) for n in zoo}
+    reads = counted_reads
+    reads.clear()
+    first = compute_similarity.fn(
+        store_url=store_url,
+        models=[recs[n] for n in ("a", "a1", "a2")],
+        groups=["attn", "mlp"],
+        exact=True,
     )
     assert (first["computed_pairs"], first["reused_pairs"]) == (3, 0)
     n_tensors = 14  # 2 layers x 7 projections
     assert reads == {str(zoo[n]): n_tensors for n in ("a", "a1", "a2")}
     reads.clear()
     second = compute_similarity.fn(
-        store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"]
+        store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"], exact=True
     )
     assert (second["computed_pairs"], second["reused_pairs"]) == (3, 3)
     # one pass: every tensor of the new model and of its partners read exactly once
     assert reads == {str(zoo[n]): n_tensors for n in zoo}
     reads.clear()
     again = compute_similarity.fn(
-        store_url=store_url, models=[recs[n] for n in reversed(list(zoo))], groups=["attn", "mlp"]
+        store_url=store_url,
+        models=[recs[n] for n in reversed(list(zoo))],
+        groups=["attn", "mlp"],
+        exact=True,
     )
     assert reads == {} and again["pairs"] == second["pairs"]
-    by_pair = {(r["name_a"], r["name_b"], r["metric"]): r["value"] for r in second["pairs"]}
-    assert by_pair[("a", "a1", "sim_all")] > 0.9 > abs(by_pair[("a", "b", "sim_all")])
+    assert {r["via"] for r in second["pairs"]} == {"exact"}
     assert len(second["tensor_pairs"]) == 6 * n_tensors
 
 
