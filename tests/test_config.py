@@ -31,7 +31,7 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
     [
         (
             GOOD.replace("threshold: 0.9", "treshold: 0.9"),
-            r"glue.yaml: similarity.treshold: unknown key \(allowed: metric, tensors, threshold\)",
+            r"glue.yaml: similarity.treshold: unknown key \(allowed: exact, metric, tensors, threshold\)",
         ),
         (GOOD + "extra: 1\n", r"glue.yaml: extra: unknown key \(allowed: .*evaluation.*zoo"),
         (
