@@ -312,6 +312,47 @@ def test_mean_over_seeds_matches_mergekit(zoo):
     assert share < 0.005
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_with_rescale_agrees_with_mergekit_within_sampling_error(zoo, method):
+    """DARE with mergekit's ``rescale: true`` (ours: ``rescale: l1``): the kept fraction,
+    the restored L1 norm and the mean output over seeds agree with mergekit's runs."""
+    base_sd, fts, _ = zoo
+    name = "model.layers.1.mlp.down_proj.weight"
+    base, models = base_sd[name], [ft[name] for ft in fts]
+    params = {"density": [0.5, 0.3, 0.6], "weight": [0.7, 0.5, 1.0]}
+    ours = torch.stack(
+        _ours(method, base, models, params | {"rescale": "l1", "normalize": False}, range(RUNS))
+    ).double()
+    theirs = torch.stack(
+        [
+            _mergekit(method, base, models, params | {"rescale": True, "normalize": False}, s)
+            for s in range(RUNS)
+        ]
+    ).double()
+    # one model alone: its kept fraction and its task vector's L1 norm after the rescale
+    single = {"density": [0.4], "weight": [1.0]}
+    tau = models[0] - base
+    mine = _ours("dare_linear", base, [models[0]], single | {"rescale": "l1"}, range(RUNS))
+    mk = [
+        _mergekit("dare_linear", base, [models[0]], single | {"rescale": True}, s)
+        for s in range(RUNS)
+    ]
+    for outs in (mine, mk):
+        kept = torch.stack([(o - base) != 0 for o in outs]).double().mean()
+        assert abs(float(kept) - 0.4) < 4 * math.sqrt(0.4 * 0.6 / (RUNS * tau.numel()))
+        l1 = torch.stack([(o - base).abs().sum() for o in outs])
+        assert torch.allclose(l1, tau.abs().sum().expand(RUNS), rtol=1e-4)
+    se = ((ours.var(0) + theirs.var(0)) / RUNS).sqrt()
+    live = se > 0
+    z = ((ours.mean(0) - theirs.mean(0))[live] / se[live]).view(-1)
+    total = float(z.sum()) / math.sqrt(len(z))
+    print(f"{method}: {len(z)} elements, sum z / sqrt(n) {total:+.2f}, std z {float(z.std()):.3f}")
+    assert abs(total) < 4
+    assert 0.8 < float(z.std()) < 1.2
+    assert float((z.abs() > 4).float().mean()) < 0.005
+
+
 # --- DELLA by hand, and reproducibility -----------------------------------------------------
 
 
