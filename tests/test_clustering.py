@@ -88,3 +88,54 @@ def test_per_architecture_thresholds():
     arch = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
     clusters = cluster_models(arch, lambda a, b: sims[(a, b)], {"A": 0.5, "B": 0.7})
     assert sorted(c.members for c in clusters) == [("a1", "a2"), ("b1",), ("b2",)]
+
+
+def _reference_complete_linkage(keys, sim, cut):
+    """The previous pure-Python clustering (O(N^4)), the reference for cluster_matrix."""
+    import math
+
+    def s(a, b):
+        return sim[(a, b) if a < b else (b, a)]
+
+    groups = [[k] for k in keys]
+    while True:
+        best = None
+        for i, gi in enumerate(groups):
+            for gj in groups[i + 1 :]:
+                pairs = [s(a, b) for a in gi for b in gj]
+                link = math.nan if any(map(math.isnan, pairs)) else min(pairs)
+                if not link >= cut:
+                    continue
+                cand = (link, tuple(gi), tuple(gj))
+                if best is None or (-cand[0], cand[1], cand[2]) < (-best[0], best[1], best[2]):
+                    best = cand
+        if best is None:
+            break
+        _, gi, gj = best
+        groups = [g for g in groups if tuple(g) not in (gi, gj)] + [sorted(gi + gj)]
+        groups.sort()
+    out = []
+    for g in groups:
+        internal = [s(a, b) for i, a in enumerate(g) for b in g[i + 1 :]]
+        out.append((tuple(g), min(internal) if internal else None))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_cluster_matrix_gives_the_reference_clusters_ties_and_nan_included(seed):
+    import numpy as np
+
+    from model_glue.clustering import cluster_matrix
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 14))
+    keys = sorted(f"m{i:02d}" for i in rng.permutation(40)[:n])
+    # few distinct values: many ties; some NaN
+    values = rng.choice([0.2, 0.5, 0.7, 0.7, 0.9, 0.9, 0.95, float("nan")], size=(n, n))
+    matrix = np.triu(values, 1)
+    matrix = matrix + matrix.T
+    sim = {
+        (a, b): float(matrix[i, j]) for i, a in enumerate(keys) for j, b in enumerate(keys) if a < b
+    }
+    for cut in (0.5, 0.7, 0.9):
+        assert cluster_matrix(keys, matrix, cut) == _reference_complete_linkage(keys, sim, cut)
