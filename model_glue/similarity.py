@@ -18,6 +18,7 @@ same pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -258,3 +259,67 @@ def _similarities(
         result.summary[(a, b)] = row
         result.per_tensor[(a, b)] = {t: float(c[i, j]) for t, c in per_tensor_cos.items()}
     return result
+
+
+def sketch_matrices(
+    names: list[str],
+    load: Callable[[str], Mapping[str, torch.Tensor]],
+    layout: Layout,
+    *,
+    groups: Iterable[str] = DEFAULT_GROUPS,
+    block: int = 64,
+    workdir: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every pair's ``sim_<group>``, ``sim_all`` and ``flat_cosine`` of ``names`` from their
+    sketches, as ``[N, N]`` float32 matrices, in memory bounded whatever N.
+
+    Each model becomes one vector per group, its sketches' columns unit-normalised and
+    scaled so that an inner product of two vectors is the group's mean column cosine
+    (and one raw vector for flat cosine); the vectors go to memory-mapped files (under
+    ``workdir``, default a temporary folder) and the Gram matrices are computed block by
+    block of ``block`` models. ``load(name)`` gives a model's sketch; each is read once."""
+    import tempfile
+
+    import numpy as np
+
+    groups = list(groups)
+    tensors = select_tensors(layout, groups)
+    by_group = {g: [t for t in tensors if layout.group_of(t) == g] for g in groups}
+    by_group = {g: ts for g, ts in by_group.items() if ts}
+    n = len(names)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        vectors: dict[str, np.memmap] = {}
+        for i, name in enumerate(names):
+            sketch = load(name)
+            parts: dict[str, list[torch.Tensor]] = {g: [] for g in by_group} | {"flat": []}
+            for g, ts in by_group.items():
+                for t in ts:
+                    s = sketch[t].float()
+                    s = s[:, None] if s.dim() == 1 else s
+                    unit = s / s.norm(dim=0, keepdim=True).clamp_min(1e-12)
+                    parts[g].append((unit / math.sqrt(s.shape[1] * len(ts))).reshape(-1))
+                    parts["flat"].append(s.reshape(-1))
+            for key, chunks in parts.items():
+                v = torch.cat(chunks)
+                if key == "flat":
+                    v = v / v.norm().clamp_min(1e-30)
+                if key not in vectors:
+                    vectors[key] = np.lib.format.open_memmap(
+                        f"{tmp}/{key}.npy", mode="w+", dtype=np.float32, shape=(n, v.numel())
+                    )
+                vectors[key][i] = v.numpy()
+        grams = {key: torch.zeros(n, n, dtype=torch.float32) for key in vectors}
+        for i0 in range(0, n, block):
+            for key, vec in vectors.items():
+                a = torch.from_numpy(np.asarray(vec[i0 : i0 + block]))
+                for j0 in range(i0, n, block):
+                    b = a if j0 == i0 else torch.from_numpy(np.asarray(vec[j0 : j0 + block]))
+                    g = a @ b.T
+                    grams[key][i0 : i0 + block, j0 : j0 + block] = g
+                    grams[key][j0 : j0 + block, i0 : i0 + block] = g.T
+        del vectors
+    total = sum(len(ts) for ts in by_group.values())
+    out = {f"sim_{g}": grams[g] for g in by_group}
+    out["sim_all"] = sum(grams[g] * (len(ts) / total) for g, ts in by_group.items())
+    out["flat_cosine"] = grams["flat"]
+    return out

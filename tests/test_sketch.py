@@ -88,3 +88,21 @@ def test_on_the_demo_zoo_k32_is_within_0_005_of_the_exact_pass(demo_zoo):
     worst = max(abs(est.summary[p]["sim_all"] - exact.summary[p]["sim_all"]) for p in exact.summary)
     print(f"demo zoo, {len(exact.summary)} pairs: worst sim_all error {worst:.4f}")
     assert worst <= 0.005
+
+
+def test_blockwise_matrices_equal_the_pairwise_estimates(tmp_path):
+    """sketch_matrices (memory-mapped vectors, Gram block by block) gives the values of
+    sketch_similarity for every pair, whatever the block size."""
+    from model_glue.similarity import sketch_matrices
+
+    cks = _family(tmp_path, "Qwen3ForCausalLM")
+    sk = _sketches(cks, SketchSettings(k=4))
+    names = sorted(sk)
+    est = sketch_similarity(sk, cks["base"].layout)
+    for block in (1, 2, 64):
+        m = sketch_matrices(names, sk.__getitem__, cks["base"].layout, block=block)
+        for (a, b), row in est.summary.items():
+            i, j = names.index(a), names.index(b)
+            for metric in ("sim_all", "sim_attn", "sim_mlp", "flat_cosine"):
+                assert abs(float(m[metric][i, j]) - row[metric]) < 1e-4, (block, metric)
+                assert float(m[metric][j, i]) == float(m[metric][i, j])
