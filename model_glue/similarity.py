@@ -315,6 +315,8 @@ def sketch_matrices(
                 for j0 in range(i0, n, block):
                     b = a if j0 == i0 else torch.from_numpy(np.asarray(vec[j0 : j0 + block]))
                     g = a @ b.T
+                    if j0 == i0:  # BLAS need not return a bitwise symmetric a @ a.T
+                        g = (g + g.T) / 2
                     grams[key][i0 : i0 + block, j0 : j0 + block] = g
                     grams[key][j0 : j0 + block, i0 : i0 + block] = g.T
         del vectors
