@@ -21,7 +21,7 @@ import torch
 
 from model_glue.architectures import config_value
 from model_glue.checkpoint import Checkpoint, _join
-from model_glue.sketch import SketchSettings, sketch_tensor, sketched_tensors
+from model_glue.sketch import SketchSettings, sketch_entries, sketched_tensors
 
 FINGERPRINT_VERSION = "1"
 _CHUNK = 16 * 1024 * 1024
@@ -168,7 +168,7 @@ def fingerprint_and_sketch(
             with warnings.catch_warnings():  # the buffer is ours and not written again
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.frombuffer(keep, dtype=info.torch_dtype).reshape(info.shape)
-            sketches[name] = sketch_tensor(layout, name, tensor, sketch)
+            sketches.update(sketch_entries(layout, name, tensor, sketch))
             del tensor, keep
         outer.update(f"{name}|{info.dtype}|{list(info.shape)}|{digest}\n".encode())
         if not finite[0]:

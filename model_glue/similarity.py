@@ -28,6 +28,7 @@ import torch
 from model_glue.architectures import Layout
 from model_glue.checkpoint import Checkpoint
 from model_glue.errors import InputError
+from model_glue.sketch import debias, projected_rows
 
 SIMILARITY_VERSION = "1"
 
@@ -49,8 +50,10 @@ def column_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(column_cosine_gram(torch.stack([a, b]))[0, 1])
 
 
-def column_cosine_gram(stack: torch.Tensor) -> torch.Tensor:
-    """[N, out, in] -> [N, N] mean column cosine for every pair, chunked over columns."""
+def column_cosine_gram(stack: torch.Tensor, projected: int | None = None) -> torch.Tensor:
+    """[N, out, in] -> [N, N] mean column cosine for every pair, chunked over columns.
+    ``projected``: ``k`` when the columns are k-dimensional projections (sketches): the
+    mean cosine is then corrected for the projection's bias (:func:`debias`)."""
     n, out, cols = stack.shape
     chunk = max(1, _COLUMN_CHUNK_ELEMS // max(out, 1))
     total = torch.zeros(n, n, dtype=torch.float64)
@@ -60,7 +63,10 @@ def column_cosine_gram(stack: torch.Tensor) -> torch.Tensor:
         norms = torch.diagonal(g, dim1=1, dim2=2).clamp_min(0).sqrt()  # [c, N]
         denom = (norms[:, :, None] * norms[:, None, :]).clamp_min(1e-12)
         total += (g / denom).sum(0).double()
-    return total / cols
+    mean = total / cols
+    # the bias is corrected on the mean (as sketch_matrices must): nearly the same as per
+    # column, the columns of one matrix having nearly one cosine
+    return mean if projected is None else debias(mean.clamp(-1, 1), projected)
 
 
 def _flat_gram(stack: torch.Tensor) -> torch.Tensor:
@@ -195,6 +201,7 @@ def sketch_similarity(
         lambda m, t: sketches[m][t].float(),
         None if base is None else (base[0], lambda t: base[1][t].float()),
         None,
+        projected=lambda t: projected_rows(sketches[wanted[0][0]], t),
     )
 
 
@@ -217,6 +224,7 @@ def _similarities(
     columns_of: Callable[[str, str], torch.Tensor],
     base: tuple[str, Callable[[str], torch.Tensor]] | None,
     progress: Callable[[int, int], None] | None,
+    projected: Callable[[str], int | None] = lambda t: None,
 ) -> SimilarityResult:
     """The one pass behind both: ``columns_of(model, tensor)`` gives ``[out, in]`` input
     columns (a checkpoint's, or a sketch's ``[k, in]``), or a 1-D tensor as it is."""
@@ -233,7 +241,10 @@ def _similarities(
     per_tensor_cos: dict[str, torch.Tensor] = {}
     for k, t in enumerate(tensors):
         stack = torch.stack([columns_of(m, t) for m in involved])
-        cos = column_cosine_gram(stack) if stack.dim() == 3 else _cos_from_gram(_flat_gram(stack))
+        if stack.dim() == 3:
+            cos = column_cosine_gram(stack, projected(t))
+        else:
+            cos = _cos_from_gram(_flat_gram(stack))
         per_tensor_cos[t] = cos
         g = layout.group_of(t)
         col_sum[g] += cos
@@ -273,9 +284,10 @@ def sketch_matrices(
     """Every pair's ``sim_<group>``, ``sim_all`` and ``flat_cosine`` of ``names`` from their
     sketches, as ``[N, N]`` float32 matrices, in memory bounded whatever N.
 
-    Each model becomes one vector per group, its sketches' columns unit-normalised and
-    scaled so that an inner product of two vectors is the group's mean column cosine
-    (and one raw vector for flat cosine); the vectors go to memory-mapped files (under
+    Each model becomes one vector per tensor, its sketch's columns unit-normalised and
+    scaled so that the inner product of two vectors is the tensor's mean column cosine
+    (corrected for the projection's bias, :func:`~model_glue.sketch.debias`, applied to the
+    mean), and one raw vector for flat cosine; the vectors go to memory-mapped files (under
     ``workdir``, default a temporary folder) and the Gram matrices are computed block by
     block of ``block`` models. ``load(name)`` gives a model's sketch; each is read once."""
     import tempfile
@@ -283,31 +295,30 @@ def sketch_matrices(
     import numpy as np
 
     groups = list(groups)
-    tensors = select_tensors(layout, groups)
-    by_group = {g: [t for t in tensors if layout.group_of(t) == g] for g in groups}
-    by_group = {g: ts for g, ts in by_group.items() if ts}
+    tensors = [t for t in select_tensors(layout, groups)]
     n = len(names)
+    projected: dict[str, int | None] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         vectors: dict[str, np.memmap] = {}
+
+        def put(key: str, i: int, v: torch.Tensor) -> None:
+            if key not in vectors:
+                vectors[key] = np.lib.format.open_memmap(
+                    f"{tmp}/{len(vectors)}.npy", mode="w+", dtype=np.float32, shape=(n, v.numel())
+                )
+            vectors[key][i] = v.numpy()
+
         for i, name in enumerate(names):
             sketch = load(name)
-            parts: dict[str, list[torch.Tensor]] = {g: [] for g in by_group} | {"flat": []}
-            for g, ts in by_group.items():
-                for t in ts:
-                    s = sketch[t].float()
-                    s = s[:, None] if s.dim() == 1 else s
-                    unit = s / s.norm(dim=0, keepdim=True).clamp_min(1e-12)
-                    parts[g].append((unit / math.sqrt(s.shape[1] * len(ts))).reshape(-1))
-                    parts["flat"].append(s.reshape(-1))
-            for key, chunks in parts.items():
-                v = torch.cat(chunks)
-                if key == "flat":
-                    v = v / v.norm().clamp_min(1e-30)
-                if key not in vectors:
-                    vectors[key] = np.lib.format.open_memmap(
-                        f"{tmp}/{key}.npy", mode="w+", dtype=np.float32, shape=(n, v.numel())
-                    )
-                vectors[key][i] = v.numpy()
+            flat = []
+            for t in tensors:
+                s = sketch[t].float()
+                projected.setdefault(t, projected_rows(sketch, t))
+                unit = s / s.norm(dim=0, keepdim=True).clamp_min(1e-12)
+                put(t, i, (unit / math.sqrt(s.shape[1])).reshape(-1))
+                flat.append(s.reshape(-1))
+            v = torch.cat(flat)
+            put("#flat", i, v / v.norm().clamp_min(1e-30))
         grams = {key: torch.zeros(n, n, dtype=torch.float32) for key in vectors}
         for i0 in range(0, n, block):
             for key, vec in vectors.items():
@@ -319,9 +330,15 @@ def sketch_matrices(
                         g = (g + g.T) / 2
                     grams[key][i0 : i0 + block, j0 : j0 + block] = g
                     grams[key][j0 : j0 + block, i0 : i0 + block] = g.T
-        del vectors
-    total = sum(len(ts) for ts in by_group.values())
-    out = {f"sim_{g}": grams[g] for g in by_group}
-    out["sim_all"] = sum(grams[g] * (len(ts) / total) for g, ts in by_group.items())
-    out["flat_cosine"] = grams["flat"]
+    out: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for t in tensors:
+        g = layout.group_of(t)
+        cos = grams[t] if projected[t] is None else debias(grams[t].clamp(-1, 1), projected[t])
+        out[f"sim_{g}"] = out.get(f"sim_{g}", 0) + cos
+        counts[g] = counts.get(g, 0) + 1
+    out["sim_all"] = sum(out[f"sim_{g}"] for g in counts) / sum(counts.values())
+    for g, c in counts.items():
+        out[f"sim_{g}"] = out[f"sim_{g}"] / c
+    out["flat_cosine"] = grams["#flat"]
     return out

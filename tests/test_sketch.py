@@ -10,7 +10,13 @@ from model_glue.architectures.tiny import save_tiny
 from model_glue.checkpoint import Checkpoint
 from model_glue.fingerprint import fingerprint_and_sketch, fingerprint_checkpoint
 from model_glue.similarity import pairwise_similarity, sketch_similarity
-from model_glue.sketch import SketchSettings, sketch_bytes, sketch_tensor, sketched_tensors
+from model_glue.sketch import (
+    SketchSettings,
+    rows_name,
+    sketch_bytes,
+    sketch_tensor,
+    sketched_tensors,
+)
 
 METRICS = ("sim_all", "sim_attn", "sim_mlp", "flat_cosine", "task_vector_cosine")
 
@@ -35,9 +41,11 @@ def test_the_sketch_comes_from_the_hashing_read_and_leaves_the_fingerprint_alone
     settings = SketchSettings(k=8, seed=3)
     fp, sketches = fingerprint_and_sketch(ck, settings)
     assert fp == fingerprint_checkpoint(ck)
-    assert sorted(sketches) == sorted(sketched_tensors(ck.layout))
+    names = sketched_tensors(ck.layout)
+    assert sorted(sketches) == sorted(names + [rows_name(t) for t in names])
     projected = 0
-    for name, s in sketches.items():  # Conv1D [in, out]: the sketch is over input columns
+    for name in names:  # Conv1D [in, out]: the sketch is over input columns
+        s = sketches[name]
         direct = sketch_tensor(ck.layout, name, ck.tensor(name), settings)
         assert torch.equal(s, direct)
         rows, cols = ck.layout.input_columns(name, ck.tensor(name)[None]).shape[-2:]
