@@ -213,6 +213,43 @@ def child_exact(n: int) -> dict:
     }
 
 
+def child_stages(n: int) -> dict:
+    """The pipeline's own stages (called without Prefect): fingerprint (with sketches)
+    into an artifact store, similarity of the group, clustering with threshold auto."""
+    import json as _json
+    import tempfile
+
+    from tasks.cluster import cluster_zoo
+    from tasks.fingerprint import fingerprint_model
+    from tasks.similarity import compute_similarity
+
+    paths = make_zoo(n)
+    out: dict = {"n": n}
+    with tempfile.TemporaryDirectory(dir=HOME) as tmp:
+        url = str(Path(tmp) / "store")
+        t0 = time.perf_counter()
+        recs = [fingerprint_model.fn(store_url=url, name=p.name, uri=str(p)) for p in paths]
+        out["fingerprint_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        sim = compute_similarity.fn(store_url=url, models=recs, groups=["attn", "mlp"])
+        out["similarity_s"] = time.perf_counter() - t1
+        out["exact_pairs"] = sim["exact_pairs"]
+        out["listed_pairs"] = len(sim["pairs"]) // 4
+        out["record_mb"] = len(_json.dumps(sim)) / 1e6
+        t2 = time.perf_counter()
+        clusters = cluster_zoo.fn(
+            store_url=url,
+            models=recs,
+            similarity_keys=[sim["key"]],
+            metric="sim_all",
+            threshold="auto",
+        )
+        out["cluster_s"] = time.perf_counter() - t2
+        out["n_clusters"] = len(clusters["clusters"])
+    out["peak_mb"] = peak_mb()
+    return out
+
+
 def run_child(kind: str, n: int) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(n)], capture_output=True, text=True
@@ -226,11 +263,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="30,100,300,1000")
     ap.add_argument("--exact-up-to", type=int, default=100)
+    ap.add_argument("--stages", default="", help="sizes to run through the pipeline's stages")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "N"))
     args = ap.parse_args()
     if args.child:
         kind, n = args.child[0], int(args.child[1])
-        print(json.dumps(child_sketch(n) if kind == "sketch" else child_exact(n)))
+        child = {"sketch": child_sketch, "exact": child_exact, "stages": child_stages}[kind]
+        print(json.dumps(child(n)))
         return
     sizes = [int(x) for x in args.sizes.split(",")]
     t0 = time.perf_counter()
@@ -272,6 +311,16 @@ def main() -> None:
                 f"({sum(add['read'].values()) / 1e6:.1f} MB: {', '.join(Path(u).name for u in add['read'])}),"
                 f" its similarities to the 300 from sketches, {add['seconds']:.1f} s"
             )
+    for n in [int(x) for x in args.stages.split(",") if x]:
+        r = run_child("stages", n)
+        print(
+            f"N={n:5d} stages: fingerprint {r['fingerprint_s']:6.1f} s, similarity "
+            f"{r['similarity_s']:6.1f} s ({r['exact_pairs']} pairs exact near the threshold, "
+            f"{r['listed_pairs']} pairs listed, record {r['record_mb']:.1f} MB), cluster "
+            f"{r['cluster_s']:5.2f} s, {r['n_clusters']} clusters, peak {r['peak_mb']:.0f} MB",
+            flush=True,
+        )
+        rows.append({"stages": r})
     (HOME / "results.json").write_text(json.dumps(rows, indent=2))
 
 

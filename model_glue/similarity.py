@@ -280,9 +280,11 @@ def sketch_matrices(
     groups: Iterable[str] = DEFAULT_GROUPS,
     block: int = 64,
     workdir: str | None = None,
+    per_tensor: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every pair's ``sim_<group>``, ``sim_all`` and ``flat_cosine`` of ``names`` from their
-    sketches, as ``[N, N]`` float32 matrices, in memory bounded whatever N.
+    sketches, as ``[N, N]`` float32 matrices, in memory bounded whatever N (with
+    ``per_tensor``, also each tensor's mean column cosine, under the tensor's name).
 
     Each model becomes one vector per tensor, its sketch's columns unit-normalised and
     scaled so that the inner product of two vectors is the tensor's mean column cosine
@@ -295,7 +297,9 @@ def sketch_matrices(
     import numpy as np
 
     groups = list(groups)
-    tensors = [t for t in select_tensors(layout, groups)]
+    tensors = select_tensors(layout, groups)
+    if not tensors:
+        raise SimilarityError(f"no {'/'.join(groups)} tensors to compare ({layout.describe()})")
     n = len(names)
     projected: dict[str, int | None] = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -336,6 +340,8 @@ def sketch_matrices(
         g = layout.group_of(t)
         cos = grams[t] if projected[t] is None else debias(grams[t].clamp(-1, 1), projected[t])
         out[f"sim_{g}"] = out.get(f"sim_{g}", 0) + cos
+        if per_tensor:
+            out[t] = cos
         counts[g] = counts.get(g, 0) + 1
     out["sim_all"] = sum(out[f"sim_{g}"] for g in counts) / sum(counts.values())
     for g, c in counts.items():

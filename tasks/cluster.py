@@ -8,8 +8,11 @@ keeps, per group, the chosen value, the gap it sits in and the values it was cho
 
 from __future__ import annotations
 
-from model_glue.clustering import ThresholdChoice, auto_threshold, cluster_models
+import numpy as np
+
+from model_glue.clustering import Cluster, ThresholdChoice, auto_threshold, cluster_matrix
 from storage import Artifact, ArtifactStore, Details, Lineage
+from tasks.similarity import ALL_ROWS_UP_TO, load_matrices
 from tasks.stage import RECORD_KIND, Call, Stage
 from tasks.versions import CLUSTERING
 
@@ -26,18 +29,26 @@ def _cluster(
     """Cluster ``models`` (refs with fingerprint and arch_signature) using the similarity
     records named by key. ``threshold``: a number, or ``"auto"``; ``related``: fingerprint
     pairs declared to be of one family (only read by ``auto``)."""
-    sims: dict[tuple[str, str], float] = {}
-    for sk in similarity_keys:
-        for row in store.get_json(RECORD_KIND, sk)["pairs"]:
-            if row["metric"] == metric:
-                sims[tuple(sorted((row["model_a"], row["model_b"])))] = row["value"]
     by_fp = {m["fingerprint"]: m for m in models}
-    choices = _thresholds(by_fp, sims, metric, threshold, related)
-    clusters = cluster_models(
-        {fp: m["arch_signature"] for fp, m in by_fp.items()},
-        lambda a, b: sims[(a, b) if a < b else (b, a)],
-        {arch: c.threshold for arch, c in choices.items()},
-    )
+    matrices = [load_matrices(store, store.get_json(RECORD_KIND, sk)) for sk in similarity_keys]
+    groups: dict[str, list[str]] = {}
+    for fp, m in sorted(by_fp.items()):
+        groups.setdefault(m["arch_signature"], []).append(fp)
+    declared = {tuple(sorted(p)) for p in related}
+    choices, clusters = {}, []
+    for arch, fps in sorted(groups.items()):
+        sim = _group_matrix(fps, matrices, metric, by_fp)
+        upper = np.triu_indices(len(fps), 1)
+        values = sim[upper].tolist()
+        if threshold != "auto":
+            choices[arch] = ThresholdChoice(float(threshold), "given", values=tuple(sorted(values)))
+        else:
+            pos = {fp: i for i, fp in enumerate(fps)}
+            must = [sim[pos[a], pos[b]] for a, b in declared if a in pos and b in pos]
+            choices[arch] = auto_threshold(values, must)
+        clusters += [
+            Cluster(m, arch, low) for m, low in cluster_matrix(fps, sim, choices[arch].threshold)
+        ]
     out = []
     for c in clusters:
         members = sorted((by_fp[fp]["name"], fp) for fp in c.members)
@@ -54,39 +65,44 @@ def _cluster(
         "metric": metric,
         "threshold": threshold,
         "thresholds": [
-            {"arch_signature": arch, **c.to_dict()} for arch, c in sorted(choices.items())
+            {"arch_signature": arch, **_listed(c.to_dict())} for arch, c in sorted(choices.items())
         ],
         "clusters": out,
     }
 
 
-def _thresholds(
-    by_fp: dict[str, dict],
-    sims: dict[tuple[str, str], float],
-    metric: str,
-    threshold: float | str,
-    related: list[list[str]],
-) -> dict[str, ThresholdChoice]:
-    """One threshold per architecture group: the given number, or chosen from its values."""
-    groups: dict[str, list[str]] = {}
-    for fp, m in sorted(by_fp.items()):
-        groups.setdefault(m["arch_signature"], []).append(fp)
-    declared = {tuple(sorted(p)) for p in related}
-    choices = {}
-    for arch, fps in groups.items():
-        pairs = [(a, b) for i, a in enumerate(fps) for b in fps[i + 1 :]]
-        missing = [p for p in pairs if p not in sims]
-        if missing:
-            a, b = missing[0]
-            raise ValueError(
-                f"clustering: no {metric} similarity between {by_fp[a]['name']} and {by_fp[b]['name']}"
-            )
-        values = [sims[p] for p in pairs]
-        if threshold != "auto":
-            choices[arch] = ThresholdChoice(float(threshold), "given", values=tuple(sorted(values)))
-        else:
-            choices[arch] = auto_threshold(values, [sims[p] for p in pairs if p in declared])
-    return choices
+def _listed(choice: dict) -> dict:
+    """A threshold choice with its values (every pair's, up to ALL_ROWS_UP_TO of them: a
+    larger group keeps its count; its values are in the similarity matrices)."""
+    n = len(choice["values"])
+    return choice | {"n_pairs": n, "values": choice["values"] if n <= ALL_ROWS_UP_TO else []}
+
+
+def _group_matrix(fps: list[str], matrices: list[dict], metric: str, by_fp: dict) -> np.ndarray:
+    """One architecture group's ``metric`` matrix, assembled from the similarity records
+    that hold its pairs (an error names a pair no record holds)."""
+    n = len(fps)
+    out = np.full((n, n), np.nan)
+    np.fill_diagonal(out, 1.0)
+    known = np.eye(n, dtype=bool)
+    pos = {fp: i for i, fp in enumerate(fps)}
+    for m in matrices:
+        if metric not in m:
+            continue
+        theirs = [str(fp) for fp in m["fingerprints"]]
+        mine = [(i, pos[fp]) for i, fp in enumerate(theirs) if fp in pos]
+        if len(mine) < 2:
+            continue
+        src, dst = (np.array(x) for x in zip(*mine, strict=True))
+        out[np.ix_(dst, dst)] = m[metric][np.ix_(src, src)]
+        known[np.ix_(dst, dst)] = True
+    if not known.all():
+        i, j = np.argwhere(~known)[0]
+        raise ValueError(
+            f"clustering: no {metric} similarity between {by_fp[fps[i]]['name']} and "
+            f"{by_fp[fps[j]]['name']}"
+        )
+    return out
 
 
 def _cluster_rows(clusters: list[dict]) -> list[dict]:
@@ -107,7 +123,7 @@ def _threshold_rows(thresholds: list[dict]) -> list[dict]:
             "threshold": float(t["threshold"]),
             "gap_low": t.get("gap_low"),
             "gap_high": t.get("gap_high"),
-            "n_pairs": len(t.get("values", ())),
+            "n_pairs": t.get("n_pairs", len(t.get("values", ()))),
             "pair_values": list(t.get("values", ())),
         }
         for t in thresholds
@@ -141,7 +157,7 @@ def _lineage(call: Call, r: dict) -> Lineage:
 def _describe(r: dict) -> list[str]:
     lines = [
         f"threshold {t['threshold']:.3f} on {r['metric']} (auto: widest gap "
-        f"{t['gap_low']:.3f}..{t['gap_high']:.3f} among {len(t['values'])} pairs, "
+        f"{t['gap_low']:.3f}..{t['gap_high']:.3f} among {t.get('n_pairs', len(t['values']))} pairs, "
         f"arch {t['arch_signature'][:8]})"
         for t in r.get("thresholds", [])
         if t["rule"] == "widest-gap"

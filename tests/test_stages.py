@@ -63,7 +63,7 @@ def test_adding_a_model_reads_only_the_newcomer(zoo, tmp_path, counted_reads):
     first = compute_similarity.fn(
         store_url=store_url, models=list(recs.values()), groups=["attn", "mlp"], threshold=0.5
     )
-    assert (first["computed_pairs"], first["sketched_pairs"], first["exact_pairs"]) == (3, 3, 0)
+    assert (first["n_pairs"], first["sketched_pairs"], first["exact_pairs"]) == (3, 3, 0)
     assert reads == {}
     recs |= {n: _fp(store_url, zoo, n) for n in zoo}  # the refresh: b is new
     assert reads == {str(zoo["b"]): every_tensor}
@@ -71,8 +71,8 @@ def test_adding_a_model_reads_only_the_newcomer(zoo, tmp_path, counted_reads):
     second = compute_similarity.fn(
         store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"], threshold=0.5
     )
-    assert (second["computed_pairs"], second["reused_pairs"]) == (3, 3)
-    assert reads == {}  # the new pairs came from sketches
+    assert (second["n_pairs"], second["sketched_pairs"]) == (6, 6)
+    assert reads == {}  # every pair came from sketches
     by_pair = {(r["name_a"], r["name_b"], r["metric"]): r for r in second["pairs"]}
     assert (
         by_pair[("a", "a1", "sim_all")]["value"]
@@ -120,14 +120,14 @@ def test_exact_similarity_reads_each_model_once_per_new_pair_set(zoo, tmp_path, 
         groups=["attn", "mlp"],
         exact=True,
     )
-    assert (first["computed_pairs"], first["reused_pairs"]) == (3, 0)
+    assert (first["exact_pairs"], first["reused_exact_pairs"]) == (3, 0)
     n_tensors = 14  # 2 layers x 7 projections
     assert reads == {str(zoo[n]): n_tensors for n in ("a", "a1", "a2")}
     reads.clear()
     second = compute_similarity.fn(
         store_url=store_url, models=[recs[n] for n in zoo], groups=["attn", "mlp"], exact=True
     )
-    assert (second["computed_pairs"], second["reused_pairs"]) == (3, 3)
+    assert (second["exact_pairs"], second["reused_exact_pairs"]) == (3, 3)
     # one pass: every tensor of the new model and of its partners read exactly once
     assert reads == {str(zoo[n]): n_tensors for n in zoo}
     reads.clear()
@@ -232,3 +232,38 @@ def test_merging_another_architecture_names_the_model(zoo, tiny_llama, tmp_path)
     assert state.is_failed()
     assert re.match(rf"{MergeInputError.__name__}: .*wide", state.message)
     assert ArtifactStore(store_url).list("model") == []
+
+
+def test_a_large_group_lists_only_the_pairs_near_or_above_the_threshold(zoo, tmp_path, monkeypatch):
+    """Every value is in the group's matrices; past ALL_ROWS_UP_TO pairs the record and
+    lineage list the pairs that can matter to clustering, and clustering reads the
+    matrices (the clusters do not change)."""
+    import tasks.similarity as similarity
+
+    store_url = str(tmp_path / "store")
+    recs = [_fp(store_url, zoo, n) for n in zoo]
+    full = compute_similarity.fn(
+        store_url=store_url, models=recs, groups=["attn", "mlp"], threshold=0.5
+    )
+    monkeypatch.setattr(similarity, "ALL_ROWS_UP_TO", 2)
+    few = compute_similarity.fn(
+        store_url=str(tmp_path / "store2"),
+        models=[_fp(str(tmp_path / "store2"), zoo, n) for n in zoo],
+        groups=["attn", "mlp"],
+        threshold=0.5,
+    )
+    listed = {(r["name_a"], r["name_b"]) for r in few["pairs"]}
+    assert listed == {("a", "a1"), ("a", "a2"), ("a1", "a2")}  # b joins nobody
+    assert len({(r["name_a"], r["name_b"]) for r in full["pairs"]}) == 6
+    for store, rec in ((store_url, full), (str(tmp_path / "store2"), few)):
+        c = cluster_zoo.fn(
+            store_url=store,
+            models=recs,
+            similarity_keys=[rec["key"]],
+            metric="sim_all",
+            threshold=0.5,
+        )
+        assert [[m["name"] for m in x["members"]] for x in c["clusters"]] == [
+            ["a", "a1", "a2"],
+            ["b"],
+        ]
