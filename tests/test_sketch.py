@@ -114,3 +114,22 @@ def test_blockwise_matrices_equal_the_pairwise_estimates(tmp_path):
             for metric in ("sim_all", "sim_attn", "sim_mlp", "flat_cosine"):
                 assert abs(float(m[metric][i, j]) - row[metric]) < 1e-4, (block, metric)
                 assert float(m[metric][j, i]) == float(m[metric][i, j])
+
+
+def test_stored_float16_sketches_keep_task_vector_cosines(tmp_path):
+    """Sketches are stored in float16 (half the bytes); a task vector's sketch is a
+    difference of two of them, and its cosine stays within 0.005 for a 1% fine-tune."""
+    from model_glue.sketch import load_sketch, save_sketch
+
+    cks = _family(tmp_path, "LlamaForCausalLM", noises=(0.01, 0.02, 0.1))
+    exact = pairwise_similarity(cks, base=cks["base"])
+    settings = SketchSettings(k=32)
+    stored = {}
+    for n, sk in _sketches(cks, settings).items():
+        save_sketch(sk, tmp_path / f"{n}.safetensors", settings)
+        stored[n] = load_sketch(tmp_path / f"{n}.safetensors")
+    assert stored["base"][next(iter(sketched_tensors(cks["base"].layout)))].dtype == torch.float16
+    est = sketch_similarity(stored, cks["base"].layout, base=("base", stored["base"]))
+    for p in exact.summary:
+        for m in ("sim_all", "task_vector_cosine"):
+            assert abs(est.summary[p][m] - exact.summary[p][m]) < 0.005, (p, m)
