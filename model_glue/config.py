@@ -91,12 +91,19 @@ class MergeSettings(_Strict):
         from model_glue.merge.spec import dtype_name
 
         method = METHODS[self.method]
+        for key, setting in self.params.items():
+            try:
+                param = method.param(key)
+            except MergeConfigError as e:
+                raise ValueError(f"params.{key}: {e}") from None
+            try:
+                check_setting(param, setting, f"params.{key}")
+            except MergeConfigError as e:
+                raise ValueError(str(e)) from None
         try:
-            for key, setting in self.params.items():
-                check_setting(method.param(key), setting, f"params.{key}")
             dtype_name(self.dtype)
         except MergeConfigError as e:
-            raise ValueError(str(e)) from None
+            raise ValueError(f"dtype: {e}") from None
         return self
 
 

@@ -130,8 +130,8 @@ def test_defaults_come_from_the_chosen_entry():
         ),
         (
             {"merge": {"method": "ties", "params": {"densty": 0.5}}},
-            "glue.yaml: merge: merge method 'ties' has no parameter 'densty' (allowed: weight, "
-            "density",
+            "glue.yaml: merge: params.densty: merge method 'ties' has no parameter 'densty' "
+            "(allowed: weight, density",
         ),
         (
             {"merge": {"method": "ties", "params": {"density": 1.5}}},
@@ -144,7 +144,7 @@ def test_defaults_come_from_the_chosen_entry():
         ),
         (
             {"merge": {"method": "linear", "dtype": "float8"}},
-            "glue.yaml: merge: unknown dtype 'float8'",
+            "glue.yaml: merge: dtype: unknown dtype 'float8'",
         ),
     ],
 )
