@@ -108,6 +108,18 @@ class MixtureVariant:
 VARIANTS: Registry[MixtureVariant] = Registry("mixture variant", "model_glue.mixture.variants")
 
 
+def catalog_refusal(check: str) -> Callable[[dict], str | None]:
+    """The architecture catalog's ``check`` (``moe_refusal``, ``block_refusal``), imported
+    when first called: the catalog's package imports torch, declarations must not."""
+
+    def refusal(config: dict) -> str | None:
+        from model_glue.architectures import catalog
+
+        return getattr(catalog, check)(config)
+
+    return refusal
+
+
 def load_transformers(path: Path, record: dict, device: str, dtype: str | None) -> nn.Module:
     """A mixture directory that transformers itself loads (FFN-level and hybrid)."""
     from model_glue.mixture.loading import load_model

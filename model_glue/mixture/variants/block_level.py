@@ -11,6 +11,7 @@ from model_glue.mixture.variants._base import (
     BuildInputs,
     MixtureVariant,
     VariantSettings,
+    catalog_refusal,
 )
 
 
@@ -39,14 +40,6 @@ def _load(path: Path, record: dict, device: str, dtype: str | None):
     return load_block_level_mixture(path, record, device, dtype)
 
 
-def _refusal(config: dict) -> str | None:
-    from model_glue.architectures.catalog import (
-        block_refusal,
-    )  # the catalog's package imports torch
-
-    return block_refusal(config)
-
-
 VARIANTS.register(
     MixtureVariant(
         "block_level",
@@ -55,6 +48,6 @@ VARIANTS.register(
         build=_build,
         load=_load,
         own_model_class=True,
-        refusal=_refusal,
+        refusal=catalog_refusal("block_refusal"),
     )
 )

@@ -13,6 +13,7 @@ from model_glue.mixture.variants._base import (
     BuildInputs,
     MixtureVariant,
     VariantSettings,
+    catalog_refusal,
     load_transformers,
 )
 
@@ -36,12 +37,6 @@ def _build(inputs: BuildInputs, s: FfnMoeSettings) -> Path:
     )
 
 
-def _refusal(config: dict) -> str | None:
-    from model_glue.architectures.catalog import moe_refusal  # the catalog's package imports torch
-
-    return moe_refusal(config)
-
-
 VARIANTS.register(
     MixtureVariant(
         "ffn_moe",
@@ -49,6 +44,6 @@ VARIANTS.register(
         settings=FfnMoeSettings,
         build=_build,
         load=load_transformers,
-        refusal=_refusal,
+        refusal=catalog_refusal("moe_refusal"),
     )
 )

@@ -19,6 +19,7 @@ from model_glue.mixture.variants._base import (
     BuildInputs,
     MixtureVariant,
     VariantSettings,
+    catalog_refusal,
     load_transformers,
 )
 
@@ -81,12 +82,6 @@ def _build(inputs: BuildInputs, s: HybridSettings) -> Path:
     )
 
 
-def _refusal(config: dict) -> str | None:
-    from model_glue.architectures.catalog import moe_refusal  # the catalog's package imports torch
-
-    return moe_refusal(config)
-
-
 VARIANTS.register(
     MixtureVariant(
         "hybrid",
@@ -94,6 +89,6 @@ VARIANTS.register(
         settings=HybridSettings,
         build=_build,
         load=load_transformers,
-        refusal=_refusal,
+        refusal=catalog_refusal("moe_refusal"),
     )
 )
