@@ -119,12 +119,7 @@ def merge_to_directory(
     checkpoints = [Checkpoint(uri) for _, uri in spec.inputs()]
     plan = _plan(spec, checkpoints)
     method = plan.method
-    g = dict(spec.params)
-    ms = [dict(m.params) for m in spec.models]
-    values = [
-        resolve_tensor_params(method, job, g, ms, plan.model_names) if job.merge else None
-        for job in plan.jobs
-    ]
+    values = tensor_values(plan, spec.params, [m.params for m in spec.models])
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -160,6 +155,17 @@ def merge_to_directory(
         seconds=time.perf_counter() - start,
         workers=workers,
     )
+
+
+def tensor_values(
+    plan: MergePlan, global_settings: Mapping[str, Any], model_settings: list[Mapping[str, Any]]
+) -> list[dict | None]:
+    """Each job's parameter values (None for the tensors copied, not merged)."""
+    g, ms = dict(global_settings), [dict(m) for m in model_settings]
+    return [
+        resolve_tensor_params(plan.method, job, g, ms, plan.model_names) if job.merge else None
+        for job in plan.jobs
+    ]
 
 
 def default_workers() -> int:
@@ -376,23 +382,34 @@ def _write_metadata(
     card_extra: Mapping[str, Any] | None,
 ) -> None:
     ref = checkpoints[plan.reference]
-    config = dict(ref.config)
-    out_dtype = dtype_name(plan.out_dtype)
-    config["dtype"] = out_dtype
-    if "torch_dtype" in config:
-        config["torch_dtype"] = out_dtype
+    config = output_config(ref, plan.out_dtype)
     if plan.vocab.rows is not None:
         if "vocab_size" in config:
             config["vocab_size"] = plan.vocab.rows
         elif isinstance(config.get("text_config"), dict):
             config["text_config"] = {**config["text_config"], "vocab_size": plan.vocab.rows}
+    write_config_files(ref, config, spec.to_config(), tmp)
+    (tmp / "README.md").write_text(
+        model_card(spec, plan, fingerprints or {}, card_extra or {}, ENGINE_VERSION)
+    )
+
+
+def output_config(ref: Checkpoint, out_dtype: torch.dtype) -> dict:
+    """The reference input's config.json with the output's dtype."""
+    config = dict(ref.config)
+    config["dtype"] = dtype_name(out_dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    return config
+
+
+def write_config_files(ref: Checkpoint, config: dict, merge_config: dict, tmp: Path) -> None:
+    """``config.json``, the reference's generation and tokenizer files, and the merge's
+    own YAML (``merge_config.yaml``) into the output directory ``tmp``."""
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     for name in ("generation_config.json", *TOKENIZER_FILES):
         path = ref.root.rstrip("/") + "/" + name
         if ref.fs.exists(path):
             with ref.fs.open(path, "rb") as f:
                 (tmp / name).write_bytes(f.read())
-    (tmp / "merge_config.yaml").write_text(yaml.safe_dump(spec.to_config(), sort_keys=False))
-    (tmp / "README.md").write_text(
-        model_card(spec, plan, fingerprints or {}, card_extra or {}, ENGINE_VERSION)
-    )
+    (tmp / "merge_config.yaml").write_text(yaml.safe_dump(merge_config, sort_keys=False))

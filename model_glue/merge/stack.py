@@ -25,7 +25,6 @@ sharded writer: memory stays at a few tensors whatever the depth.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 import uuid
@@ -35,20 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from model_glue.checkpoint import Checkpoint
 from model_glue.merge.engine import (
-    TOKENIZER_FILES,
     MergeResult,
     _numel,
     _stream,
     choose_workers,
+    output_config,
+    tensor_values,
     vocab_size,
+    write_config_files,
 )
 from model_glue.merge.io import OutputTensor, ShardedWriter
 from model_glue.merge.params import MergeConfigError, check_setting
-from model_glue.merge.plan import InputLayout, MergeInputError, plan_merge, resolve_tensor_params
+from model_glue.merge.plan import InputLayout, MergeInputError, plan_merge
 from model_glue.merge.registry import get_method
 from model_glue.merge.spec import DTYPES, ENGINE_VERSION, dtype_name
 from model_glue.merge.threads import torch_threads
@@ -369,14 +369,7 @@ def _segment(
         plan,
         jobs=tuple(replace(j, t=_slice_t(local_layer(j.name), s.length)) for j in plan.jobs),
     )
-    global_settings = {**spec.params, **s.params}
-    model_settings = [dict(src.params) for src in models]
-    values = [
-        resolve_tensor_params(method, job, global_settings, model_settings, plan.model_names)
-        if job.merge
-        else None
-        for job in plan.jobs
-    ]
+    values = tensor_values(plan, {**spec.params, **s.params}, [src.params for src in models])
     return _Segment(plan, views, values)
 
 
@@ -409,19 +402,8 @@ def _write_metadata(
     spec: StackSpec, open_: Callable[[str], Checkpoint], segments: list[_Segment], tmp: Path
 ) -> None:
     ref = open_(spec.reference)
-    config = dict(ref.config)
-    out_dtype = dtype_name(segments[0].plan.out_dtype)
-    config["dtype"] = out_dtype
-    if "torch_dtype" in config:
-        config["torch_dtype"] = out_dtype
-    config = stacked_config(config, spec, open_)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for name in ("generation_config.json", *TOKENIZER_FILES):
-        path = ref.root.rstrip("/") + "/" + name
-        if ref.fs.exists(path):
-            with ref.fs.open(path, "rb") as f:
-                (tmp / name).write_bytes(f.read())
-    (tmp / "merge_config.yaml").write_text(yaml.safe_dump(spec.to_config(), sort_keys=False))
+    config = stacked_config(output_config(ref, segments[0].plan.out_dtype), spec, open_)
+    write_config_files(ref, config, spec.to_config(), tmp)
     rows = "\n".join(
         f"| {o} | {spec.method_of(s)} | "
         + ", ".join(f"`{Path(src.uri).name}` [{src.start}, {src.end})" for src in s.sources)
