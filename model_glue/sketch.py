@@ -74,8 +74,7 @@ def sketch_tensor(
     layout: Layout, name: str, tensor: torch.Tensor, settings: SketchSettings
 ) -> torch.Tensor:
     """The sketch of one stored tensor (Conv1D ``[in, out]`` storage is transposed first)."""
-    columns = layout.input_columns(name, tensor[None])[0]
-    return sketch_columns(name, columns, settings)
+    return sketch_entries(layout, name, tensor, settings)[name]
 
 
 def rows_name(tensor: str) -> str:

@@ -7,6 +7,7 @@ streaming pass over it and its partners) and reuses every other pair from the st
 
 from __future__ import annotations
 
+from model_glue.architectures import Layout
 from model_glue.checkpoint import Checkpoint
 from model_glue.similarity import (
     SIMILARITY_VERSION,
@@ -85,7 +86,8 @@ def _similarity(
             matrices[m][i, j] = matrices[m][j, i] = v
 
     if not exact:
-        for p, summary, per_tensor in _from_sketches(store, by_fp, fps, groups, base, tensors):
+        sketched = _from_sketches(store, by_fp, fps, groups, base, layout, tensors)
+        for p, summary, per_tensor in sketched:
             put(p, summary, per_tensor)
     todo = sorted(set(pairs) - done) if exact else []
     for p in sorted(done):
@@ -162,6 +164,7 @@ def _from_sketches(
     fps: list[str],
     groups: list[str],
     base: dict | None,
+    layout: Layout,
     tensors: list[str],
 ):
     """(pair, summary, per-tensor values) of every pair, estimated from the models'
@@ -177,7 +180,6 @@ def _from_sketches(
             )
         return load_sketch(store.local_path(SKETCH_KIND, m["sketch"]) / SKETCH_FILE)
 
-    layout = Checkpoint(by_fp[fps[0]]["uri"]).layout  # headers only
     pairs = [(a, b) for i, a in enumerate(fps) for b in fps[i + 1 :]]
     if base is not None:  # task vectors: a family, pair by pair
         sketches = {fp: sketch(by_fp[fp]) for fp in fps}
