@@ -27,6 +27,7 @@ from rich.console import Console
 from flows import steps
 from flows._logging import RunFailed, quiet_handled_failures
 from flows._recorder import Recorder, StageRunner
+from flows.zoo import resolve_zoo
 from model_glue.config import RunConfig, load_config, validate_mixture_families, validate_tasks
 from model_glue.devices import resolve_device
 from model_glue.env import glue_home
@@ -135,7 +136,9 @@ def _excluded(rec: StageRunner) -> dict[str, str]:
 def _recipe(cfg: RunConfig, rec: StageRunner) -> dict:
     """The paper's figure: every step is a cached stage call (see ``flows.steps``)."""
     rec.section("fingerprint")
-    zoo = steps.fingerprint(cfg, rec)
+    resolved = resolve_zoo(cfg, rec)  # hub entries downloaded, discovery expanded
+    cfg = resolved.cfg
+    zoo = steps.fingerprint(resolved, rec)
     rec.section("evaluate")
     steps.evaluate(zoo, cfg, rec)
     rec.section("similarity")

@@ -31,6 +31,7 @@ from tasks.stage import RECORD_KIND, Call, parse_versions
 
 PENDING = "pending:"
 _HEX = re.compile(r"^[0-9a-f]{32,64}$")
+NEW_REVISION = "new revision on the hub"
 LATER = ("cluster", "filter", "merge", "evaluate", "select", "mixture", "final")
 
 
@@ -148,6 +149,11 @@ class Planner:
             reasons.append("code version: " + ", ".join(changed))
         if old_parts is not None:
             reasons += _diff(json.loads(old_parts), c.identity["in"], "", self.names)
+        commit = (c.params.get("source") or {}).get("commit")
+        if commit:  # a hub model's files changed: say which commit brought them
+            reasons = [
+                f"new revision {commit[:7]} on the hub" if r == NEW_REVISION else r for r in reasons
+            ]
         return "; ".join(reasons) or "changed inputs"
 
     def _damage(self, c: Call) -> str:
@@ -211,6 +217,10 @@ def _strings(value: Any) -> list[str]:
 
 def _diff(old: Any, new: Any, path: str, names: dict[str, str]) -> list[str]:
     """Readable differences between two key-part trees."""
+    if path == "uri" and isinstance(new, dict) and "hub" in new and old != new:
+        if isinstance(old, dict) and "hub" in old and old["hub"]["repo"] == new["hub"]["repo"]:
+            return [NEW_REVISION]
+        return [f"now from the hub: {new['hub']['repo']}"]
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):

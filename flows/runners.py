@@ -117,6 +117,8 @@ def _project_on_worker_path() -> None:
 STAGE_MODULES = (
     "tasks.stage",
     "tasks.fingerprint",
+    "tasks.adapter",
+    "tasks.discover",
     "tasks.similarity",
     "tasks.cluster",
     "tasks.filter",

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field, replace
 
 from flows._logging import RunFailed
 from flows._recorder import Failure, Outcome, StageRunner
+from flows.zoo import Source, Zoo
 from model_glue.config import RunConfig
 from model_glue.devices import dtype_label, resolve_device, resolve_dtype
+from model_glue.errors import InputError
 from model_glue.merge import METHODS
 from model_glue.mixture.routers.base import ROUTERS
+from tasks.adapter import apply_lora
 from tasks.cluster import cluster_zoo
 from tasks.evaluate import evaluate_model
 from tasks.filter import filter_cluster
@@ -43,12 +46,45 @@ class Cluster:
     accepted: list[dict] = field(default_factory=list)  # members with engine params
 
 
-def fingerprint(cfg: RunConfig, rec: StageRunner) -> list[ModelRef]:
+def fingerprint(zoo: Zoo, rec: StageRunner) -> list[ModelRef]:
     """Every readable zoo model; unreadable ones are reported by the recorder and left out,
-    and so are models holding NaN/Inf unless ``allow_nonfinite``."""
-    calls = [call(fingerprint_model, m.name, name=m.name, uri=m.path) for m in cfg.zoo]
+    and so are models holding NaN/Inf unless ``allow_nonfinite``. Adapters are applied to
+    their base once the base is fingerprinted, then fingerprinted like any model."""
+    cfg = zoo.cfg
+    entries = [m for m in cfg.zoo if m.name in zoo.sources]
+    adapters = {m.name for m in entries if _is_adapter(zoo.sources[m.name])}
+    models = _fingerprinted([m for m in entries if m.name not in adapters], zoo, rec)
+    if adapters:
+        models += _adapted([m for m in entries if m.name in adapters], models, zoo, rec)
+    if not models:
+        raise RunFailed("no usable model in the zoo")
+    return models
+
+
+def _is_adapter(src: Source) -> bool:
+    from model_glue.adapters import is_adapter
+
+    if src.hub is not None:
+        return "adapter_config.json" in src.hub["files"]
+    return src.path is not None and is_adapter(src.path)
+
+
+def _fingerprinted(
+    entries: list, zoo: Zoo, rec: StageRunner, sources: dict[str, dict] | None = None
+) -> list[ModelRef]:
+    """Fingerprint ``entries`` (zoo entries with a source); ``sources``: per name, the
+    source of a model that is not the entry's own (an applied adapter's directory)."""
+    cfg, sources = zoo.cfg, sources or {}
+    uris = {
+        m.name: sources[m.name]["uri"] if m.name in sources else zoo.sources[m.name].path
+        for m in entries
+    }
+    calls = []
+    for m in entries:
+        source = sources.get(m.name, {}).get("source") or zoo.sources[m.name].hub
+        calls.append(call(fingerprint_model, m.name, name=m.name, uri=uris[m.name], source=source))
     models = []
-    for m, o in zip(cfg.zoo, rec.run_many(calls), strict=True):
+    for m, o in zip(entries, rec.run_many(calls), strict=True):
         if o.record is None:
             continue
         if bad := o.record.get("nonfinite"):
@@ -61,10 +97,54 @@ def fingerprint(cfg: RunConfig, rec: StageRunner) -> list[ModelRef]:
             rec.say(f"kept {m.name} (allow_nonfinite): {why}", "yellow")
         if o.record.get("layout_inferred"):
             rec.say(f"{m.name}: {o.record['layout']} (not in the architecture catalog)", "yellow")
-        models.append(ModelRef.zoo(o.record, m.name))
-    if not models:
-        raise RunFailed("no usable model in the zoo")
+        # where the files are now (a hub snapshot's record may name an older snapshot)
+        models.append(replace(ModelRef.zoo(o.record, m.name), uri=uris[m.name]))
     return models
+
+
+def _adapted(entries: list, bases: list[ModelRef], zoo: Zoo, rec: StageRunner) -> list[ModelRef]:
+    """Each adapter applied to its base (``base:``, else the adapter's own
+    ``base_model_name_or_path`` when that names a zoo model or repo), then fingerprinted."""
+    from model_glue.adapters import read_adapter
+
+    by_name = {m.name: m for m in bases}
+    by_repo = {z.repo: z.name for z in zoo.cfg.zoo if z.repo}
+    calls, adapted = [], []
+    for m in entries:
+        src = zoo.sources[m.name]
+        try:
+            named = m.base or read_adapter(src.path).base_model_name_or_path
+        except InputError as e:
+            named, why = None, " ".join(str(e).split())
+        else:
+            why = f"its base {named!r} is not a zoo model (add it to the zoo, or set base:)"
+        base = by_name.get(named) or by_name.get(by_repo.get(named, ""))
+        if base is None:
+            if m.base is not None and m.base not in by_name:
+                why = f"its base {m.base!r} was left out"
+            rec.say(f"left out {m.name}: adapter: {why}", "yellow")
+            rec.failures.append(Failure("fingerprint", m.name, f"adapter: {why}", True))
+            continue
+        calls.append(
+            call(
+                apply_lora,
+                m.name,
+                name=m.name,
+                adapter=src.path,
+                base=base,
+                allow_pickle=zoo.cfg.allow_pickle,
+            )
+        )
+        adapted.append(m)
+    made = {}
+    for m, c, o in zip(adapted, calls, rec.run_many(calls), strict=True):
+        if o.record is not None:
+            base_fp = c.params["base"]["fingerprint"]
+            source = {"adapter": o.record["adapter_fingerprint"], "base": base_fp}
+            if hub := zoo.sources[m.name].hub:
+                source |= {k: hub[k] for k in ("repo", "revision", "commit")}
+            made[m.name] = {"uri": o.record["path"], "source": source}
+    return _fingerprinted([m for m in adapted if m.name in made], zoo, rec, made)
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,39 @@ class _Strict(BaseModel):
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)]
 
 
+Repo = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
 class ZooModel(_Strict):
+    """One zoo model: a directory (``path``) or a hub repo (``repo``, at ``revision``).
+    Either may hold a full checkpoint or a PEFT LoRA adapter, applied to ``base``."""
+
     name: Name
-    path: str  # local directory or fsspec URL; relative paths are relative to the config file
+    path: str | None = None  # local directory or fsspec URL; relative: to the config file
+    repo: Repo | None = None  # org/model on the Hugging Face Hub
+    revision: str | None = None  # a branch, tag or commit of ``repo`` (default: main)
     base: str | None = None  # the zoo model this one was fine-tuned from, if known
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ZooModel:
+        if (self.path is None) == (self.repo is None):
+            raise ValueError(f"zoo model {self.name!r}: give either path or repo")
+        if self.revision is not None and self.repo is None:
+            raise ValueError(f"zoo model {self.name!r}: revision needs repo")
+        return self
+
+
+class ZooFrom(_Strict):
+    """Discovery: the hub's fine-tunes, adapters and merges of ``base_model`` (its model
+    tree), most downloaded (or ``sort``) first, joined to the zoo on every run."""
+
+    base_model: Repo
+    limit: int = Field(default=50, ge=1, le=1000)
+    sort: Literal["downloads", "likes", "created_at", "last_modified", "trending_score"] = (
+        "downloads"
+    )
+    author: str | None = None
+    search: str | None = None
 
 
 class SimilarityConfig(_Strict):
@@ -70,6 +99,9 @@ class MergeSettings(_Strict):
     method: str = "linear"
     params: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
+    # the merged vocabulary: union (every member's tokens), base (the base's, else the
+    # first member's) or a zoo model's name; mergekit's tokenizer_source semantics
+    tokenizer: str = "union"
 
     @field_validator("method")
     @classmethod
@@ -191,7 +223,13 @@ class RunConfig(_Strict):
     name: Name = "run"
     store: str | None = None  # fsspec URL of the artifact store (default: <GLUE_HOME>/store)
     lineage_db: str | None = None  # DuckDB file (default: <GLUE_HOME>/lineage.duckdb)
-    zoo: list[ZooModel] = Field(min_length=1)
+    zoo: list[ZooModel] = Field(default_factory=list)
+    # discovery: the hub's fine-tunes of a base, added to the zoo (one query or a list)
+    zoo_from: list[ZooFrom] = Field(default_factory=list)
+    # where hub models are downloaded (default: huggingface_hub's cache, HF_HOME)
+    hub_cache: str | None = None
+    # read pickled checkpoints (*.bin, *.pt) and download them from the hub; off: refused
+    allow_pickle: bool = False
     similarity: SimilarityConfig = SimilarityConfig()
     filter: FilterSettings = Field(
         default_factory=lambda: STRATEGIES["none"].settings(strategy="none")
@@ -232,6 +270,20 @@ class RunConfig(_Strict):
     def task_names(self) -> list[str]:
         """Every lm-eval task the run uses: evaluation and proxy tasks, in order, once."""
         return list(dict.fromkeys([*self.evaluation.tasks, *(self.filter.proxy_tasks or [])]))
+
+    @field_validator("zoo_from", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _some_zoo(self) -> RunConfig:
+        if not self.zoo and not self.zoo_from:
+            raise ValueError("zoo: list at least one model (or discover some with zoo_from)")
+        tok = self.merge.tokenizer
+        if tok not in ("union", "base") and tok not in {m.name for m in self.zoo}:
+            raise ValueError(f"merge.tokenizer: {tok!r} is not union, base or a zoo model's name")
+        return self
 
     @field_validator("zoo")
     @classmethod
@@ -413,8 +465,14 @@ def resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     ev = cfg.evaluation
     return cfg.model_copy(
         update={
-            "zoo": [m.model_copy(update={"path": resolve_path(m.path, base_dir)}) for m in cfg.zoo],
+            "zoo": [
+                m
+                if m.path is None
+                else m.model_copy(update={"path": resolve_path(m.path, base_dir)})
+                for m in cfg.zoo
+            ],
             "store": None if cfg.store is None else resolve_path(cfg.store, base_dir),
+            "hub_cache": None if cfg.hub_cache is None else resolve_path(cfg.hub_cache, base_dir),
             "lineage_db": None
             if cfg.lineage_db is None
             else resolve_path(cfg.lineage_db, base_dir),
@@ -481,6 +539,8 @@ def validate_mixture_families(cfg: RunConfig, source: str = "<config>") -> None:
     if variant == "none" or VARIANTS[variant].refusal is None:
         return
     for m in cfg.zoo:
+        if m.path is None:  # a hub model: checked once resolved, by its stage
+            continue
         try:
             with fsspec.open(m.path.rstrip("/") + "/config.json", "r") as f:
                 config = json.load(f)

@@ -23,7 +23,7 @@ from model_glue.architectures import config_value
 from model_glue.checkpoint import Checkpoint, _join
 from model_glue.sketch import SketchSettings, sketch_entries, sketched_tensors
 
-FINGERPRINT_VERSION = "1"
+FINGERPRINT_VERSION = "2"  # "2": the architecture signature leaves the vocabulary size out
 _CHUNK = 16 * 1024 * 1024
 
 # Config keys that decide whether two checkpoints have the same tensor layout and meaning.
@@ -36,7 +36,6 @@ ARCH_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",
-    "vocab_size",
     "tie_word_embeddings",
     "hidden_act",
     "rope_theta",
@@ -80,9 +79,18 @@ def _sha(data: str | bytes) -> str:
 
 
 def architecture_signature(ckpt: Checkpoint) -> str:
-    """Hash of what must match for two checkpoints to be merged tensor by tensor."""
+    """Hash of what must match for two checkpoints to be merged tensor by tensor.
+
+    The vocabulary size is not part of it: a fine-tune that added a token (its embedding
+    and head one row longer, as Llama-2 fine-tunes with a pad or ChatML token are) has its
+    base's architecture, and merging aligns the vocabularies (``merge.tokenizer``). A
+    tensor's row count is written ``vocab`` where it is the config's vocabulary size."""
     keys = {k: config_value(ckpt.config, k) for k in ARCH_KEYS}  # n_embd is hidden_size...
-    layout = [(n, list(t.shape)) for n, t in ckpt.tensors.items()]
+    vocab = config_value(ckpt.config, "vocab_size")
+    layout = [
+        (n, ["vocab", *t.shape[1:]] if t.shape and t.shape[0] == vocab else list(t.shape))
+        for n, t in ckpt.tensors.items()
+    ]
     return _sha(json.dumps({"config": keys, "tensors": layout}, sort_keys=True))[:32]
 
 

@@ -147,17 +147,13 @@ def pairwise_similarity(
         raise SimilarityError(
             f"{first.uri}: no {'/'.join(groups)} tensors to compare ({layout.describe()})"
         )
-    for m in involved[1:]:
-        ck = checkpoints[m]
-        for t in tensors:
-            if t not in ck.tensors or ck.tensors[t].shape != first.tensors[t].shape:
-                raise SimilarityError(
-                    f"{ck.uri}: tensor {t!r} missing or shaped differently than in {first.uri}; "
-                    "similarity is only defined within one architecture"
-                )
+    readers = [checkpoints[m] for m in involved] + ([base] if base is not None else [])
+    rows = _common_rows(readers, layout, tensors)
 
     def columns(ck: Checkpoint, t: str) -> torch.Tensor:
         stored = ck.tensor(t).float()
+        if t in rows:
+            stored = stored[: rows[t]]
         return layout.input_columns(t, stored[None])[0] if stored.dim() == 2 else stored
 
     return _similarities(
@@ -170,6 +166,27 @@ def pairwise_similarity(
         None if base is None else (base.uri, lambda t: columns(base, t)),
         progress,
     )
+
+
+def _common_rows(
+    checkpoints: list[Checkpoint], layout: Layout, tensors: list[str]
+) -> dict[str, int]:
+    """Every tensor must be shaped alike in every checkpoint, except the vocabulary rows
+    of embeddings and head (a fine-tune that added tokens): those are compared on the
+    rows all share (the tokens of the shortest vocabulary). Returns tensor -> rows kept."""
+    first, rows = checkpoints[0], {}
+    for ck in checkpoints[1:]:
+        for t in tensors:
+            a, b = first.tensors.get(t), ck.tensors.get(t)
+            vocab_rows = layout.group_of(t) == "embed" and a and b and a.shape[1:] == b.shape[1:]
+            if b is None or (a.shape != b.shape and not vocab_rows):
+                raise SimilarityError(
+                    f"{ck.uri}: tensor {t!r} missing or shaped differently than in {first.uri}; "
+                    "similarity is only defined within one architecture"
+                )
+            if a.shape != b.shape:
+                rows[t] = min(rows.get(t, a.shape[0]), b.shape[0])
+    return rows
 
 
 def sketch_similarity(

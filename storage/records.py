@@ -149,6 +149,26 @@ DETAIL_TABLES: dict[str, DetailTable] = {
             key=("clustering_id", "arch_signature"),
             primary_key=True,
         ),
+        # where each zoo model came from, per run: 'path' (a directory), 'hub' (repo at a
+        # revision, resolved to commit) or 'adapter' (a PEFT adapter, adapter_fingerprint,
+        # applied to the zoo model base_fingerprint); a model may come from an adapter
+        # that itself came from the hub
+        DetailTable(
+            "model_sources",
+            ("fingerprint VARCHAR NOT NULL", "name VARCHAR NOT NULL", "source VARCHAR NOT NULL",
+             "uri VARCHAR", "repo VARCHAR", "revision VARCHAR", "commit VARCHAR",
+             "adapter_fingerprint VARCHAR", "base_fingerprint VARCHAR", "run_id VARCHAR"),
+            required=("fingerprint", "name", "source"),
+            key=("fingerprint", "name", "run_id"),
+        ),
+        # what each zoo_from query returned, in the hub's order (rank 0 first), per run
+        DetailTable(
+            "discoveries",
+            ("base_model VARCHAR NOT NULL", "repo VARCHAR NOT NULL", "rank INTEGER NOT NULL",
+             "query JSON", "run_id VARCHAR"),
+            required=("base_model", "repo", "rank"),
+            key=("base_model", "repo", "run_id"),
+        ),
         DetailTable(
             "trials",
             ("search_id VARCHAR NOT NULL", "trial INTEGER NOT NULL", "strategy VARCHAR",

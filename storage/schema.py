@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from storage.records import DETAIL_TABLES
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # the runs table as schema version 2 made it (what migration 2 rebuilds; frozen)
 RUNS_TABLE_V2 = """CREATE TABLE IF NOT EXISTS runs (
@@ -211,4 +211,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # 6: how each similarity was computed (sketch or exact; NULL: exact, before sketches)
     6: ("ALTER TABLE similarities ADD COLUMN IF NOT EXISTS via VARCHAR",),
+    # 7: model_sources and discoveries (created by the TABLES pass)
+    7: (),
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from model_glue.fingerprint import fingerprint_and_sketch, stat_signature
 from model_glue.sketch import SketchSettings, save_sketch, sketch_bytes
-from storage import ArtifactStore, Lineage
+from storage import ArtifactStore, Details, Lineage
 from tasks.stage import Call, Stage
 from tasks.versions import FINGERPRINT
 
@@ -29,8 +29,17 @@ SKETCH_FILE = "sketch.safetensors"
 
 
 def _fingerprint(
-    store: ArtifactStore, key: str, name: str, uri: str, sketch_k: int = 32, sketch_seed: int = 0
+    store: ArtifactStore,
+    key: str,
+    name: str,
+    uri: str,
+    sketch_k: int = 32,
+    sketch_seed: int = 0,
+    source: dict | None = None,
 ) -> dict:
+    """``source``: where the directory came from, when not a directory of the user's: a
+    hub repo (``repo``, ``revision``, ``commit``, ``files``: the hub's sha256 per file) or
+    an adapter applied to a base (``adapter``, ``base``: their fingerprints)."""
     settings = SketchSettings(sketch_k, sketch_seed)
     fp, sketches = fingerprint_and_sketch(uri, settings)
     with store.writing(SKETCH_KIND, key, meta={"stage": "fingerprint"}) as tmp:
@@ -46,6 +55,18 @@ def _fingerprint(
 
 def _lineage(call: Call, r: dict) -> Lineage:
     model = {k: r.get(k) for k in ("architecture", "arch_signature", "param_count", "dtype")}
+    source = call.params.get("source") or {}
+    origin = {
+        "fingerprint": r["fingerprint"],
+        "name": call.params["name"],
+        "uri": call.params["uri"],
+        "source": "adapter" if "adapter" in source else "hub" if "repo" in source else "path",
+        "repo": source.get("repo"),
+        "revision": source.get("revision"),
+        "commit": source.get("commit"),  # the call's: a cached record may predate it
+        "adapter_fingerprint": source.get("adapter"),
+        "base_fingerprint": source.get("base"),
+    }
     return Lineage(
         models=[
             {
@@ -55,8 +76,20 @@ def _lineage(call: Call, r: dict) -> Lineage:
                 "bytes": r.get("bytes"),
                 **model,
             }
-        ]
+        ],
+        details=[Details("model_sources", [origin])],
     )
+
+
+def _key_parts(a: dict) -> dict:
+    """A directory is keyed on its stat signature: rehashed only when its files change. A
+    hub snapshot is keyed on the hub's sha256 of each file instead: a new commit that
+    changes no file (a README edit) is not hashed again, and no directory is walked."""
+    source = a.get("source") or {}
+    if "files" in source:
+        hub = {k: source[k] for k in ("repo", "files")}
+        return {"uri": {"hub": hub}, "source": {"repo": source["repo"]}}
+    return {"uri": {"uri": a["uri"], "stat": _stat_or_missing(a["uri"])}}
 
 
 STAGE = Stage(
@@ -64,8 +97,7 @@ STAGE = Stage(
     compute=_fingerprint,
     uses=FINGERPRINT,
     not_in_key={"name": "a label: the directory's content is what is hashed"},
-    # the directory and its stat signature: rehashed only when its files change
-    key_parts=lambda a: {"uri": {"uri": a["uri"], "stat": _stat_or_missing(a["uri"])}},
+    key_parts=_key_parts,
     lineage=_lineage,
     outputs=(SKETCH_KIND,),
 )

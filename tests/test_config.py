@@ -55,7 +55,7 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
             GOOD.replace(
                 "  - {name: ft, path: models/ft, base: base}\n", "  - {name: ft, base: base}\n"
             ),
-            r"zoo.1.path: Field required",
+            r"zoo.1: zoo model .ft.: give either path or repo",
         ),
         ("zoo: [\n", r"malformed YAML"),
         ("- a\n- b\n", r"expected a mapping"),

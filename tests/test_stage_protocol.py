@@ -123,14 +123,27 @@ def _model(fp: str, name: str = "m") -> dict:
     return {"name": name, "fingerprint": fp, "uri": f"/zoo/{name}", "arch_signature": "llama"}
 
 
-def _samples(tasks_a: str, tasks_b: str) -> dict[str, tuple[dict, dict]]:
+def _samples(tasks_a: str, tasks_b: str, adapters: list[str]) -> dict[str, tuple[dict, dict]]:
     """Per stage: a call's parameters, and for every keyed parameter another value that
     must give another key."""
     a, b, c = _model("fa", "a"), _model("fb", "b"), _model("fc", "c")
     return {
         "fingerprint": (
             {"name": "a", "uri": "/zoo/a"},
-            {"uri": "/zoo/b", "sketch_k": 16, "sketch_seed": 1},
+            {
+                "uri": "/zoo/b",
+                "sketch_k": 16,
+                "sketch_seed": 1,
+                "source": {"repo": "o/m", "revision": "main", "commit": "c" * 40, "files": {}},
+            },
+        ),
+        "adapter": (
+            {"name": "a", "adapter": adapters[0], "base": a},
+            {"adapter": adapters[1], "base": b},
+        ),
+        "discover": (
+            {"query": {"base_model": "o/base"}, "repos": ["o/a"]},
+            {"query": {"base_model": "o/base", "limit": 2}, "repos": ["o/a", "o/b"]},
         ),
         "similarity": (
             {"models": [a, b], "groups": ["attn"]},
@@ -269,6 +282,20 @@ def _samples(tasks_a: str, tasks_b: str) -> dict[str, tuple[dict, dict]]:
     }
 
 
+def _adapter(path, r: int) -> str:
+    """A LoRA adapter directory (config and weights; content is what is keyed)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"x.lora_A.weight": torch.zeros(r, 4)}, path / "adapter_model.safetensors")
+    return str(path)
+
+
 def _stages() -> list[Stage]:
     found = {}
     for module in STAGE_MODULES:
@@ -284,7 +311,8 @@ def test_every_compute_parameter_is_keyed_or_declared_out_of_the_key(tmp_path):
     (tmp_path / "ta").mkdir()
     (tmp_path / "tb").mkdir()
     (tmp_path / "tb" / "task.yaml").write_text("task: u\n")
-    samples = _samples(str(tmp_path / "ta"), str(tmp_path / "tb"))
+    adapters = [_adapter(tmp_path / f"ad{r}", r) for r in (2, 4)]
+    samples = _samples(str(tmp_path / "ta"), str(tmp_path / "tb"), adapters)
     stages = _stages()
     assert sorted(s.name for s in stages) == sorted(samples)
     for stage in stages:
