@@ -78,7 +78,13 @@ def _hub_source(m: ZooModel, cfg: RunConfig, *, planning: bool) -> Source:
 
     revision = m.revision or "main"
     if planning:  # no download: what the hub says the revision holds now
-        info = hub.lookup(m.repo, revision, cache_dir=cfg.hub_cache, endpoint=_endpoint())
+        info = hub.lookup(
+            m.repo,
+            revision,
+            cache_dir=cfg.hub_cache,
+            allow_pickle=cfg.allow_pickle,
+            endpoint=_endpoint(),
+        )
     else:
         info = hub.resolve(
             m.repo,
@@ -88,7 +94,7 @@ def _hub_source(m: ZooModel, cfg: RunConfig, *, planning: bool) -> Source:
             endpoint=_endpoint(),
         )
     pin = {"repo": m.repo, "revision": revision, "commit": info.commit, "files": info.files}
-    return Source(m.name, info.path, pin)
+    return Source(m.name, str(info.path), pin)
 
 
 def _with_discovered(cfg: RunConfig, rec: StageRunner) -> RunConfig:

@@ -1,8 +1,11 @@
 """Process environment for offline, self-contained runs.
 
 Every entry point (CLI, flows, tests, benchmarks) calls :func:`configure_environment` before
-importing transformers, datasets or lm-eval, so that no hub is contacted and every cache
-lives inside the project's working folder (``GLUE_HOME``, default ``<cwd>/.glue``).
+importing transformers, datasets or lm-eval, so that every cache lives inside the
+project's working folder (``GLUE_HOME``, default ``<cwd>/.glue``) and no dataset is
+fetched. The model hub is contacted only for the zoo's ``repo:`` entries and ``zoo_from``
+(:mod:`model_glue.hub`); ``HF_HUB_OFFLINE=1`` (as ``make run`` and ``make test`` set it)
+answers those from the cache alone.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ def glue_home() -> Path:
 
 
 def configure_environment() -> Path:
-    """Set offline flags and project-local cache folders (without overriding the user's)."""
+    """Set the datasets offline flag and project-local cache folders (without overriding
+    the user's)."""
     home = glue_home()
     defaults = {
-        "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
         "HF_HOME": str(home / "hf"),
         "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",

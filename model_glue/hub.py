@@ -316,6 +316,31 @@ def _cached_sha256(path: Path) -> str:
     return target if _SHA256.fullmatch(target) else _sha256(path)
 
 
+def lookup(
+    repo: str,
+    revision: str = "main",
+    *,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    endpoint: str | None = None,
+) -> HubModel:
+    """What :func:`resolve` would give, without downloading anything (``glue plan``): the
+    cached snapshot of the commit ``revision`` is at now, or, when that commit is not in
+    the cache yet, the commit with no files (its files are known once downloaded)."""
+    _check_repo_id(repo)
+    revision = _check_revision(repo, revision)
+    cache = _cache_dir(cache_dir)
+    commit = None if is_offline() else latest_commit(repo, revision, token=token, endpoint=endpoint)
+    if commit is None:  # offline or unreachable: the cache is all there is
+        return _from_cache(repo, revision, cache, allow_pickle, "offline mode (HF_HUB_OFFLINE)")
+    try:
+        return _from_cache(repo, commit, cache, allow_pickle, "planning")
+    except HubError:
+        path = cache / _folder(repo) / "snapshots" / commit
+        return HubModel(repo, revision, commit, path, {}, offline=False)
+
+
 # --- latest commit, discovery ------------------------------------------------------------
 
 

@@ -306,19 +306,31 @@ def small_project(demo_models: Path, root: Path, name: str) -> Path:
 # --- glue in a subprocess, and reading a run back -----------------------------------------
 
 
-def glue_run_as_user(config: Path, cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    """``glue run`` as a new user's shell would start it: nothing of this test's
-    environment (Prefect's test server, the tests' GLUE_HOME or caches) is inherited."""
-    env = {
+def glue_run_as_user(
+    config: Path,
+    cwd: Path,
+    home: Path,
+    env: dict[str, str | None] | None = None,
+    command: str = "run",
+) -> subprocess.CompletedProcess:
+    """``glue run`` (or ``command``) as a new user's shell would start it: nothing of this
+    test's environment (Prefect's test server, the tests' GLUE_HOME or caches) is
+    inherited; ``env`` adds variables (None: unsets one, e.g. HF_HUB_OFFLINE)."""
+    shell = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("PREFECT_", "HF_", "GLUE_", "TRANSFORMERS_"))
     }
-    env |= {"GLUE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    shell |= {"GLUE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for k, v in (env or {}).items():
+        if v is None:
+            shell.pop(k, None)
+        else:
+            shell[k] = v
     return subprocess.run(
-        [GLUE, "run", os.path.relpath(config, cwd)],
+        [GLUE, *command.split(), os.path.relpath(config, cwd)],
         cwd=cwd,
-        env=env,
+        env=shell,
         capture_output=True,
         text=True,
         timeout=900,
