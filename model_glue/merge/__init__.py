@@ -6,6 +6,8 @@
 - :func:`load_merge_config`: our YAML or mergekit's; :func:`run_merge_file` is
   ``glue merge CONFIG OUT``.
 - :data:`METHODS`: the registry; each method is one module under ``methods/``.
+- :func:`build_vocabulary` / :func:`vocab_compatible`: merged vocabularies (``tokenizer:
+  union | base | <model>``, mergekit's semantics) and the prefix-compatibility test.
 """
 
 from model_glue.merge import methods as _methods  # noqa: F401  (registers the methods)
@@ -17,6 +19,7 @@ from model_glue.merge.plan import MergeInputError
 from model_glue.merge.registry import METHODS, MergeMethod, get_method, methods_help
 from model_glue.merge.run import run_merge_file
 from model_glue.merge.spec import ENGINE_VERSION, MergeSpec, ModelInput
+from model_glue.merge.tokenizer import MergedVocabulary, build_vocabulary, vocab_compatible
 
 __all__ = [
     "ENGINE_VERSION",
@@ -25,10 +28,12 @@ __all__ = [
     "MergeInputError",
     "MergeMethod",
     "MergeResult",
+    "MergedVocabulary",
     "MergeSpec",
     "Merger",
     "ModelInput",
     "Param",
+    "build_vocabulary",
     "get_method",
     "load_merge_config",
     "merge_in_memory",
@@ -36,4 +41,5 @@ __all__ = [
     "methods_help",
     "parse_merge_config",
     "run_merge_file",
+    "vocab_compatible",
 ]

@@ -54,7 +54,7 @@ def model_card(
         f"- global: `{params}`",
         per_model,
         f"- output dtype: {dtype_name(plan.out_dtype)} (accumulated in float32)",
-        f"- tokenizer and config from: {plan.input_names[plan.reference]}",
+        _source_line(plan),
         f"- vocabulary: {plan.vocab.describe()}",
         "",
     ]
@@ -71,3 +71,13 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _source_line(plan: MergePlan) -> str:
+    reference = plan.input_names[plan.reference]
+    vocabulary = plan.vocab.vocabulary
+    if vocabulary is None:
+        return f"- tokenizer and config from: {reference}"
+    if vocabulary.files_from is not None:
+        return f"- config from: {reference}; tokenizer files from: {vocabulary.names[vocabulary.files_from]}"
+    return f"- config from: {reference}; tokenizer files: written for the merged vocabulary"

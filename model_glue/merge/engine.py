@@ -38,20 +38,14 @@ from model_glue.merge.plan import (
 from model_glue.merge.registry import CHUNK, TensorContext, merge_chunks
 from model_glue.merge.spec import DTYPES, ENGINE_VERSION, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+from model_glue.merge.tokenizer import (  # noqa: F401  (TOKENIZER_FILES, vocab_size: re-exported)
+    TOKENIZER_FILES,
+    MergedVocabulary,
+    copy_tokenizer_files,
+    spec_vocabulary,
+    vocab_size,
 )
+
 PREFETCH = 2
 
 
@@ -67,11 +61,6 @@ class MergeResult:
     shards: tuple[str, ...]
     seconds: float
     workers: int = 1
-
-
-def vocab_size(config: Mapping[str, Any]) -> int | None:
-    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return int(size) if size else None
 
 
 def merge_to_directory(
@@ -225,6 +214,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> MergePlan:
+    vocabulary = spec_vocabulary(spec, checkpoints)
     layouts = [
         InputLayout(
             name,
@@ -236,6 +226,7 @@ def _plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> MergePlan:
     ]
     reference = spec.tokenizer_index()
     layout = checkpoints[reference].layout
+    vocab_names = {*layout.embeddings[:1], *([layout.head] if layout.head else [])}
     return plan_merge(
         spec.merge_method,
         layouts,
@@ -245,6 +236,8 @@ def _plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> MergePlan:
         out_dtype=DTYPES[dtype_name(spec.dtype)] if spec.dtype else None,
         num_layers=layout.num_layers,
         layer_of=layout.layer_of,
+        vocabulary=vocabulary,
+        vocab_names=vocab_names if layout.embeddings else None,
     )
 
 
@@ -314,6 +307,8 @@ def _merge_one(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if plan.method.chunked and job.rows is None and _numel(job.shape) > CHUNK:
         return _merge_chunked(plan, job, raw, values, pool)
+    if job.rows is not None and plan.vocab.vocabulary is not None:
+        return _merge_permuted(plan, job, raw, values, pool)
     scratch, bufs = [], []
     fill = None
     if job.rows is not None:
@@ -340,6 +335,23 @@ def _merge_one(
     out.copy_(merged)
     for b in bufs:
         pool.give(b)
+    return out, obuf
+
+
+def _merge_permuted(
+    plan: MergePlan, job, raw, values, pool: BufferPool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding or lm_head: each input's rows permuted to the merged vocabulary (in
+    float32), then merged as any tensor."""
+    scratch = plan.vocab.vocabulary.permute([tensor.float() for tensor, _ in raw])
+    for _, buf in raw:
+        pool.give(buf)
+    base = scratch[0] if plan.has_base else None
+    models = scratch[1:] if plan.has_base else scratch
+    merged = plan.method.fn(base, models, values, TensorContext(job.name, plan.model_names))
+    obuf = pool.take(_numel(job.shape) * job.out_dtype.itemsize)
+    out = pool.view(obuf, job.out_dtype, job.shape)
+    out.copy_(merged)
     return out, obuf
 
 
@@ -383,12 +395,16 @@ def _write_metadata(
 ) -> None:
     ref = checkpoints[plan.reference]
     config = output_config(ref, plan.out_dtype)
-    if plan.vocab.rows is not None:
+    vocabulary = plan.vocab.vocabulary
+    rows = plan.vocab.rows if vocabulary is None else vocabulary.rows
+    if rows is not None:
         if "vocab_size" in config:
-            config["vocab_size"] = plan.vocab.rows
+            config["vocab_size"] = rows
         elif isinstance(config.get("text_config"), dict):
-            config["text_config"] = {**config["text_config"], "vocab_size": plan.vocab.rows}
-    write_config_files(ref, config, spec.to_config(), tmp)
+            config["text_config"] = {**config["text_config"], "vocab_size": rows}
+    write_config_files(ref, config, spec.to_config(), tmp, tokenizer=vocabulary is None)
+    if vocabulary is not None:
+        _write_tokenizer(vocabulary, checkpoints, tmp)
     (tmp / "README.md").write_text(
         model_card(spec, plan, fingerprints or {}, card_extra or {}, ENGINE_VERSION)
     )
@@ -403,13 +419,24 @@ def output_config(ref: Checkpoint, out_dtype: torch.dtype) -> dict:
     return config
 
 
-def write_config_files(ref: Checkpoint, config: dict, merge_config: dict, tmp: Path) -> None:
-    """``config.json``, the reference's generation and tokenizer files, and the merge's
-    own YAML (``merge_config.yaml``) into the output directory ``tmp``."""
+def _write_tokenizer(
+    vocabulary: MergedVocabulary, checkpoints: list[Checkpoint], tmp: Path
+) -> None:
+    """The merged vocabulary's tokenizer files: an input's own files when the output's
+    tokenizer is that input's unchanged, else written from the built tokenizer."""
+    if vocabulary.files_from is not None:
+        copy_tokenizer_files(checkpoints[vocabulary.files_from], tmp)
+    else:
+        vocabulary.save(tmp)
+
+
+def write_config_files(
+    ref: Checkpoint, config: dict, merge_config: dict, tmp: Path, *, tokenizer: bool = True
+) -> None:
+    """``config.json``, the reference's generation and (if ``tokenizer``) tokenizer files,
+    and the merge's own YAML (``merge_config.yaml``) into the output directory ``tmp``."""
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for name in ("generation_config.json", *TOKENIZER_FILES):
-        path = ref.root.rstrip("/") + "/" + name
-        if ref.fs.exists(path):
-            with ref.fs.open(path, "rb") as f:
-                (tmp / name).write_bytes(f.read())
+    copy_tokenizer_files(ref, tmp, ("generation_config.json",))
+    if tokenizer:
+        copy_tokenizer_files(ref, tmp)
     (tmp / "merge_config.yaml").write_text(yaml.safe_dump(merge_config, sort_keys=False))

@@ -42,6 +42,7 @@ from model_glue.merge.registry import (
 )
 from model_glue.merge.spec import DTYPES, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
+from model_glue.merge.tokenizer import MergedVocabulary, spec_vocabulary
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -54,6 +55,9 @@ class Merger:
     by name; default ``model0``, ``model1``...). ``tokenizer_source`` indexes the inputs
     with the base first: the reference for vocabulary alignment and integer buffers.
     ``vocab_sizes`` (same order) lets ``vocab="truncate"/"pad"`` recognise vocabulary rows.
+    ``vocabulary`` (a :class:`~model_glue.merge.tokenizer.MergedVocabulary` of the inputs,
+    base first; see :func:`~model_glue.merge.tokenizer.build_vocabulary`) permutes the
+    embedding and lm_head rows to it instead, as the streaming merge does.
 
     Inputs are kept as given when they are bfloat16, float16 or float32 CPU tensors
     (16-bit ones stay 16-bit: half the resident size of a float32 copy), otherwise
@@ -78,6 +82,7 @@ class Merger:
         num_layers: int | None = None,
         layer_of: Callable[[str], int | None] | None = None,
         threads: int | None = None,
+        vocabulary: MergedVocabulary | None = None,
     ) -> None:
         self.method = method if isinstance(method, MergeMethod) else get_method(method)
         self.method.check_inputs(len(models), base is not None)
@@ -87,6 +92,13 @@ class Merger:
         inputs = ([base] if base is not None else []) + list(models)
         labels = (["base"] if base is not None else []) + names
         sizes = list(vocab_sizes) if vocab_sizes is not None else [None] * len(inputs)
+        if vocabulary is not None:
+            if len(vocabulary.input_rows) != len(inputs):
+                raise MergeConfigError(
+                    f"vocabulary has {len(vocabulary.input_rows)} inputs, the merge {len(inputs)}"
+                )
+            sizes = list(vocabulary.input_rows)
+        self.vocabulary = vocabulary
         layouts = [
             InputLayout(label, tensor_shapes(sd), tensor_dtypes(sd), size)
             for label, sd, size in zip(labels, inputs, sizes, strict=True)
@@ -101,6 +113,7 @@ class Merger:
             out_dtype=out,
             num_layers=num_layers,
             layer_of=layer_of,
+            vocabulary=vocabulary,
         )
         self._defaults = self._checked(
             dict(params or {}), [dict(m) for m in (model_params or [{}] * len(models))]
@@ -123,6 +136,9 @@ class Merger:
         ref = self._sources[self.plan.reference]
         if not job.merge:
             return [ref[job.name]]
+        if job.rows is not None and self.vocabulary is not None:
+            tensors = [sd[job.name].detach().to("cpu", torch.float32) for sd in self._sources]
+            return [t.contiguous() for t in self.vocabulary.permute(tensors)]
         fill = ref[job.name].float() if job.rows is not None else None
         tensors = []
         for sd in self._sources:
@@ -250,11 +266,13 @@ def merge_in_memory(
     names: Sequence[str] | None = None,
     dtype: str | torch.dtype | None = None,
     vocab: str = "error",
+    vocabulary: MergedVocabulary | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge resident state dicts once. For repeated merges build a :class:`Merger`.
 
     With a :class:`MergeSpec`, its method, parameters, model names, dtype and vocabulary
-    policy apply (``state_dicts`` follow ``spec.models``; its URIs are not read).
+    policy apply (``state_dicts`` follow ``spec.models``; its URIs are read only for
+    ``spec.tokenizer``: the inputs' tokenizers and configs, unless ``vocabulary`` is given).
     """
     if isinstance(spec_or_method, MergeSpec):
         spec = spec_or_method
@@ -277,6 +295,7 @@ def merge_in_memory(
             dtype=dtype or spec.dtype,
             vocab=spec.vocab,
             tokenizer_source=spec.tokenizer_index(),
+            vocabulary=vocabulary or _spec_vocabulary(spec),
         )()
     return Merger(
         spec_or_method,
@@ -287,4 +306,13 @@ def merge_in_memory(
         model_params=model_params,
         dtype=dtype,
         vocab=vocab,
+        vocabulary=vocabulary,
     )()
+
+
+def _spec_vocabulary(spec: MergeSpec) -> MergedVocabulary | None:
+    if spec.tokenizer is None:
+        return None
+    from model_glue.checkpoint import Checkpoint
+
+    return spec_vocabulary(spec, [Checkpoint(uri) for _, uri in spec.inputs()])

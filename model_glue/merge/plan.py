@@ -9,9 +9,9 @@ an error that names the model and the tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from model_glue.architectures import infer_layout
 from model_glue.errors import InputError
 from model_glue.merge.params import MergeConfigError, depth_position, resolve
 from model_glue.merge.registry import MergeMethod
+
+if TYPE_CHECKING:
+    from model_glue.merge.tokenizer import MergedVocabulary
 
 
 class MergeInputError(InputError):
@@ -41,17 +44,20 @@ class TensorJob:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     merge: bool  # False: copied from the reference input (integer/bool buffers)
-    rows: int | None  # vocabulary rows every input is cut or padded to; None: as is
+    rows: int | None  # output vocabulary rows (inputs cut, padded or permuted); None: as is
     t: float  # depth position for gradient settings
 
 
 @dataclass(frozen=True)
 class VocabAlignment:
-    policy: str
+    policy: str  # error / truncate / pad, or "tokenizer" (rows permuted by ``vocabulary``)
     rows: int | None  # output vocabulary size when inputs differ, else None
     sizes: Mapping[str, int]  # input name -> rows found
+    vocabulary: MergedVocabulary | None = None
 
     def describe(self) -> str:
+        if self.vocabulary is not None:
+            return self.vocabulary.describe()
         if self.rows is None:
             return "all inputs share one vocabulary size"
         how = (
@@ -89,9 +95,16 @@ def plan_merge(
     out_dtype: torch.dtype | None,
     num_layers: int | None,
     layer_of: Callable[[str], int | None] | None = None,
+    vocabulary: MergedVocabulary | None = None,
+    vocab_names: Collection[str] | None = None,
 ) -> MergePlan:
     """``layer_of``: a tensor's decoder layer (the inputs' :class:`Layout`); by default
-    a layout inferred from the reference input's tensor names."""
+    a layout inferred from the reference input's tensor names.
+
+    ``vocabulary`` (a merged vocabulary, inputs in ``layouts`` order): the embedding and
+    lm_head rows are permuted to it instead of the ``vocab_policy``; those tensors are
+    ``vocab_names`` (the token embedding and the head), by default every tensor outside
+    the decoder layers whose rows are each input's vocabulary size."""
     ref = layouts[reference]
     names = sorted(ref.shapes)
     for lay in layouts:
@@ -100,21 +113,31 @@ def plan_merge(
         if missing or extra:
             detail = f"lacks {missing[:5]}" if missing else f"has extra tensors {extra[:5]}"
             raise MergeInputError(f"model {lay.name!r} {detail} compared to {ref.name!r}")
+    if layer_of is None:
+        layer_of = infer_layout({}, ref.shapes).layer_of
+    permuted: set[str] = set()
+    if vocabulary is not None and not vocabulary.identity:
+        permuted = _vocabulary_tensors(names, layouts, vocabulary, layer_of, vocab_names)
     vocab_tensors = {}
     for n in names:
         shapes = {lay.name: lay.shapes[n] for lay in layouts}
-        if len(set(shapes.values())) == 1:
+        if n in permuted or len(set(shapes.values())) == 1:
             continue
-        if _is_vocab_axis(n, layouts):
+        if vocabulary is None and _is_vocab_axis(n, layouts):
             vocab_tensors[n] = shapes
         else:
             pretty = ", ".join(f"{k}: {tuple(v)}" for k, v in shapes.items())
             raise MergeInputError(f"tensor {n!r} has different shapes across inputs ({pretty})")
-    vocab = _align_vocab(vocab_tensors, layouts, reference, vocab_policy)
+    if vocabulary is not None:
+        sizes = {lay.name: r for lay, r in zip(layouts, vocabulary.input_rows, strict=True)}
+        vocab = VocabAlignment(
+            "tokenizer", vocabulary.rows if permuted else None, sizes, vocabulary
+        )
+        vocab_tensors = dict.fromkeys(permuted)
+    else:
+        vocab = _align_vocab(vocab_tensors, layouts, reference, vocab_policy)
     if out_dtype is None:
         out_dtype = _dominant_float_dtype(ref)
-    if layer_of is None:
-        layer_of = infer_layout({}, ref.shapes).layer_of
     if num_layers is None:
         found = [i for i in (layer_of(n) for n in names) if i is not None]
         num_layers = max(found) + 1 if found else 0
@@ -155,6 +178,40 @@ def _is_vocab_axis(name: str, layouts: Sequence[InputLayout]) -> bool:
     return all(
         lay.vocab_size is not None and lay.shapes[name][0] == lay.vocab_size for lay in layouts
     )
+
+
+def _vocabulary_tensors(
+    names: Sequence[str],
+    layouts: Sequence[InputLayout],
+    vocabulary: MergedVocabulary,
+    layer_of: Callable[[str], int | None],
+    vocab_names: Collection[str] | None,
+) -> set[str]:
+    """The tensors whose rows are tokens (with their biases), each checked: rows = the
+    input's vocabulary size, other dimensions alike."""
+    sizes = vocabulary.input_rows
+    if vocab_names is None:
+        outside = [n for n in names if layer_of(n) is None and len(layouts[0].shapes[n]) == 2]
+        vocab_names = [
+            n
+            for n in outside
+            if all(lay.shapes[n][0] == r for lay, r in zip(layouts, sizes, strict=True))
+        ]
+    out = {n for n in vocab_names if n in names}
+    out |= {b for n in out if (b := n.removesuffix(".weight") + ".bias") in names}
+    if not out:
+        raise MergeInputError("no embedding or lm_head tensor found to permute to the vocabulary")
+    for n in sorted(out):
+        shapes = [tuple(lay.shapes[n]) for lay in layouts]
+        for lay, shape, rows in zip(layouts, shapes, sizes, strict=True):
+            if shape[0] != rows:
+                raise MergeInputError(
+                    f"tensor {n!r} of {lay.name!r} has {shape[0]} rows but its vocabulary has {rows}"
+                )
+        if len({s[1:] for s in shapes}) != 1:
+            pretty = ", ".join(f"{lay.name}: {s}" for lay, s in zip(layouts, shapes, strict=True))
+            raise MergeInputError(f"tensor {n!r} has different shapes across inputs ({pretty})")
+    return out
 
 
 def _align_vocab(

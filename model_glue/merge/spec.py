@@ -86,9 +86,16 @@ class MergeSpec:
 
     ``base`` is the model the task vectors are taken against (methods that need one);
     ``tokenizer_source`` is ``None``/``"base"`` (the base, else the first model) or the
-    name or URI of one input; ``vocab`` says what to do with embedding/lm_head rows of
-    different vocabulary sizes (``error``, ``truncate`` or ``pad``); ``dtype`` is the
-    output dtype (default: the reference input's).
+    name or URI of one input: the reference, whose config the output takes; ``dtype`` is
+    the output dtype (default: the reference input's).
+
+    Vocabularies: ``tokenizer`` is ``"union"``, ``"base"`` or an input's name or URI: the
+    output vocabulary, embedding/lm_head rows matched token by token as mergekit's
+    ``tokenizer_source`` does (``model_glue/merge/tokenizer.py``; ``pad_to_multiple_of``
+    rounds its rows up; ``chat_template``: ``auto``, an input's name or a Jinja template).
+    Run-config merges use ``"union"``. Left ``None`` (the default of ``glue merge`` files),
+    the reference's tokenizer files are copied and ``vocab`` says what to do with rows of
+    different vocabulary sizes: ``error``, ``truncate`` or ``pad`` (by row index).
     """
 
     method: str
@@ -98,6 +105,9 @@ class MergeSpec:
     dtype: str | None = None
     tokenizer_source: str | None = None
     vocab: str = "error"
+    tokenizer: str | None = None
+    pad_to_multiple_of: int | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -151,6 +161,47 @@ class MergeSpec:
                 f"vocab={self.vocab!r} is not one of {', '.join(VOCAB_POLICIES)}"
             )
         self.tokenizer_index()
+        self._validate_vocabulary()
+
+    def _validate_vocabulary(self) -> None:
+        if self.tokenizer is None:
+            for key in ("pad_to_multiple_of", "chat_template"):
+                if getattr(self, key) is not None:
+                    raise MergeConfigError(f"{key} needs tokenizer: union, base or a model")
+            return
+        if self.vocab != "error":
+            raise MergeConfigError(
+                f"give tokenizer: {self.tokenizer} (rows matched by token) or vocab: {self.vocab} "
+                "(rows cut or padded by index), not both"
+            )
+        self.vocabulary_source()
+        pad = self.pad_to_multiple_of
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise MergeConfigError(f"pad_to_multiple_of must be a positive integer, got {pad!r}")
+        if self.chat_template is not None:
+            from model_glue.merge.tokenizer import check_chat_template
+
+            check_chat_template(self.chat_template, [name for name, _ in self.inputs()])
+
+    def vocabulary_source(self) -> str:
+        """``tokenizer`` as the vocabulary code takes it: union, base or an input's name."""
+        if self.tokenizer in ("union", "base"):
+            return self.tokenizer
+        for name, uri in self.inputs():
+            if self.tokenizer in (name, uri):
+                return name
+        raise MergeConfigError(
+            f"tokenizer={self.tokenizer!r} names no input (use union, base or one of "
+            f"{[name for name, _ in self.inputs()]})"
+        )
+
+    def fill_index(self) -> int | None:
+        """The input whose row a token several, not all, inputs have takes where it is
+        missing (mergekit's base model): the base, else an explicit ``tokenizer_source``
+        (where mergekit configs put a linear merge's ``base_model``); None: their mean."""
+        if self.base is not None:
+            return 0
+        return self.tokenizer_index() if self.tokenizer_source not in (None, "base") else None
 
     def tokenizer_index(self) -> int:
         """Index of the tokenizer/config source among ``inputs()`` (base first)."""
@@ -200,10 +251,21 @@ class MergeSpec:
                     "dtype": dtype_name(self.dtype),
                     "tokenizer_source": self.inputs()[self.tokenizer_index()][0],
                     "vocab": self.vocab,
+                    **self._canonical_vocabulary(),
                 },
                 sort_keys=True,
             )
         )
+
+    def _canonical_vocabulary(self) -> dict:
+        """The vocabulary settings, only when set (older content keys stay the same)."""
+        if self.tokenizer is None:
+            return {}
+        out = {"tokenizer": self.vocabulary_source()}
+        for key in ("pad_to_multiple_of", "chat_template"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     def content_key(self, input_fingerprints: Mapping[str, str]) -> str:
         """sha256 over (canonical spec, input fingerprints by name, ENGINE_VERSION)."""
@@ -232,4 +294,13 @@ class MergeSpec:
                 cfg[key] = getattr(self, key)
         if self.vocab != "error":
             cfg["vocab"] = self.vocab
+        if self.pad_to_multiple_of is not None:
+            cfg["tokenizer"] = {
+                "source": self.tokenizer,
+                "pad_to_multiple_of": self.pad_to_multiple_of,
+            }
+        elif self.tokenizer is not None:
+            cfg["tokenizer"] = self.tokenizer
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
         return cfg
