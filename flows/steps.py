@@ -53,12 +53,43 @@ def fingerprint(zoo: Zoo, rec: StageRunner) -> list[ModelRef]:
     cfg = zoo.cfg
     entries = [m for m in cfg.zoo if m.name in zoo.sources]
     adapters = {m.name for m in entries if _is_adapter(zoo.sources[m.name])}
-    models = _fingerprinted([m for m in entries if m.name not in adapters], zoo, rec)
+    vocabs: dict[str, dict | None] = {}
+    models = _fingerprinted([m for m in entries if m.name not in adapters], zoo, rec, vocabs)
     if adapters:
-        models += _adapted([m for m in entries if m.name in adapters], models, zoo, rec)
+        models += _adapted([m for m in entries if m.name in adapters], models, zoo, rec, vocabs)
     if not models:
         raise RunFailed("no usable model in the zoo")
-    return models
+    return _vocabulary_families(models, vocabs, rec)
+
+
+def _vocabulary_families(
+    models: list[ModelRef], vocabs: dict[str, dict | None], rec: StageRunner
+) -> list[ModelRef]:
+    """Models of one architecture whose vocabularies differ are clustered together only
+    when one extends the other (a fine-tune that appended tokens to its base's); any other
+    is kept apart, as an architecture group of its own, with one line saying why."""
+    from model_glue.merge.tokenizer import tokens_of, vocab_families
+
+    by_arch: dict[str, list[ModelRef]] = defaultdict(list)
+    for m in models:
+        by_arch[m.arch_signature or ""].append(m)
+    moved: dict[str, str] = {}
+    for arch, members in by_arch.items():
+        digests = {(vocabs.get(m.name) or {}).get("hash") for m in members}
+        if len(digests) < 2 or None in digests or "://" in "".join(m.uri for m in members):
+            continue  # one vocabulary (or none to compare)
+        family, why = vocab_families({m.name: tokens_of(m.uri) for m in members})
+        heads = sorted(set(family.values()), key=list(family).index)
+        for m in members:
+            if family[m.name] != heads[0]:
+                moved[m.name] = f"{arch}~{family[m.name]}"
+                if m.name in why:
+                    rec.say(
+                        f"{m.name}: kept apart from {heads[0]}'s family: {why[m.name]} "
+                        "(its vocabulary does not extend theirs)",
+                        "yellow",
+                    )
+    return [replace(m, arch_signature=moved[m.name]) if m.name in moved else m for m in models]
 
 
 def _is_adapter(src: Source) -> bool:
@@ -70,10 +101,15 @@ def _is_adapter(src: Source) -> bool:
 
 
 def _fingerprinted(
-    entries: list, zoo: Zoo, rec: StageRunner, sources: dict[str, dict] | None = None
+    entries: list,
+    zoo: Zoo,
+    rec: StageRunner,
+    vocabs: dict[str, dict | None],
+    sources: dict[str, dict] | None = None,
 ) -> list[ModelRef]:
     """Fingerprint ``entries`` (zoo entries with a source); ``sources``: per name, the
-    source of a model that is not the entry's own (an applied adapter's directory)."""
+    source of a model that is not the entry's own (an applied adapter's directory).
+    ``vocabs`` gets each model's vocabulary digest."""
     cfg, sources = zoo.cfg, sources or {}
     uris = {
         m.name: sources[m.name]["uri"] if m.name in sources else zoo.sources[m.name].path
@@ -97,12 +133,19 @@ def _fingerprinted(
             rec.say(f"kept {m.name} (allow_nonfinite): {why}", "yellow")
         if o.record.get("layout_inferred"):
             rec.say(f"{m.name}: {o.record['layout']} (not in the architecture catalog)", "yellow")
+        vocabs[m.name] = o.record.get("vocab")
         # where the files are now (a hub snapshot's record may name an older snapshot)
         models.append(replace(ModelRef.zoo(o.record, m.name), uri=uris[m.name]))
     return models
 
 
-def _adapted(entries: list, bases: list[ModelRef], zoo: Zoo, rec: StageRunner) -> list[ModelRef]:
+def _adapted(
+    entries: list,
+    bases: list[ModelRef],
+    zoo: Zoo,
+    rec: StageRunner,
+    vocabs: dict[str, dict | None],
+) -> list[ModelRef]:
     """Each adapter applied to its base (``base:``, else the adapter's own
     ``base_model_name_or_path`` when that names a zoo model or repo), then fingerprinted."""
     from model_glue.adapters import read_adapter
@@ -144,7 +187,7 @@ def _adapted(entries: list, bases: list[ModelRef], zoo: Zoo, rec: StageRunner) -
             if hub := zoo.sources[m.name].hub:
                 source |= {k: hub[k] for k in ("repo", "revision", "commit")}
             made[m.name] = {"uri": o.record["path"], "source": source}
-    return _fingerprinted([m for m in adapted if m.name in made], zoo, rec, made)
+    return _fingerprinted([m for m in adapted if m.name in made], zoo, rec, vocabs, made)
 
 
 @dataclass(frozen=True)
@@ -319,6 +362,7 @@ def merge(clusters: list[Cluster], cfg: RunConfig, rec: StageRunner) -> dict[int
                 params=dict(cfg.merge.params),
                 dtype=cfg.merge.dtype,
                 base=c.base,
+                tokenizer=cfg.merge.tokenizer,
             )
         )
     merged = {}

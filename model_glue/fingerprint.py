@@ -67,6 +67,7 @@ class ModelFingerprint:
     nonfinite: tuple[str, ...] = ()
     layout: str = ""  # the catalog's layout, or the inferred one, in one line
     layout_inferred: bool = False
+    vocab: dict | None = None  # the tokenizer's token count and hash (vocab_digest)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,6 +106,30 @@ def tokenizer_hash(ckpt: Checkpoint) -> str:
             with ckpt.fs.open(path, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()[:32] if found else ""
+
+
+def vocab_digest(ckpt: Checkpoint) -> dict | None:
+    """``{"tokens": n, "hash": h}`` of the tokenizer's tokens in id order (from
+    ``tokenizer.json``: the model's vocabulary and the added tokens), or None without one.
+    Equal digests: one vocabulary; different ones: :func:`flows.steps.fingerprint` checks
+    that one extends the other before clustering the models together."""
+    path = _join(ckpt.root, "tokenizer.json")
+    if not ckpt.fs.exists(path):
+        return None
+    try:
+        with ckpt.fs.open(path, "rb") as f:
+            data = json.load(f)
+        vocab = data["model"]["vocab"]
+        ids = (
+            {tok: i for i, (tok, *_) in enumerate(vocab)}
+            if isinstance(vocab, list)
+            else dict(vocab)
+        )
+        ids |= {t["content"]: t["id"] for t in data.get("added_tokens") or ()}
+    except (ValueError, KeyError, TypeError):
+        return None  # a tokenizer.json of another shape: compared when tokenizers differ
+    by_id = sorted((i, tok) for tok, i in ids.items())
+    return {"tokens": len(by_id), "hash": _sha(json.dumps(by_id))[:16]}
 
 
 _FLOATS = {"F64", "F32", "F16", "BF16"}
@@ -201,6 +226,7 @@ def fingerprint_and_sketch(
         nonfinite=tuple(nonfinite),
         layout=layout.describe(),
         layout_inferred=layout.inferred,
+        vocab=vocab_digest(ckpt),
     )
     return fp, sketches
 

@@ -20,10 +20,20 @@ MODEL_KIND = "model"
 
 
 def merge_spec(
-    members: list[dict], method: str, params: dict, dtype: str | None, base: dict | None
+    members: list[dict],
+    method: str,
+    params: dict,
+    dtype: str | None,
+    base: dict | None,
+    tokenizer: str = "union",
 ) -> MergeSpec:
     """The engine's spec for a cluster merge; members in fingerprint order (listing order
-    never matters). Raises the engine's error, naming the key, for bad parameters."""
+    never matters). Raises the engine's error, naming the key, for bad parameters.
+    ``tokenizer``: union, base or a zoo model's name, which is the union for a cluster
+    that does not hold that model."""
+    names = {m["name"] for m in members} | ({base["name"]} if base else set())
+    if tokenizer not in ("union", "base") and tokenizer not in names:
+        tokenizer = "union"
     base_fp = base["fingerprint"] if base else None
     # the base enters through its task-vector role only, never also as a member
     ordered = sorted(
@@ -37,6 +47,7 @@ def merge_spec(
         base=base["uri"] if base else None,
         params=params,
         dtype=dtype,
+        tokenizer=tokenizer,
     )
 
 
@@ -49,7 +60,9 @@ def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
 def _identity(a: dict) -> dict:
     """The canonical spec (defaults filled in, names included: DARE seeds its masks by
     name) and the inputs' fingerprints by name: what the merged weights depend on."""
-    spec = merge_spec(a["members"], a["method"], a["params"], a["dtype"], a["base"])
+    spec = merge_spec(
+        a["members"], a["method"], a["params"], a["dtype"], a["base"], a["tokenizer"]
+    )
     return {
         "params": spec.canonical(),
         "members": sorted((m["name"], m["fingerprint"]) for m in a["members"]),
@@ -66,9 +79,10 @@ def _merge(
     params: dict,
     dtype: str | None = None,
     base: dict | None = None,
+    tokenizer: str = "union",
 ) -> dict:
     """``members``: refs with name, uri, fingerprint and optional per-model ``params``."""
-    spec = merge_spec(members, method, params, dtype, base)
+    spec = merge_spec(members, method, params, dtype, base, tokenizer)
     fingerprints = _fingerprints(members, base)
     with store.writing(MODEL_KIND, key, meta={"stage": "merge", "label": label}) as tmp:
         out = Path(tmp) / "model"

@@ -217,9 +217,12 @@ def test_a_nightly_refresh_follows_a_new_commit_and_a_new_fine_tune(
     rc, out = _glue(project, hub, tmp_path, command="plan")
     assert rc == 0, out[-3000:]
     assert f"new revision {commit[:7]} on the hub" in out, out[-3000:]
-    lines = [line for line in out.splitlines() if "fingerprint" in line]
-    assert any("org--ft-c" in line and "new model" in line for line in lines), out[-3000:]
-    assert not [line for line in lines if " base " in f" {line} " and "stale" in line]
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines()]
+    fingerprints = {r[1]: (r[2], r[3]) for r in rows if len(r) > 3 and r[0] == "fingerprint"}
+    assert fingerprints["org--ft-c"] == ("stale", "new model"), out[-3000:]
+    assert fingerprints["ft-a"] == ("stale", f"new revision {commit[:7]} on the hub")
+    fresh = ("base", "org--ft-b", "org--far", "org--lora")
+    assert all(fingerprints[n][0] == "fresh" for n in fresh), fingerprints
     assert hub.file_gets() == []  # planning downloads nothing
 
     rc, out = _glue(project, hub, tmp_path)

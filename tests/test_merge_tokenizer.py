@@ -494,3 +494,25 @@ dtype: float32
             mine = out[k][[ids[t] for t in ids]]
             theirs = ref[k][[mk_ids[t] for t in ids]]
             assert (mine - theirs).abs().max().item() <= 1e-6
+
+
+def test_vocab_families_keep_a_base_with_its_extensions_and_say_why_the_rest_is_apart():
+    from model_glue.merge.tokenizer import vocab_families
+
+    base = ["<unk>", "a", "b"]
+    family, why = vocab_families(
+        {
+            "base": base,
+            "pad": [*base, "<pad>"],  # appended a token: the base's family
+            "chat": [*base, "<pad>", "<|im_start|>"],
+            "other": [*base, "<|im_end|>"],  # appended another token at the same id
+            "scrambled": ["<unk>", "b", "a"],
+        }
+    )
+    assert family == {
+        "chat": "chat", "pad": "chat", "base": "chat", "other": "other", "scrambled": "scrambled"
+    }  # fmt: skip
+    assert why == {
+        "other": "token 3 is '<pad>' in chat but '<|im_end|>' in other",
+        "scrambled": "token 1 is 'a' in chat but 'b' in scrambled",
+    }

@@ -228,6 +228,7 @@ def _samples(tasks_a: str, tasks_b: str, adapters: list[str]) -> dict[str, tuple
                 "params": {"lambda": 0.5},
                 "dtype": "bfloat16",
                 "base": b,
+                "tokenizer": "base",
             },
         ),
         "mixture": (

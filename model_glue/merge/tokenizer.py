@@ -475,19 +475,56 @@ def vocab_compatible(tokenizer_dirs: Sequence[str | Path]) -> str | None:
     labels = [Path(d).name or str(d) for d in tokenizer_dirs]
     if len(set(labels)) != len(labels):
         labels = [str(d) for d in tokenizer_dirs]
-    vocabs = []
+    vocabs = {}
     for label, d in zip(labels, tokenizer_dirs, strict=True):
         if not has_tokenizer(d):
             return f"{label} has no tokenizer files"
-        vocabs.append(_ids_to_tokens(load_tokenizer(d).get_vocab()))
-    longest = max(range(len(vocabs)), key=lambda i: len(vocabs[i]))
-    for i, vocab in enumerate(vocabs):
-        for idx, (tok, other) in enumerate(zip(vocab, vocabs[longest], strict=False)):
-            if tok != other:
-                a, b = sorted((i, longest))
-                ta, tb = (tok, other) if a == i else (other, tok)
-                return f"token {idx} is {ta!r} in {labels[a]} but {tb!r} in {labels[b]}"
+        vocabs[label] = tokens_of(d)
+    longest = max(vocabs, key=lambda k: len(vocabs[k]))
+    for label, vocab in vocabs.items():
+        if label == longest:
+            continue
+        if (why := first_difference({label: vocab, longest: vocabs[longest]})) is not None:
+            return why
     return None
+
+
+def tokens_of(directory: str | Path) -> list[str | None]:
+    """A local tokenizer's tokens by id (None where an id has no token)."""
+    return _ids_to_tokens(load_tokenizer(directory).get_vocab())
+
+
+def first_difference(vocabs: Mapping[str, Sequence[str | None]]) -> str | None:
+    """Where two vocabularies (tokens by id, by name) stop being one the prefix of the
+    other: ``token 42 is '!' in a but '?' in b``; None when one extends the other."""
+    (na, a), (nb, b) = sorted(vocabs.items())
+    for idx, (ta, tb) in enumerate(zip(a, b, strict=False)):
+        if ta != tb:
+            return f"token {idx} is {ta!r} in {na} but {tb!r} in {nb}"
+    return None
+
+
+def vocab_families(
+    vocabs: Mapping[str, Sequence[str | None]],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Models whose vocabularies are each a prefix of one longest vocabulary form a family
+    (a base and the fine-tunes that appended tokens to it). Returns (name -> its family's
+    longest member, name -> why it is not in the first family) for every model; longest
+    vocabularies are placed first, so the zoo's main family is the one with the longest."""
+    order = sorted(vocabs, key=lambda n: (-len(vocabs[n]), n))
+    heads: list[str] = []
+    family, why = {}, {}
+    for name in order:
+        for head in heads:
+            if first_difference({name: vocabs[name], head: vocabs[head]}) is None:
+                family[name] = head
+                break
+        else:
+            if heads:
+                why[name] = first_difference({name: vocabs[name], heads[0]: vocabs[heads[0]]})
+            heads.append(name)
+            family[name] = name
+    return family, why
 
 
 def _ids_to_tokens(vocab: Mapping[str, int]) -> list[str | None]:
