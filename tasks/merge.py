@@ -60,9 +60,7 @@ def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
 def _identity(a: dict) -> dict:
     """The canonical spec (defaults filled in, names included: DARE seeds its masks by
     name) and the inputs' fingerprints by name: what the merged weights depend on."""
-    spec = merge_spec(
-        a["members"], a["method"], a["params"], a["dtype"], a["base"], a["tokenizer"]
-    )
+    spec = merge_spec(a["members"], a["method"], a["params"], a["dtype"], a["base"], a["tokenizer"])
     return {
         "params": spec.canonical(),
         "members": sorted((m["name"], m["fingerprint"]) for m in a["members"]),
