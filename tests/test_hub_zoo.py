@@ -25,6 +25,7 @@ from tests.hub_stub import HubStub, read_dir
 pytestmark = [pytest.mark.slow]
 
 HIDDEN = {"hidden": 16, "layers": 2, "heads": 2}
+TOKEN = "hf_s3cretT0ken"  # the user's token for the private repo: never written anywhere
 
 
 def _added_token(base: Path, path: Path, seed: int) -> Path:
@@ -97,6 +98,7 @@ def hub(tmp_path_factory):
         "org/far": save_tiny_llama(made / "far", seed=9, vocab=len(tok), tokenizer=tok, **HIDDEN),
         "org/ft-c": save_tiny_llama(made / "ft-c", seed=4, base=base, tokenizer=tok),
         "org/ft-a2": save_tiny_llama(made / "ft-a2", seed=5, base=base, tokenizer=tok),
+        "org/secret": save_tiny_llama(made / "secret", seed=6, base=base, tokenizer=tok),
     }
     with HubStub() as stub:
         stub.add_repo("org/base", base, downloads=100)
@@ -106,6 +108,7 @@ def hub(tmp_path_factory):
             stub.add_repo(
                 repo, models[repo], base_model="org/base", relation=relation, downloads=downloads
             )
+        stub.add_repo("org/secret", models["org/secret"], private=True, tokens=[TOKEN])
         stub.models = models
         yield stub
 
@@ -122,6 +125,8 @@ def project(hub, tmp_path_factory) -> Path:
         "zoo": [
             {"name": "base", "repo": "org/base"},
             {"name": "ft-a", "repo": "org/ft-a", "revision": "main", "base": "base"},
+            {"name": "secret", "repo": "org/secret", "base": "base"},
+            {"name": "ghost", "repo": "org/ghost"},
         ],
         "zoo_from": {"base_model": "org/base", "limit": 10},
         "similarity": {"threshold": 0.5},
@@ -133,7 +138,11 @@ def project(hub, tmp_path_factory) -> Path:
 
 
 def _glue(project: Path, hub: HubStub, tmp: Path, command: str = "run", offline: bool = False):
-    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "1" if offline else None}
+    env = {
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_OFFLINE": "1" if offline else None,
+        "HF_TOKEN": TOKEN,
+    }
     proc = glue_run_as_user(
         project / "glue.yaml", cwd=tmp, home=project / "home", env=env, command=command
     )
@@ -166,13 +175,16 @@ def test_a_hub_zoo_with_discovery_an_added_token_and_an_adapter_merges_as_one_fa
     assert "Traceback" not in out
     assert "zoo_from org/base: 4 repos on the hub" in out, out[-3000:]
     db = lineage(project / "state" / "lineage.duckdb")
-    family = ["base", "ft-a", "org--ft-b", "org--lora"]
+    family = ["base", "ft-a", "org--ft-b", "org--lora", "secret"]
     assert _clusters(db) == [family, ["org--far"]], out[-3000:]
+    ghost = [line for line in out.splitlines() if line.strip().startswith("left out ghost:")]
+    assert len(ghost) == 1 and "org/ghost" in ghost[0], out[-3000:]
     sources = dict(
         db.query("SELECT name, source FROM model_sources GROUP BY name, source").iter_rows()
     )
     assert sources == {
-        "base": "hub", "ft-a": "hub", "org--ft-b": "hub", "org--far": "hub", "org--lora": "adapter"
+        "base": "hub", "ft-a": "hub", "org--ft-b": "hub", "org--far": "hub",
+        "org--lora": "adapter", "secret": "hub",
     }  # fmt: skip
     adapted = db.query(
         "SELECT e.role FROM artifacts a JOIN edges e ON e.child_id = a.artifact_id "
@@ -181,6 +193,14 @@ def test_a_hub_zoo_with_discovery_an_added_token_and_an_adapter_merges_as_one_fa
     assert adapted == ["adapter", "base"]
     listed = db.query("SELECT repo FROM discoveries ORDER BY rank")["repo"].to_list()
     assert listed == ["org/ft-a", "org/ft-b", "org/lora", "org/far"]
+
+
+def test_the_token_is_never_written(first_run, project):
+    assert first_run[0] == 0
+    assert TOKEN not in first_run[1]
+    for path in project.rglob("*"):
+        if path.is_file() and "hub" not in path.relative_to(project).parts[:2]:
+            assert TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_the_merged_vocabulary_is_the_union_and_the_new_token_row_is_its_owners(
@@ -221,7 +241,7 @@ def test_a_nightly_refresh_follows_a_new_commit_and_a_new_fine_tune(
     fingerprints = {r[1]: (r[2], r[3]) for r in rows if len(r) > 3 and r[0] == "fingerprint"}
     assert fingerprints["org--ft-c"] == ("stale", "new model"), out[-3000:]
     assert fingerprints["ft-a"] == ("stale", f"new revision {commit[:7]} on the hub")
-    fresh = ("base", "org--ft-b", "org--far", "org--lora")
+    fresh = ("base", "org--ft-b", "org--far", "org--lora", "secret")
     assert all(fingerprints[n][0] == "fresh" for n in fresh), fingerprints
     assert hub.file_gets() == []  # planning downloads nothing
 
@@ -237,10 +257,10 @@ def test_a_nightly_refresh_follows_a_new_commit_and_a_new_fine_tune(
     )
     status = dict(last.iter_rows())
     assert status["ft-a"] == "completed" and status["org--ft-c"] == "completed", status
-    assert {status[n] for n in ("base", "org--ft-b", "org--far", "org--lora")} <= {
+    assert {status[n] for n in ("base", "org--ft-b", "org--far", "org--lora", "secret")} <= {
         "cached", "reused"
     }, status  # fmt: skip
-    assert ["base", "ft-a", "org--ft-b", "org--ft-c", "org--lora"] in _clusters(db)
+    assert ["base", "ft-a", "org--ft-b", "org--ft-c", "org--lora", "secret"] in _clusters(db)
 
 
 def test_offline_the_run_answers_from_the_cache(first_run, project, hub, tmp_path):
