@@ -25,14 +25,14 @@ def merge_spec(
     params: dict,
     dtype: str | None,
     base: dict | None,
-    tokenizer: str = "union",
+    tokenizer: str | None = "union",
 ) -> MergeSpec:
     """The engine's spec for a cluster merge; members in fingerprint order (listing order
     never matters). Raises the engine's error, naming the key, for bad parameters.
     ``tokenizer``: union, base or a zoo model's name, which is the union for a cluster
     that does not hold that model."""
     names = {m["name"] for m in members} | ({base["name"]} if base else set())
-    if tokenizer not in ("union", "base") and tokenizer not in names:
+    if tokenizer not in (None, "union", "base") and tokenizer not in names:
         tokenizer = "union"
     base_fp = base["fingerprint"] if base else None
     # the base enters through its task-vector role only, never also as a member
@@ -49,6 +49,14 @@ def merge_spec(
         dtype=dtype,
         tokenizer=tokenizer,
     )
+
+
+def _vocab_sizes_differ(models: list[dict]) -> bool:
+    """Whether the models' configs give different vocabulary sizes (config files only)."""
+    from model_glue.checkpoint import Checkpoint
+    from model_glue.merge.tokenizer import vocab_size
+
+    return len({vocab_size(Checkpoint(m["uri"]).config) for m in models}) > 1
 
 
 def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
@@ -80,6 +88,8 @@ def _merge(
     tokenizer: str = "union",
 ) -> dict:
     """``members``: refs with name, uri, fingerprint and optional per-model ``params``."""
+    if tokenizer == "union" and not _vocab_sizes_differ([*members, *([base] if base else [])]):
+        tokenizer = None  # one vocabulary: the reference's tokenizer files, as they are
     spec = merge_spec(members, method, params, dtype, base, tokenizer)
     fingerprints = _fingerprints(members, base)
     with store.writing(MODEL_KIND, key, meta={"stage": "merge", "label": label}) as tmp:
