@@ -32,10 +32,14 @@ def _filter(
     batch_size: int | str = 32,
     allow_code_execution: bool = False,
     anchor: str = "",
+    tokenizer: str = "union",
 ) -> dict:
     """``settings``: the strategy and its own keys (``model_glue/search/strategies``).
     ``members`` never include ``base`` (it enters as the task-vector origin); ``anchor``
-    names the cluster for people (not part of the key)."""
+    names the cluster for people (not part of the key). ``tokenizer``: the run's
+    ``merge.tokenizer``; each trial is scored with the vocabulary its merge is written
+    with (members whose vocabularies differ are searched too), its members in the order
+    ``tasks.merge.merge_spec`` lists them (by fingerprint)."""
     # imported here: the search stack (CMA-ES/scipy, transformers) costs seconds; cached reruns skip it
     from model_glue.evaluate import quiet_lm_eval
     from model_glue.search.engine_params import engine_model_params
@@ -56,6 +60,9 @@ def _filter(
             dtype=dtype,
             batch_size=batch_size,
             allow_code_execution=allow_code_execution,
+            tokenizer=tokenizer,
+            order=[m["name"] for m in sorted(members, key=lambda m: m["fingerprint"])],
+            base_name=base["name"] if base else "base",
         )
         strategy = STRATEGIES[settings["strategy"]]
         result = strategy.search(  # type: ignore[misc]

@@ -212,6 +212,7 @@ def _samples(tasks_a: str, tasks_b: str, adapters: list[str]) -> dict[str, tuple
                 "include_paths": [tasks_b],
                 "proxy_metric": "acc",
                 "dtype": "bfloat16",
+                "tokenizer": "base",
             },
         ),
         "merge": (
