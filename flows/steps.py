@@ -317,6 +317,7 @@ def search(clusters: list[Cluster], cfg: RunConfig, rec: StageRunner) -> list[Cl
             base=c.base,
             method=cfg.merge.method,
             params=dict(cfg.merge.params),
+            tokenizer=cfg.merge.tokenizer,
             settings=fc.search_settings(),
             proxy_tasks=tasks,
             proxy_limit=fc.proxy_limit,

@@ -34,6 +34,8 @@ def merge_spec(
     names = {m["name"] for m in members} | ({base["name"]} if base else set())
     if tokenizer not in (None, "union", "base") and tokenizer not in names:
         tokenizer = "union"
+    if base and tokenizer == base["name"]:  # the spec names its base by its location
+        tokenizer = "base"
     base_fp = base["fingerprint"] if base else None
     # the base enters through its task-vector role only, never also as a member
     ordered = sorted(
