@@ -79,16 +79,15 @@ def _vocabulary_families(
         if len(digests) < 2 or None in digests or "://" in "".join(m.uri for m in members):
             continue  # one vocabulary (or none to compare)
         family, why = vocab_families({m.name: tokens_of(m.uri) for m in members})
-        heads = sorted(set(family.values()), key=list(family).index)
         for m in members:
-            if family[m.name] != heads[0]:
+            if m.name in why:  # not in the main family: an architecture group of its own
                 moved[m.name] = f"{arch}~{family[m.name]}"
-                if m.name in why:
-                    rec.say(
-                        f"{m.name}: kept apart from {heads[0]}'s family: {why[m.name]} "
-                        "(its vocabulary does not extend theirs)",
-                        "yellow",
-                    )
+                main = [n for n, f in family.items() if n not in why]
+                rec.say(
+                    f"{m.name}: kept apart from {', '.join(sorted(main))}: {why[m.name]} "
+                    "(one vocabulary does not extend the other)",
+                    "yellow",
+                )
     return [replace(m, arch_signature=moved[m.name]) if m.name in moved else m for m in models]
 
 

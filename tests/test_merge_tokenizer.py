@@ -516,3 +516,8 @@ def test_vocab_families_keep_a_base_with_its_extensions_and_say_why_the_rest_is_
         "other": "token 3 is '<pad>' in chat but '<|im_end|>' in other",
         "scrambled": "token 1 is 'a' in chat but 'b' in scrambled",
     }
+    # the main family is the largest, whatever the lengths
+    family, why = vocab_families({"base": base, "ft": base, "chat": [*base, "x"], "odd": ["z"]})
+    assert set(why) == {"odd"}
+    family, why = vocab_families({"a": base, "b": base, "c": ["<unk>", "b", "a", "c"]})
+    assert why == {"c": "token 1 is 'a' in a but 'b' in c"}

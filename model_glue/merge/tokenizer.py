@@ -509,21 +509,27 @@ def vocab_families(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Models whose vocabularies are each a prefix of one longest vocabulary form a family
     (a base and the fine-tunes that appended tokens to it). Returns (name -> its family's
-    longest member, name -> why it is not in the first family) for every model; longest
-    vocabularies are placed first, so the zoo's main family is the one with the longest."""
+    longest member, name -> why it is not in the main family), the main family being the
+    one with the most members (ties: the longest vocabulary, then the name)."""
     order = sorted(vocabs, key=lambda n: (-len(vocabs[n]), n))
     heads: list[str] = []
-    family, why = {}, {}
+    family: dict[str, str] = {}
     for name in order:
-        for head in heads:
-            if first_difference({name: vocabs[name], head: vocabs[head]}) is None:
-                family[name] = head
-                break
-        else:
-            if heads:
-                why[name] = first_difference({name: vocabs[name], heads[0]: vocabs[heads[0]]})
+        head = next(
+            (h for h in heads if first_difference({name: vocabs[name], h: vocabs[h]}) is None),
+            None,
+        )
+        if head is None:
             heads.append(name)
-            family[name] = name
+            head = name
+        family[name] = head
+    sizes = {h: sum(1 for f in family.values() if f == h) for h in heads}
+    main = max(heads, key=lambda h: (sizes[h], -heads.index(h)))
+    why = {
+        name: first_difference({name: vocabs[name], main: vocabs[main]})
+        for name, head in family.items()
+        if head != main
+    }
     return family, why
 
 
