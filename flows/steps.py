@@ -182,7 +182,8 @@ def _adapted(
     for m, c, o in zip(adapted, calls, rec.run_many(calls), strict=True):
         if o.record is not None:
             base_fp = c.params["base"]["fingerprint"]
-            source = {"adapter": o.record["adapter_fingerprint"], "base": base_fp}
+            # (planning: a stale adapter's stand-in has no fingerprint yet)
+            source = {"adapter": o.record.get("adapter_fingerprint"), "base": base_fp}
             if hub := zoo.sources[m.name].hub:
                 source |= {k: hub[k] for k in ("repo", "revision", "commit")}
             made[m.name] = {"uri": o.record["path"], "source": source}

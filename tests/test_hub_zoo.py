@@ -275,3 +275,17 @@ def test_offline_the_run_answers_from_the_cache(first_run, project, hub, tmp_pat
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert hub.count() == 0
+
+
+def test_a_new_base_revision_makes_the_adapter_wait_on_it_in_the_plan(
+    first_run, project, hub, tmp_path
+):
+    """(Last: it moves the base.) The adapter's stand-in carries no fingerprint yet."""
+    assert first_run[0] == 0
+    commit = hub.push("org/base", read_dir(hub.models["org/far"]))
+    rc, out = _glue(project, hub, tmp_path, command="plan")
+    assert rc == 0, out[-3000:]
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines()]
+    calls = {(r[0], r[1]): (r[2], r[3]) for r in rows if len(r) > 3 and r[0]}
+    assert calls[("fingerprint", "base")] == ("stale", f"new revision {commit[:7]} on the hub")
+    assert calls[("adapter", "org--lora")] == ("stale", "waits on fingerprint of base")
