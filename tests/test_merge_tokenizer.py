@@ -521,3 +521,16 @@ def test_vocab_families_keep_a_base_with_its_extensions_and_say_why_the_rest_is_
     assert set(why) == {"odd"}
     family, why = vocab_families({"a": base, "b": base, "c": ["<unk>", "b", "a", "c"]})
     assert why == {"c": "token 1 is 'a' in a but 'b' in c"}
+
+
+def test_glue_merge_with_tokenizer_source_union_equals_mergekit(zoo, tmp_path, ordered_mergekit):
+    """The command line, as a mergekit user runs it: the same YAML, the same output."""
+    from typer.testing import CliRunner
+
+    from glue.cli import app
+
+    cfg = write(tmp_path, CONFIGS["linear"], zoo)
+    run_mergekit(cfg, tmp_path / "mk")
+    result = CliRunner().invoke(app, ["merge", str(cfg), str(tmp_path / "ours")])
+    assert result.exit_code == 0, result.output
+    assert_same(tmp_path / "mk", tmp_path / "ours")
