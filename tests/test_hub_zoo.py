@@ -195,6 +195,27 @@ def test_a_hub_zoo_with_discovery_an_added_token_and_an_adapter_merges_as_one_fa
     assert listed == ["org/ft-a", "org/ft-b", "org/lora", "org/far"]
 
 
+def test_the_adapter_member_is_pefts_merge_and_unload(first_run, project, hub):
+    """The checkpoint the adapter stage stored, keyed on the adapter's and its base's
+    fingerprints, holds the weights PEFT's own merge gives."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    db = lineage(project / "state" / "lineage.duckdb")
+    uri = db.query("SELECT uri FROM artifacts WHERE kind = 'adapted'")["uri"].to_list()
+    assert len(uri) == 1
+    stored = {}
+    for f in Path(uri[0].removeprefix("file://")).glob("*.safetensors"):
+        stored |= load_file(f)
+    base = AutoModelForCausalLM.from_pretrained(hub.models["org/base"])
+    merged = PeftModel.from_pretrained(base, hub.models["org/lora"]).merge_and_unload()
+    expected = merged.state_dict()
+    assert sorted(stored) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(stored[name], value), name
+
+
 def test_the_token_is_never_written(first_run, project):
     assert first_run[0] == 0
     assert TOKEN not in first_run[1]
