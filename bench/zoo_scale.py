@@ -90,6 +90,9 @@ def make_zoo(n: int) -> list[Path]:
 
 
 def peak_mb() -> float:
+    """The child's peak resident set (the kernel's high-water mark, which counts the pages
+    of mapped files while they are mapped; files written and read back with explicit
+    reads stay in the kernel's page cache, outside it)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -111,7 +114,14 @@ def child_sketch(n: int) -> dict:
     from model_glue.checkpoint import Checkpoint
     from model_glue.fingerprint import fingerprint_and_sketch
     from model_glue.similarity import sketch_matrices
-    from model_glue.sketch import SketchSettings, load_sketch, save_sketch
+    from model_glue.sketch import (
+        MAX_SIGMAS,
+        SketchSettings,
+        exact_tensors,
+        load_sketch,
+        predicted_error,
+        save_sketch,
+    )
 
     paths = make_zoo(n)
     names = [p.name for p in paths]
@@ -130,6 +140,11 @@ def child_sketch(n: int) -> dict:
         out["fingerprint_read_bytes"] = read
         out["sketch_bytes"] = sketched
         layout = Checkpoint(str(paths[0])).layout
+        shapes = {k: t.shape for k, t in Checkpoint(str(paths[0])).tensors.items()}
+        exact = exact_tensors(layout, shapes, settings)
+        out["exact_matrices"] = len(exact)
+        out["compared_matrices"] = len(layout.select(["attn", "mlp"]))
+        out["predicted_bound"] = MAX_SIGMAS * predicted_error(layout, shapes, settings, exact)
         t1 = time.perf_counter()
         loaded = [0]
 
@@ -286,6 +301,8 @@ def main() -> None:
             f"{s['sketch_bytes'] / s['fingerprint_read_bytes']:.1%} of it), similarity {s['similarity_s']:6.1f} s "
             f"(0 checkpoint bytes, {s['similarity_read_sketch_bytes'] / 1e6:.0f} MB of sketches), "
             f"cluster {s['cluster_s']:5.2f} s, {row['n_clusters']} clusters, peak {s['peak_mb']:.0f} MB"
+            f"\n{'':8s}{s['exact_matrices']} of {s['compared_matrices']} compared matrices kept "
+            f"exactly, predicted worst sim_all error (4.5 sigma) {s['predicted_bound']:.4f}"
         )
         if n <= args.exact_up_to:
             e = run_child("exact", n)

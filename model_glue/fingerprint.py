@@ -21,7 +21,7 @@ import torch
 
 from model_glue.architectures import config_value
 from model_glue.checkpoint import Checkpoint, _join
-from model_glue.sketch import SketchSettings, sketch_entries, sketched_tensors
+from model_glue.sketch import SketchSettings, exact_tensors, sketch_entries, sketched_tensors
 
 FINGERPRINT_VERSION = "2"  # "2": the architecture signature leaves the vocabulary size out
 _CHUNK = 16 * 1024 * 1024
@@ -185,13 +185,17 @@ def fingerprint_and_sketch(
 ) -> tuple[ModelFingerprint, dict[str, torch.Tensor]]:
     """The fingerprint and, with ``sketch`` settings, the sketch of every matrix
     similarity may compare (:mod:`model_glue.sketch`), made from the bytes the hash reads:
-    no extra read of the checkpoint. Memory: one tensor at a time."""
+    no extra read of the checkpoint. The matrices the error budget needs are kept exactly
+    (:func:`~model_glue.sketch.exact_tensors`: the same for every checkpoint of one
+    layout). Memory: one tensor at a time."""
     ckpt = uri if isinstance(uri, Checkpoint) else Checkpoint(str(uri))
     layout = ckpt.layout  # tensors that contradict the declared architecture fail here
     outer = hashlib.sha256(f"model-glue-fingerprint-v{FINGERPRINT_VERSION}\n".encode())
     total = len(ckpt.tensors)
     nonfinite = []
     targets = set(sketched_tensors(layout)) if sketch is not None else set()
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    exact = exact_tensors(layout, shapes, sketch) if sketch is not None else frozenset()
     sketches: dict[str, torch.Tensor] = {}
     for i, (name, info) in enumerate(ckpt.tensors.items()):  # sorted by name: shard-independent
         finite: list[bool] = []
@@ -201,7 +205,7 @@ def fingerprint_and_sketch(
             with warnings.catch_warnings():  # the buffer is ours and not written again
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.frombuffer(keep, dtype=info.torch_dtype).reshape(info.shape)
-            sketches.update(sketch_entries(layout, name, tensor, sketch))
+            sketches.update(sketch_entries(layout, name, tensor, sketch, exact))
             del tensor, keep
         outer.update(f"{name}|{info.dtype}|{list(info.shape)}|{digest}\n".encode())
         if not finite[0]:

@@ -296,6 +296,7 @@ def sketch_matrices(
     *,
     groups: Iterable[str] = DEFAULT_GROUPS,
     block: int = 64,
+    memory: int = 512 * 1024 * 1024,
     workdir: str | None = None,
     per_tensor: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -303,12 +304,17 @@ def sketch_matrices(
     sketches, as ``[N, N]`` float32 matrices, in memory bounded whatever N (with
     ``per_tensor``, also each tensor's mean column cosine, under the tensor's name).
 
-    Each model becomes one vector per tensor, its sketch's columns unit-normalised and
-    scaled so that the inner product of two vectors is the tensor's mean column cosine
-    (corrected for the projection's bias, :func:`~model_glue.sketch.debias`, applied to the
-    mean), and one raw vector for flat cosine; the vectors go to memory-mapped files (under
-    ``workdir``, default a temporary folder) and the Gram matrices are computed block by
-    block of ``block`` models. ``load(name)`` gives a model's sketch; each is read once."""
+    Each model's sketch of each tensor goes to one file per tensor (under ``workdir``,
+    default a temporary folder), in float16 scaled by its largest value (the scale kept
+    aside, for flat cosine); each file is then read back block by block with explicit reads,
+    not mapped: the files' pages are the kernel's cache, not this process's memory. Four
+    blocks of ``block`` models (fewer where they would pass ``memory`` bytes, float32, raw
+    and with unit columns) are held while the following models stream past them ``block``
+    at a time: per tensor, the inner products
+    of unit columns scaled by ``1/sqrt(columns)`` give the mean column cosine (corrected for
+    the projection's bias, :func:`~model_glue.sketch.debias`, applied to the mean), and the
+    raw inner products, summed over tensors, flat cosine. ``load(name)`` gives a model's
+    sketch; each is read once."""
     import tempfile
 
     import numpy as np
@@ -319,38 +325,35 @@ def sketch_matrices(
         raise SimilarityError(f"no {'/'.join(groups)} tensors to compare ({layout.describe()})")
     n = len(names)
     projected: dict[str, int | None] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    scales = np.ones((len(tensors), n), dtype=np.float64)
+    grams = {t: torch.zeros(n, n, dtype=torch.float32) for t in tensors}
+    flat = torch.zeros(n, n, dtype=torch.float64)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        vectors: dict[str, np.memmap] = {}
-
-        def put(key: str, i: int, v: torch.Tensor) -> None:
-            if key not in vectors:
-                vectors[key] = np.lib.format.open_memmap(
-                    f"{tmp}/{len(vectors)}.npy", mode="w+", dtype=np.float32, shape=(n, v.numel())
-                )
-            vectors[key][i] = v.numpy()
-
-        for i, name in enumerate(names):
-            sketch = load(name)
-            flat = []
-            for t in tensors:
-                s = sketch[t].float()
-                projected.setdefault(t, projected_rows(sketch, t))
-                unit = s / s.norm(dim=0, keepdim=True).clamp_min(1e-12)
-                put(t, i, (unit / math.sqrt(s.shape[1])).reshape(-1))
-                flat.append(s.reshape(-1))
-            v = torch.cat(flat)
-            put("#flat", i, v / v.norm().clamp_min(1e-30))
-        grams = {key: torch.zeros(n, n, dtype=torch.float32) for key in vectors}
-        for i0 in range(0, n, block):
-            for key, vec in vectors.items():
-                a = torch.from_numpy(np.asarray(vec[i0 : i0 + block]))
-                for j0 in range(i0, n, block):
-                    b = a if j0 == i0 else torch.from_numpy(np.asarray(vec[j0 : j0 + block]))
-                    g = a @ b.T
-                    if j0 == i0:  # BLAS need not return a bitwise symmetric a @ a.T
-                        g = (g + g.T) / 2
-                    grams[key][i0 : i0 + block, j0 : j0 + block] = g
-                    grams[key][j0 : j0 + block, i0 : i0 + block] = g.T
+        files = [open(f"{tmp}/{k}.f16", "wb") for k in range(len(tensors))]  # noqa: SIM115
+        try:
+            for i, name in enumerate(names):
+                sketch = load(name)
+                for k, t in enumerate(tensors):
+                    s = sketch[t].float()
+                    if t not in shapes:
+                        shapes[t], projected[t] = tuple(s.shape), projected_rows(sketch, t)
+                    elif tuple(s.shape) != shapes[t]:
+                        raise SimilarityError(
+                            f"the sketch of {name} holds {t!r} as {list(s.shape)}, another "
+                            f"model's as {list(shapes[t])}: sketches of different settings or "
+                            "versions do not compare (fingerprint the models again)"
+                        )
+                    top = float(s.abs().max()) if s.numel() else 0.0
+                    scale = top if math.isfinite(top) and top > 0 else 1.0
+                    scales[k, i] = scale
+                    files[k].write((s / scale).to(torch.float16).numpy())
+                del sketch
+        finally:
+            for f in files:
+                f.close()
+        for k, t in enumerate(tensors):
+            _block_grams(f"{tmp}/{k}.f16", n, shapes[t], block, memory, grams[t], flat, scales[k])
     out: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for t in tensors:
@@ -363,5 +366,61 @@ def sketch_matrices(
     out["sim_all"] = sum(out[f"sim_{g}"] for g in counts) / sum(counts.values())
     for g, c in counts.items():
         out[f"sim_{g}"] = out[f"sim_{g}"] / c
-    out["flat_cosine"] = grams["#flat"]
+    out["flat_cosine"] = _cos_from_gram(flat).float()
     return out
+
+
+def _block_grams(
+    path: str,
+    n: int,
+    shape: tuple[int, ...],
+    block: int,
+    memory: int,
+    gram: torch.Tensor,
+    flat: torch.Tensor,
+    scales,
+) -> None:
+    """One tensor's file of ``n`` float16 sketches of ``shape`` (``[rows, columns]``):
+    ``gram`` gets the mean column cosine of every pair, ``flat`` adds the raw inner
+    products (times the two sketches' ``scales``)."""
+    import numpy as np
+
+    numel = math.prod(shape)
+    cols = shape[-1] if len(shape) > 1 else 1
+    # models held (raw + unit, float32): 4 blocks, fewer where ``memory`` says so
+    held = max(block, min(n, 4 * block, memory // max(1, 8 * numel)))
+    scale = torch.from_numpy(scales)
+
+    def read(i0: int, count: int) -> torch.Tensor:
+        count = min(count, n - i0)
+        raw = np.fromfile(path, dtype=np.float16, count=count * numel, offset=2 * i0 * numel)
+        return torch.from_numpy(raw).float().reshape(count, *shape)
+
+    def unit(raw: torch.Tensor) -> torch.Tensor:
+        if raw.dim() == 2:  # a 1-D tensor: compared as one vector
+            return raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        norms = raw.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return (raw / (norms * math.sqrt(cols))).reshape(raw.shape[0], -1)
+
+    def put(i0: int, j0: int, g: torch.Tensor, raw: torch.Tensor) -> None:
+        i1, j1 = i0 + g.shape[0], j0 + g.shape[1]
+        gram[i0:i1, j0:j1] = g
+        gram[j0:j1, i0:i1] = g.T
+        f = raw.double() * (scale[i0:i1, None] * scale[None, j0:j1])  # symmetric
+        flat[i0:i1, j0:j1] += f
+        if j0 != i0:
+            flat[j0:j1, i0:i1] += f.T
+
+    for i0 in range(0, n, held):
+        a_raw = read(i0, held)
+        a_flat = a_raw.reshape(a_raw.shape[0], -1)
+        a_unit = unit(a_raw)
+        # BLAS need not return a bitwise symmetric a @ a.T
+        g, r = a_unit @ a_unit.T, a_flat @ a_flat.T
+        put(i0, i0, (g + g.T) / 2, (r + r.T) / 2)
+        for j0 in range(i0 + a_raw.shape[0], n, block):
+            b_raw = read(j0, block)
+            b_flat = b_raw.reshape(b_raw.shape[0], -1)
+            r = a_flat @ b_flat.T
+            put(i0, j0, a_unit @ unit(b_raw).T, r)
+        del a_raw, a_flat, a_unit

@@ -11,10 +11,13 @@ sketches compare directly, and a sketch is linear (a task vector's sketch is the
 sketch minus the base's).
 
 Matrices of at most ``4 k`` rows are kept exactly (a projection would save little and
-cost accuracy on the few columns such small matrices have). At k = 32 a sketch is
-``32 / out`` of a matrix's values, stored in float16: against a 7B model's bfloat16 weights
-0.8% of its 4096-row matrices and 0.3% of its 11008-row ones, about 0.55% of the checkpoint
-(float32 in memory, where similarity computes).
+cost accuracy on the few columns such small matrices have), and so are, per architecture,
+the cheapest matrices whose projection would take ``sim_all``'s predicted error past
+:data:`ERROR_BUDGET` (:func:`exact_tensors`: nothing at 7B, most of the matrices of a
+256-wide model). At k = 32 a projected sketch is ``32 / out`` of a matrix's values, stored
+in float16: against a 7B model's bfloat16 weights 0.8% of its 4096-row matrices and 0.3% of
+its 11008-row ones, about 0.55% of the checkpoint (float32 in memory, where similarity
+computes).
 It is made while the fingerprint stage reads the checkpoint for hashing (no extra read),
 see :func:`model_glue.fingerprint.fingerprint_and_sketch`.
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,24 +35,42 @@ import torch
 
 from model_glue.architectures import Layout
 
-SKETCH_VERSION = "2"  # 2: stored in float16
+# 2: stored in float16; 3: the matrices the error budget needs are kept exactly
+SKETCH_VERSION = "3"
 SKETCH_GROUPS = ("attn", "mlp", "embed")  # what a sketch holds: every group similarity reads
+BUDGET_GROUPS = ("attn", "mlp")  # what sim_all compares by default: the error budget's
+ERROR_BUDGET = 0.005
+"""The largest ``sim_all`` error a sketch is sized for, over a zoo's pairs (the issue's
+target; pairs within 0.01 of the threshold are computed exactly anyway)."""
+MAX_SIGMAS = 4.5
+"""How many predicted standard deviations (:func:`predicted_error`) the worst pair of a zoo
+is allowed to lie from the exact value. The errors of unrelated pairs are about normal and
+independent; the largest of ``n`` of them exceeds ``z`` sigma with probability about
+``n * P(|Z| > z)``: 4.5 sigma once in 150,000 pairs (``P = 6.8e-6``; a zoo of 550 models),
+where the zoo of 300 (45,000 pairs) measures 4.3 sigma. A zoo of 1000 models (500,000 pairs)
+expects its worst pair near 4.9 sigma: 0.0054 where the budget is tight (5 sigma would cover
+it, at a larger sketch for small models)."""
 
 
 @dataclass(frozen=True)
 class SketchSettings:
     """``k``: numbers kept per input column; ``seed``: of the projections (the same for
-    every model that is to be compared)."""
+    every model that is to be compared); ``budget``: the ``sim_all`` error the sketch is
+    sized for (:func:`exact_tensors`), None to project every matrix of more than ``4 k``
+    rows whatever the error."""
 
     k: int = 32
     seed: int = 0
+    budget: float | None = ERROR_BUDGET
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"sketch k must be >= 1, got {self.k}")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"sketch budget must be > 0 or None, got {self.budget}")
 
     def to_dict(self) -> dict:
-        return {"k": self.k, "seed": self.seed, "v": SKETCH_VERSION}
+        return {"k": self.k, "seed": self.seed, "budget": self.budget, "v": SKETCH_VERSION}
 
 
 @functools.lru_cache(maxsize=256)
@@ -60,21 +81,116 @@ def projection(tensor: str, rows: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(k, rows, generator=g, dtype=torch.float32) / math.sqrt(k)
 
 
-def sketch_columns(tensor: str, columns: torch.Tensor, settings: SketchSettings) -> torch.Tensor:
-    """``[out, in]`` input columns -> ``[k, in]`` float32 sketch; a matrix of at most
-    ``4 k`` rows is kept as it is (exact; small matrices have too few columns for the
-    projection's errors to average out)."""
-    if columns.shape[0] <= 4 * settings.k:
+def column_shape(layout: Layout, name: str, shape: Sequence[int]) -> tuple[int, int]:
+    """``(rows, columns)`` of a stored 2-D tensor's input columns: ``rows`` numbers each."""
+    rows, cols = layout.input_columns(name, torch.empty(tuple(shape), device="meta")).shape
+    return rows, cols
+
+
+def always_exact(rows: int, settings: SketchSettings) -> bool:
+    """A matrix of at most ``4 k`` rows is kept exactly whatever the budget."""
+    return rows <= 4 * settings.k
+
+
+def _projected_variances(
+    layout: Layout, shapes: Mapping[str, Sequence[int]], settings: SketchSettings
+) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The number of compared matrices, and ``(rows, columns)`` of those a budget-free
+    sketch projects."""
+    compared = layout.select(BUDGET_GROUPS)
+    projected = {}
+    for t in compared:
+        if len(shapes[t]) == 2:
+            rows, cols = column_shape(layout, t, shapes[t])
+            if not always_exact(rows, settings):
+                projected[t] = (rows, cols)
+    return len(compared), projected
+
+
+def _sigma(variances: Iterable[float], n_compared: int, k: int) -> float:
+    return (1 + 1 / (2 * k)) * math.sqrt(math.fsum(variances)) / max(n_compared, 1)
+
+
+def predicted_error(
+    layout: Layout,
+    shapes: Mapping[str, Sequence[int]],
+    settings: SketchSettings,
+    exact: Collection[str] = (),
+) -> float:
+    """The predicted standard deviation of ``sim_all`` (the mean over the compared
+    matrices, :data:`BUDGET_GROUPS`, of their mean column cosine) between two unrelated
+    models, estimated from sketches that keep ``exact`` (and every matrix of at most
+    ``4 k`` rows) exactly and project the others to ``k`` rows.
+
+    The cosine of two nearly orthogonal columns estimated from their k-dimensional
+    Gaussian projections has variance ``1 / k`` (two independent isotropic k-vectors), and
+    the columns' errors are independent: a projected matrix of ``c`` columns contributes
+    ``1 / (k c)`` to its mean's variance, an exact one nothing, and ``sim_all`` averages
+    ``T`` matrices: ``sigma^2 = (1 + 1/2k)^2 / T^2 * sum over projected matrices of
+    1 / (k c)`` (``1 + 1/2k``: :func:`debias`'s scale near 0). Pairs of related models
+    (cosine ``c0``) err less, by about ``1 - c0^2``. The columns of a trained checkpoint are
+    not independent random vectors; at the widths where everything is projected (thousands
+    of rows) they are nearly orthogonal, and pairs near the threshold are computed exactly."""
+    n, projected = _projected_variances(layout, shapes, settings)
+    k = settings.k
+    return _sigma((1 / (k * c) for t, (_, c) in projected.items() if t not in exact), n, k)
+
+
+def exact_tensors(
+    layout: Layout, shapes: Mapping[str, Sequence[int]], settings: SketchSettings
+) -> frozenset[str]:
+    """The matrices a sketch keeps exactly beyond those of at most ``4 k`` rows, so that
+    :data:`MAX_SIGMAS` times :func:`predicted_error` is at most the settings' budget: the
+    cheapest first, until the budget holds. A matrix's price is the values keeping it adds
+    to the sketch, ``(rows - k) c``, per variance it removes, ``1 / (k c)``: among matrices
+    of one width the fewest rows first (a 256-wide Llama keeps its attention matrices,
+    then some of its gate/up ones), a matrix of many columns last (its error is already
+    averaged over them).
+
+    The choice depends only on the names and shapes of the compared matrices (not on the
+    vocabulary, not on the weights): every model of an architecture keeps the same
+    matrices, so their sketches compare. At 7B shapes (4096 wide, 11008 intermediate, 32
+    layers) it is empty: the error averages over 1.1M columns (4.5 sigma = 0.0008)."""
+    if settings.budget is None:
+        return frozenset()
+    n, projected = _projected_variances(layout, shapes, settings)
+    k = settings.k
+    variance = {t: 1 / (k * c) for t, (_, c) in projected.items()}
+    order = sorted(
+        projected, key=lambda t: ((projected[t][0] - k) * projected[t][1] ** 2, *projected[t], t)
+    )
+    limit = settings.budget / MAX_SIGMAS
+    exact: set[str] = set()
+    for t in order:
+        if _sigma((v for u, v in variance.items() if u not in exact), n, k) <= limit:
+            break
+        exact.add(t)
+    return frozenset(exact)
+
+
+def sketch_columns(
+    tensor: str, columns: torch.Tensor, settings: SketchSettings, exact: bool = False
+) -> torch.Tensor:
+    """``[out, in]`` input columns -> ``[k, in]`` float32 sketch; with ``exact`` (the
+    budget's choice, :func:`exact_tensors`), and for a matrix of at most ``4 k`` rows, the
+    columns as they are (small matrices have too few columns for the projection's errors to
+    average out)."""
+    if exact or always_exact(columns.shape[0], settings):
         return columns.float().clone()
     r = projection(tensor, columns.shape[0], settings.k, settings.seed)
     return r @ columns.float()
 
 
 def sketch_tensor(
-    layout: Layout, name: str, tensor: torch.Tensor, settings: SketchSettings
+    layout: Layout,
+    name: str,
+    tensor: torch.Tensor,
+    settings: SketchSettings,
+    exact: Collection[str] = (),
 ) -> torch.Tensor:
-    """The sketch of one stored tensor (Conv1D ``[in, out]`` storage is transposed first)."""
-    return sketch_entries(layout, name, tensor, settings)[name]
+    """The sketch of one stored tensor (Conv1D ``[in, out]`` storage is transposed first);
+    ``exact``: the checkpoint's :func:`exact_tensors`."""
+    return sketch_entries(layout, name, tensor, settings, exact)[name]
 
 
 def rows_name(tensor: str) -> str:
@@ -83,14 +199,19 @@ def rows_name(tensor: str) -> str:
 
 
 def sketch_entries(
-    layout: Layout, name: str, tensor: torch.Tensor, settings: SketchSettings
+    layout: Layout,
+    name: str,
+    tensor: torch.Tensor,
+    settings: SketchSettings,
+    exact: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """What a sketch keeps of one tensor: its (projected or exact) columns, and its row
     count, which says whether they were projected (similarity corrects the projection's
-    small bias on cosines, see :func:`debias`)."""
+    small bias on cosines, see :func:`debias`). ``exact``: the matrices the checkpoint's
+    budget keeps exactly (:func:`exact_tensors` of its layout and shapes)."""
     columns = layout.input_columns(name, tensor[None])[0]
     return {
-        name: sketch_columns(name, columns, settings),
+        name: sketch_columns(name, columns, settings, name in exact),
         rows_name(name): torch.tensor([columns.shape[0]], dtype=torch.int64),
     }
 

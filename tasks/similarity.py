@@ -24,8 +24,8 @@ from tasks.versions import SIMILARITY
 PAIR_KIND = "similarity_pair"  # one exactly computed pair
 MATRIX_KIND = "similarity_matrix"  # a group's matrices, one per metric, in fingerprint order
 MATRIX_FILE = "matrices.npz"
-# a pair whose sketched value lies this close to the threshold is computed exactly: the
-# sketch's error (k = 32: at most 0.002 measured on the demo zoo) with room to spare
+# a pair whose sketched value lies this close to the threshold is computed exactly: twice
+# the error sketches are sized for (model_glue.sketch.ERROR_BUDGET: sim_all within 0.005)
 EXACT_MARGIN = 0.01
 # groups with more pairs list only the pairs near or above the threshold in their record
 # and lineage (every value stays in the group's matrices)

@@ -14,14 +14,20 @@ from model_glue.clustering import CLUSTERING_VERSION
 from model_glue.fingerprint import FINGERPRINT_VERSION
 from model_glue.merge.spec import ENGINE_VERSION
 from model_glue.similarity import SIMILARITY_VERSION
+from model_glue.sketch import SKETCH_VERSION
 from tasks.stage import Component
 
 LM_EVAL = Component("lm-eval", version("lm-eval"))
 # which tensor is which projection of which layer (model_glue.architectures)
 ARCHITECTURES = Component("architectures", ARCHITECTURES_VERSION)
+# the sketch the fingerprint stage stores (its matrices, which of them exact): the sketches
+# of one group must all be of one version to compare
+SKETCH = Component("sketch", SKETCH_VERSION, uses=(ARCHITECTURES,))
 # "-finite": records say which tensors hold NaN/Inf (the fingerprint itself is unchanged);
 # the layout check leaves out checkpoints whose tensors contradict their architecture
-FINGERPRINT = Component("fingerprint", f"{FINGERPRINT_VERSION}-finite", uses=(ARCHITECTURES,))
+FINGERPRINT = Component(
+    "fingerprint", f"{FINGERPRINT_VERSION}-finite", uses=(ARCHITECTURES, SKETCH)
+)
 SIMILARITY = Component("similarity", SIMILARITY_VERSION, uses=(ARCHITECTURES,))
 CLUSTERING = Component("clustering", CLUSTERING_VERSION)
 ENGINE = Component("merge-engine", ENGINE_VERSION, uses=(ARCHITECTURES,))
