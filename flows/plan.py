@@ -235,6 +235,10 @@ def _diff(old: Any, new: Any, path: str, names: dict[str, str]) -> list[str]:
         return [f"moved: {old} -> {new}"]
     if "task_files" in path or leaf == "include_paths":
         return ["changed task files"]
+    if leaf == "repos" and isinstance(old, list) and isinstance(new, list):  # discovery
+        added = [f"+{r}" for r in new if r not in old]
+        gone = [f"-{r}" for r in old if r not in new]
+        return [f"the hub lists {' '.join(added + gone) or 'them in another order'}"]
     shown_old, shown_new = _show(old, names), _show(new, names)
     if _is_input(old) or _is_input(new):
         if isinstance(old, list) and isinstance(new, list):

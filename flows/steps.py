@@ -59,6 +59,16 @@ def fingerprint(zoo: Zoo, rec: StageRunner) -> list[ModelRef]:
         models += _adapted([m for m in entries if m.name in adapters], models, zoo, rec, vocabs)
     if not models:
         raise RunFailed("no usable model in the zoo")
+    same: dict[str, list[str]] = defaultdict(list)
+    for m in models:
+        same[m.fingerprint].append(m.name)
+    for fp, names in same.items():
+        if len(names) > 1:  # one model for every later stage, under the first name
+            rec.say(
+                f"{', '.join(names)} hold the same weights (fingerprint {fp[:8]}): "
+                "one model for clustering and merging",
+                "yellow",
+            )
     return _vocabulary_families(models, vocabs, rec)
 
 

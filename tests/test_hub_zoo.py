@@ -261,6 +261,8 @@ def test_a_nightly_refresh_follows_a_new_commit_and_a_new_fine_tune(
     rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines()]
     fingerprints = {r[1]: (r[2], r[3]) for r in rows if len(r) > 3 and r[0] == "fingerprint"}
     assert fingerprints["org--ft-c"] == ("stale", "new model"), out[-3000:]
+    discovered = {r[1]: (r[2], r[3]) for r in rows if len(r) > 3 and r[0] == "discover"}
+    assert discovered["org/base"] == ("stale", "the hub lists +org/ft-c"), out[-3000:]
     assert fingerprints["ft-a"] == ("stale", f"new revision {commit[:7]} on the hub")
     fresh = ("base", "org--ft-b", "org--far", "org--lora", "secret")
     assert all(fingerprints[n][0] == "fresh" for n in fresh), fingerprints
