@@ -48,12 +48,14 @@ from model_glue.architectures import Layout
 from model_glue.architectures.layout import LayoutError
 from model_glue.checkpoint import (
     SAFETENSORS_DTYPES,
+    TOKENIZER_FILES,
     Checkpoint,
     read_safetensors_header,
 )
 from model_glue.errors import InputError
-from model_glue.merge.engine import TOKENIZER_FILES, output_config, vocab_size
+from model_glue.merge.engine import output_config
 from model_glue.merge.io import OutputTensor, ShardedWriter
+from model_glue.merge.tokenizer import vocab_size
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFE_WEIGHTS = "adapter_model.safetensors"

@@ -47,6 +47,23 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+# The files of a Hugging Face directory that make its tokenizer: what fingerprints hash, what
+# a merge or an applied adapter copies, what a hub snapshot downloads.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 class CheckpointError(InputError):
     """A checkpoint is missing, truncated or not a safetensors Hugging Face directory."""
 

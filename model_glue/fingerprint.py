@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from model_glue.architectures import config_value
-from model_glue.checkpoint import Checkpoint, _join
+from model_glue.checkpoint import TOKENIZER_FILES, Checkpoint, _join
 from model_glue.sketch import SketchSettings, exact_tensors, sketch_entries, sketched_tensors
 
 FINGERPRINT_VERSION = "2"  # "2": the architecture signature leaves the vocabulary size out
@@ -41,14 +41,6 @@ ARCH_KEYS = (
     "rope_theta",
     "num_local_experts",
     "num_experts_per_tok",
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
 )
 
 

@@ -49,20 +49,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import NoReturn
 
+from model_glue.checkpoint import TOKENIZER_FILES
 from model_glue.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.bin.index.json")
 # pickles a Trainer leaves beside the weights: never weights, never downloaded

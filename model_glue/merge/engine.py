@@ -38,8 +38,7 @@ from model_glue.merge.plan import (
 from model_glue.merge.registry import CHUNK, TensorContext, merge_chunks
 from model_glue.merge.spec import DTYPES, ENGINE_VERSION, MergeSpec, dtype_name
 from model_glue.merge.threads import torch_threads
-from model_glue.merge.tokenizer import (  # noqa: F401  (TOKENIZER_FILES, vocab_size: re-exported)
-    TOKENIZER_FILES,
+from model_glue.merge.tokenizer import (
     MergedVocabulary,
     copy_tokenizer_files,
     spec_vocabulary,

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from model_glue.checkpoint import TOKENIZER_FILES
 from model_glue.merge.params import MergeConfigError
 
 if TYPE_CHECKING:
@@ -52,19 +53,6 @@ if TYPE_CHECKING:
     from model_glue.merge.spec import MergeSpec
 
 SOURCES = ("union", "base")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
