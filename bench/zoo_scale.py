@@ -159,7 +159,7 @@ def child_sketch(n: int) -> dict:
         t2 = time.perf_counter()
         out["threshold"], out["clusters"] = clusters_of(names, matrices["sim_all"])
         out["cluster_s"] = time.perf_counter() - t2
-        out["sim_all"] = matrices["sim_all"].tolist() if n <= 300 else None
+        out["sim_all"] = matrices["sim_all"].tolist()
         if n == 300:
             out["add_one"] = _add_one(paths, tmp, settings, layout)
     out["peak_mb"] = peak_mb()
@@ -302,7 +302,7 @@ def main() -> None:
             f"(0 checkpoint bytes, {s['similarity_read_sketch_bytes'] / 1e6:.0f} MB of sketches), "
             f"cluster {s['cluster_s']:5.2f} s, {row['n_clusters']} clusters, peak {s['peak_mb']:.0f} MB"
             f"\n{'':8s}{s['exact_matrices']} of {s['compared_matrices']} compared matrices kept "
-            f"exactly, predicted worst sim_all error (4.5 sigma) {s['predicted_bound']:.4f}"
+            f"exactly, predicted worst sim_all error {s['predicted_bound']:.4f}"
         )
         if n <= args.exact_up_to:
             e = run_child("exact", n)
