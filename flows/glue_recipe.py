@@ -209,4 +209,14 @@ def with_runner(flow_fn, cfg: RunConfig, kind: str | None = None):
         return flow_fn
     if cfg.runner.address:
         check_store_visible(cfg.runner.address, default_store_url(cfg))
+        if any(m.repo for m in cfg.zoo) or cfg.zoo_from:  # stages read hub snapshots there
+            hub_cache = Path(cfg.hub_cache or _default_hub_cache())
+            hub_cache.mkdir(parents=True, exist_ok=True)
+            check_store_visible(cfg.runner.address, str(hub_cache), "hub_cache")
     return flow_fn.with_options(task_runner=runner)
+
+
+def _default_hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE

@@ -43,10 +43,10 @@ def task_runner(settings: RunnerSettings, kind: str | None = None) -> Any | None
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
 
 
-def check_store_visible(address: str, store_url: str) -> None:
+def check_store_visible(address: str, store_url: str, what: str = "store") -> None:
     """Every worker of the cluster at ``address`` sees the store's folder (a local path
-    must be on a filesystem all workers mount). Raises ConfigError naming a worker that
-    does not."""
+    must be on a filesystem all workers mount; ``what``: the folder's name in the error,
+    e.g. hub_cache). Raises ConfigError naming a worker that does not."""
     import os
 
     from distributed import Client
@@ -64,7 +64,7 @@ def check_store_visible(address: str, store_url: str) -> None:
         for worker, (host, ok) in client.run(probe).items():
             if not ok:
                 raise ConfigError(
-                    f"store {root} is not visible (or not writable) from dask worker {worker} "
+                    f"{what} {root} is not visible (or not writable) from dask worker {worker} "
                     f"on {host}: put it on a filesystem every worker mounts, or use a URL "
                     "(s3://...) every worker can reach"
                 )

@@ -70,6 +70,8 @@ def test_a_store_that_workers_cannot_see_is_refused(tmp_path):
         check_store_visible(cluster.scheduler_address, str(tmp_path))  # visible: fine
         with pytest.raises(ConfigError, match=r"store .*nowhere is not visible .* dask worker"):
             check_store_visible(cluster.scheduler_address, str(tmp_path / "nowhere"))
+        with pytest.raises(ConfigError, match=r"hub_cache .*nowhere is not visible"):
+            check_store_visible(cluster.scheduler_address, str(tmp_path / "nowhere"), "hub_cache")
 
 
 def test_a_dask_worker_that_cannot_import_a_stage_fails_the_run_at_once(demo_zoo, tmp_path):
