@@ -109,6 +109,33 @@ def _is_adapter(src: Source) -> bool:
     return src.path is not None and is_adapter(src.path)
 
 
+def _local_base(named: str | None, adapter_dir: str) -> str | None:
+    """An adapter's ``base_model_name_or_path`` as a local model directory, if it is one
+    (absolute, or relative to the adapter's directory)."""
+    from pathlib import Path
+
+    if not named or "://" in adapter_dir:
+        return None
+    path = Path(named).expanduser()
+    path = path if path.is_absolute() else Path(adapter_dir) / path
+    return str(path.resolve()) if (path / "config.json").is_file() else None
+
+
+def _outside_base(
+    name: str, folder: str, zoo: Zoo, rec: StageRunner, vocabs: dict[str, dict | None]
+) -> ModelRef | None:
+    """The base of adapter ``name`` from a directory outside the zoo, fingerprinted under
+    ``<name>.base`` (it is not a zoo model: not evaluated, clustered or merged)."""
+    from model_glue.config import ZooModel
+
+    label = f"{name}.base"
+    found = _fingerprinted(
+        [ZooModel(name=label, path=folder)], zoo, rec, vocabs, {label: {"uri": folder}}
+    )
+    vocabs.pop(label, None)
+    return found[0] if found else None
+
+
 def _fingerprinted(
     entries: list,
     zoo: Zoo,
@@ -126,7 +153,8 @@ def _fingerprinted(
     }
     calls = []
     for m in entries:
-        source = sources.get(m.name, {}).get("source") or zoo.sources[m.name].hub
+        own = zoo.sources.get(m.name)
+        source = sources.get(m.name, {}).get("source") or (own.hub if own else None)
         calls.append(call(fingerprint_model, m.name, name=m.name, uri=uris[m.name], source=source))
     models = []
     for m, o in zip(entries, rec.run_many(calls), strict=True):
@@ -156,7 +184,9 @@ def _adapted(
     vocabs: dict[str, dict | None],
 ) -> list[ModelRef]:
     """Each adapter applied to its base (``base:``, else the adapter's own
-    ``base_model_name_or_path`` when that names a zoo model or repo), then fingerprinted."""
+    ``base_model_name_or_path`` when that names a zoo model or repo, or a local directory,
+    which is then fingerprinted as the adapter's base, not as a zoo model), then
+    fingerprinted."""
     from model_glue.adapters import read_adapter
 
     by_name = {m.name: m for m in bases}
@@ -169,8 +199,13 @@ def _adapted(
         except InputError as e:
             named, why = None, " ".join(str(e).split())
         else:
-            why = f"its base {named!r} is not a zoo model (add it to the zoo, or set base:)"
+            why = (
+                f"its base {named!r} is neither a zoo model nor a local directory "
+                "(add it to the zoo, or set base:)"
+            )
         base = by_name.get(named) or by_name.get(by_repo.get(named, ""))
+        if base is None and m.base is None and (folder := _local_base(named, src.path)):
+            base = _outside_base(m.name, folder, zoo, rec, vocabs)
         if base is None:
             if m.base is not None and m.base not in by_name:
                 why = f"its base {m.base!r} was left out"
