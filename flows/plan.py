@@ -194,7 +194,9 @@ def plan(cfg: RunConfig, store_url: str, db_path: str) -> list[PlanEntry]:
     planner = Planner(store_url, db_path)
     try:
         _recipe(cfg, planner)
+        _unplanned_failures(planner)
     except RunFailed:
+        _unplanned_failures(planner)
         blocker = next((e for e in reversed(planner.entries) if e.status == "stale"), None)
         on = "the zoo" if blocker is None else f"{blocker.stage} {blocker.label}"
         seen = {e.stage for e in planner.entries}
@@ -203,6 +205,16 @@ def plan(cfg: RunConfig, store_url: str, db_path: str) -> list[PlanEntry]:
                 label = "merged models, proxy evaluations" if stage == "evaluate" else "(all)"
                 planner.entries.append(PlanEntry(stage, label, "stale", f"waits on {on}"))
     return planner.entries
+
+
+def _unplanned_failures(planner: Planner) -> None:
+    """What failed before any stage call could stand for it (a hub repo that cannot be
+    resolved, a discovery that cannot be asked): one row each, so that no model of the
+    config disappears from the plan without a word."""
+    planned = {(e.stage, e.label) for e in planner.entries}
+    for f in planner.failures:
+        if (f.stage, f.label) not in planned:
+            planner.entries.append(PlanEntry(f.stage, f.label, "stale", f"fails: {f.error}"))
 
 
 def _strings(value: Any) -> list[str]:

@@ -115,6 +115,8 @@ def _with_discovered(cfg: RunConfig, rec: StageRunner) -> RunConfig:
         except InputError as e:  # offline, or the hub does not answer: the named zoo runs
             why = " ".join(str(e).split())
             rec.say(f"zoo_from {q.base_model} skipped: {why}", "yellow")
+            if rec.flow_run_id is None:  # a plan: its table says so (a run goes on, said)
+                rec.failures.append(Failure("discover", q.base_model, f"skipped: {why}", True))
             continue
         o = rec.run(call(discover_models, q.base_model, query=query, repos=repos))
         listed = (o.record or {}).get("repos", repos)

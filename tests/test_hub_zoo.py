@@ -312,3 +312,19 @@ def test_a_new_base_revision_makes_the_adapter_wait_on_it_in_the_plan(
     calls = {(r[0], r[1]): (r[2], r[3]) for r in rows if len(r) > 3 and r[0]}
     assert calls[("fingerprint", "base")] == ("stale", f"new revision {commit[:7]} on the hub")
     assert calls[("adapter", "org--lora")] == ("stale", "waits on fingerprint of base")
+
+
+def test_offline_without_the_cache_the_plan_says_what_cannot_be_resolved(project, hub, tmp_path):
+    config = yaml.safe_load((project / "glue.yaml").read_text())
+    empty = project / "empty-cache.yaml"
+    empty.write_text(yaml.safe_dump(config | {"hub_cache": "state/nothing-here"}))
+    proc = glue_run_as_user(
+        empty, cwd=tmp_path, home=project / "home", env={"HF_ENDPOINT": hub.endpoint},
+        command="plan",
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines()]
+    reasons = {(r[0], r[1]): r[3] for r in rows if len(r) > 3 and r[0]}
+    assert reasons[("fingerprint", "base")].startswith("fails: org/base@main: offline mode")
+    assert reasons[("discover", "org/base")].startswith("fails: skipped: discover org/base")
