@@ -77,22 +77,15 @@ def _hub_source(m: ZooModel, cfg: RunConfig, *, planning: bool) -> Source:
     from model_glue import hub
 
     revision = m.revision or "main"
-    if planning:  # no download: what the hub says the revision holds now
-        info = hub.lookup(
-            m.repo,
-            revision,
-            cache_dir=cfg.hub_cache,
-            allow_pickle=cfg.allow_pickle,
-            endpoint=_endpoint(),
-        )
-    else:
-        info = hub.resolve(
-            m.repo,
-            revision,
-            cache_dir=cfg.hub_cache,
-            allow_pickle=cfg.allow_pickle,
-            endpoint=_endpoint(),
-        )
+    # planning: no download, what the hub says the revision holds now
+    find = hub.lookup if planning else hub.resolve
+    info = find(
+        m.repo,
+        revision,
+        cache_dir=cfg.hub_cache,
+        allow_pickle=cfg.allow_pickle,
+        endpoint=_endpoint(),
+    )
     pin = {"repo": m.repo, "revision": revision, "commit": info.commit, "files": info.files}
     return Source(m.name, str(info.path), pin)
 
