@@ -228,7 +228,9 @@ class RunConfig(_Strict):
     zoo_from: list[ZooFrom] = Field(default_factory=list)
     # where hub models are downloaded (default: huggingface_hub's cache, HF_HOME)
     hub_cache: str | None = None
-    # read pickled checkpoints (*.bin, *.pt) and download them from the hub; off: refused
+    # pickles run code when loaded: true lets a LoRA adapter be read from adapter_model.bin
+    # and a hub repo's pickled weights be downloaded (full checkpoints are read from
+    # safetensors only: convert them); off: refused in one line
     allow_pickle: bool = False
     similarity: SimilarityConfig = SimilarityConfig()
     filter: FilterSettings = Field(
