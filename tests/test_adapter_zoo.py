@@ -33,6 +33,14 @@ def test_an_adapter_of_a_base_outside_the_zoo_joins_its_family(tmp_path):
         tmp_path / "elsewhere" / "base", seed=0, vocab=len(tok), tokenizer=tok, **HIDDEN
     )
     save_tiny_llama(root / "models" / "ft", seed=1, base=outside, tokenizer=tok)
+    # a fine-tune of the same base whose tokenizer numbers the tokens otherwise: its rows
+    # do not mean the same tokens, so it stays out of the family, with one line
+    odd = save_tiny_llama(root / "models" / "odd", seed=4, base=outside, tokenizer=tok)
+    scrambled = json.loads((odd / "tokenizer.json").read_text())
+    vocab = scrambled["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[5:7]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (odd / "tokenizer.json").write_text(json.dumps(scrambled))
     _named(_lora(outside, root / "models" / "lora", seed=2), str(outside))
     _named(_lora(outside, root / "models" / "lost", seed=3), str(tmp_path / "gone"))
     _tasks(root / "tasks")
@@ -44,6 +52,7 @@ def test_an_adapter_of_a_base_outside_the_zoo_joins_its_family(tmp_path):
             {"name": "ft", "path": "models/ft"},
             {"name": "lora", "path": "models/lora"},
             {"name": "lost", "path": "models/lost"},
+            {"name": "odd", "path": "models/odd"},
         ],
         "similarity": {"threshold": 0.5},
         "evaluation": {"tasks": ["my_sums"], "limit": 4, "include_paths": ["tasks"]},
@@ -55,6 +64,8 @@ def test_an_adapter_of_a_base_outside_the_zoo_joins_its_family(tmp_path):
     lost = [line.strip() for line in out.splitlines() if "left out lost" in line]
     assert len(lost) == 1 and "neither a zoo model nor a local directory" in lost[0], out[-3000:]
     assert "completed adapter     lora" in out, out[-3000:]
+    apart = [line.strip() for line in out.splitlines() if line.strip().startswith("odd: kept")]
+    assert len(apart) == 1 and "kept apart from ft, lora: token 5 is" in apart[0], out[-3000:]
 
     db = lineage(root / "state" / "lineage.duckdb")
     base_fp = db.query("SELECT fingerprint FROM models WHERE name = 'lora.base'")["fingerprint"]
@@ -67,6 +78,6 @@ def test_an_adapter_of_a_base_outside_the_zoo_joins_its_family(tmp_path):
         "SELECT list(m.name ORDER BY m.name) AS names FROM clusters c "
         "JOIN models m ON m.fingerprint = c.model_fingerprint GROUP BY c.cluster"
     )["names"].to_list()
-    assert clusters == [["ft", "lora"]]
+    assert sorted(clusters) == [["ft", "lora"], ["odd"]]
     board = db.query("SELECT DISTINCT name FROM v_leaderboard")["name"].to_list()
     assert "lora.base" not in board and "lora" in board
