@@ -33,10 +33,8 @@ class Source:
     """Where a zoo model's files are, and where they came from: ``hub`` holds repo,
     revision, commit and the hub's per-file sha256 (None: a local directory)."""
 
-    name: str
     path: str | None
     hub: dict | None = None
-    waiting: str | None = None  # planning: why the files are not known yet
 
 
 @dataclass
@@ -62,7 +60,7 @@ def resolve_zoo(cfg: RunConfig, rec: StageRunner) -> Zoo:
     sources: dict[str, Source] = {}
     for m in cfg.zoo:
         if m.repo is None:
-            sources[m.name] = Source(m.name, m.path)
+            sources[m.name] = Source(m.path)
             continue
         try:
             sources[m.name] = _hub_source(m, cfg, planning=rec.flow_run_id is None)
@@ -87,7 +85,7 @@ def _hub_source(m: ZooModel, cfg: RunConfig, *, planning: bool) -> Source:
         endpoint=_endpoint(),
     )
     pin = {"repo": m.repo, "revision": revision, "commit": info.commit, "files": info.files}
-    return Source(m.name, str(info.path), pin)
+    return Source(str(info.path), pin)
 
 
 def _with_discovered(cfg: RunConfig, rec: StageRunner) -> RunConfig:

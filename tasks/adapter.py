@@ -21,9 +21,9 @@ def _adapt(
     store: ArtifactStore, key: str, name: str, adapter: str, base: dict, allow_pickle: bool = False
 ) -> dict:
     """``adapter``: the adapter directory; ``base``: the base's ref (name, uri, fingerprint)."""
-    fp = adapter_fingerprint(adapter)
     with store.writing(MODEL_KIND, key, meta={"stage": "adapter", "label": name}) as tmp:
         summary = apply_adapter(adapter, base["uri"], tmp, allow_pickle=allow_pickle)
+    fp = summary["adapter_fingerprint"]  # hashed once, by apply_adapter
     return {
         "name": name,
         "artifact_id": key,

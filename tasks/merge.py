@@ -12,6 +12,7 @@ from pathlib import Path
 
 from model_glue.fingerprint import fingerprint_checkpoint
 from model_glue.merge import MergeSpec, ModelInput, merge_to_directory
+from model_glue.merge.tokenizer import config_vocab_sizes, pipeline_tokenizer
 from storage import Artifact, ArtifactStore, Lineage
 from tasks.stage import Call, Stage
 from tasks.versions import ENGINE
@@ -31,9 +32,8 @@ def merge_spec(
     never matters). Raises the engine's error, naming the key, for bad parameters.
     ``tokenizer``: union, base or a zoo model's name, which is the union for a cluster
     that does not hold that model."""
-    names = {m["name"] for m in members} | ({base["name"]} if base else set())
-    if tokenizer not in (None, "union", "base") and tokenizer not in names:
-        tokenizer = "union"
+    names = [m["name"] for m in members] + ([base["name"]] if base else [])
+    tokenizer = pipeline_tokenizer(tokenizer, names)
     if base and tokenizer == base["name"]:  # the spec names its base by its location
         tokenizer = "base"
     base_fp = base["fingerprint"] if base else None
@@ -51,14 +51,6 @@ def merge_spec(
         dtype=dtype,
         tokenizer=tokenizer,
     )
-
-
-def _vocab_sizes_differ(models: list[dict]) -> bool:
-    """Whether the models' configs give different vocabulary sizes (config files only)."""
-    from model_glue.checkpoint import Checkpoint
-    from model_glue.merge.tokenizer import vocab_size
-
-    return len({vocab_size(Checkpoint(m["uri"]).config) for m in models}) > 1
 
 
 def _fingerprints(members: list[dict], base: dict | None) -> dict[str, str]:
@@ -90,8 +82,9 @@ def _merge(
     tokenizer: str = "union",
 ) -> dict:
     """``members``: refs with name, uri, fingerprint and optional per-model ``params``."""
-    if tokenizer == "union" and not _vocab_sizes_differ([*members, *([base] if base else [])]):
-        tokenizer = None  # one vocabulary: the reference's tokenizer files, as they are
+    inputs = [*members, *([base] if base else [])]
+    sizes = config_vocab_sizes([m["uri"] for m in inputs])
+    tokenizer = pipeline_tokenizer(tokenizer, [m["name"] for m in inputs], sizes)
     spec = merge_spec(members, method, params, dtype, base, tokenizer)
     fingerprints = _fingerprints(members, base)
     with store.writing(MODEL_KIND, key, meta={"stage": "merge", "label": label}) as tmp:

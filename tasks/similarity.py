@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from model_glue.architectures import Layout
 from model_glue.checkpoint import Checkpoint
+from model_glue.merge.tokenizer import config_vocab_sizes
 from model_glue.similarity import (
     SIMILARITY_VERSION,
     SimilarityError,
@@ -85,8 +86,8 @@ def _similarity(
                 np.fill_diagonal(matrices[m], 1.0)
             matrices[m][i, j] = matrices[m][j, i] = v
 
-    if not exact and "embed" in groups and _vocab_sizes_differ(models, layout):
-        exact = True  # sketches of different vocabulary lengths do not compare
+    if not exact and "embed" in groups:  # sketches of different vocabularies do not compare
+        exact = len(set(config_vocab_sizes([m["uri"] for m in models]))) > 1
     if not exact:
         sketched = _from_sketches(store, by_fp, fps, groups, base, layout, tensors)
         for p, summary, per_tensor in sketched:
@@ -158,13 +159,6 @@ def _similarity(
         "reused_exact_pairs": len(done) - len(todo),
         "sketched_pairs": len(pairs) - len(done),
     }
-
-
-def _vocab_sizes_differ(models: list[dict], layout: Layout) -> bool:
-    """Whether the members' token embeddings differ in rows (headers only)."""
-    embed = layout.embeddings[0] if layout.embeddings else None
-    shapes = {Checkpoint(m["uri"]).tensors[embed].shape for m in models} if embed else set()
-    return len(shapes) > 1
 
 
 def _from_sketches(

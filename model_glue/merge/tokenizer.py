@@ -62,6 +62,28 @@ def vocab_size(config: Mapping[str, Any]) -> int | None:
     return int(size) if size else None
 
 
+def pipeline_tokenizer(
+    setting: str | None, inputs: Sequence[str], vocab_sizes: Sequence[int | None] | None = None
+) -> str | None:
+    """The ``MergeSpec.tokenizer`` of a pipeline merge of ``inputs`` (names) for the run's
+    ``merge.tokenizer`` ``setting``; the merge stage and the search's trials both ask here.
+    A model's name the merge does not hold means ``union``; ``union`` over inputs of one
+    configured vocabulary size (``vocab_sizes``, when known) means None: rows by index and
+    the reference's tokenizer files as they are (inputs without tokenizer files merge)."""
+    if setting not in (None, "union", "base") and setting not in inputs:
+        setting = "union"
+    if setting == "union" and vocab_sizes is not None and len(set(vocab_sizes)) == 1:
+        return None
+    return setting
+
+
+def config_vocab_sizes(uris: Sequence[str]) -> list[int | None]:
+    """Each checkpoint's configured vocabulary size (its ``config.json`` only)."""
+    from model_glue.checkpoint import Checkpoint
+
+    return [vocab_size(Checkpoint(u).config) for u in uris]
+
+
 @dataclass(frozen=True)
 class MergedVocabulary:
     """The output vocabulary of a merge and each input's rows for it.

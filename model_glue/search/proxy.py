@@ -48,6 +48,7 @@ from model_glue.merge.tokenizer import (
     copy_tokenizer_files,
     has_tokenizer,
     load_tokenizer,
+    pipeline_tokenizer,
     vocab_size,
 )
 from model_glue.search.engine_params import engine_model_params
@@ -144,12 +145,9 @@ class TrialVocabularies:
         return members
 
     def source_for(self, inputs: Sequence[str]) -> str | None:
-        """The ``tokenizer`` setting of the merge of ``inputs`` (None: rows by index)."""
-        if self.source == "union" and len({self.sizes[n] for n in inputs}) == 1:
-            return None  # tasks.merge: one vocabulary size, the reference's files as they are
-        if self.source not in ("union", "base") and self.source not in inputs:
-            return "union"  # merge_spec: a model the merge does not hold
-        return self.source
+        """The ``tokenizer`` setting of the merge of ``inputs`` (None: rows by index), as
+        the merge stage sets it (:func:`~model_glue.merge.tokenizer.pipeline_tokenizer`)."""
+        return pipeline_tokenizer(self.source, inputs, [self.sizes[n] for n in inputs])
 
     def trial(self, inputs: Sequence[str], *, has_base: bool) -> TrialVocabulary:
         """The vocabulary, rows and tokenizer of the merge of ``inputs`` (base first)."""
